@@ -1,0 +1,320 @@
+"""kci-tunneld's command line: a thin shell that parses, loads config, sets up logging, calls the
+library and maps its errors onto named exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from tunneld import loop
+from tunneld.config import Config, load_config, merge_cli
+from tunneld.control import default_control_path, probe_existing, request
+from tunneld.daemon import Daemon
+from tunneld.errors import AlreadyRunningError, ConfigError, ExitCode, NotReadyError, NotRunningError, TunneldError
+from tunneld.logs import setup_logging
+from tunneld.notify import Notifier
+
+logger = logging.getLogger("tunneld")
+
+DESCRIPTION = """\
+Forward ports that a remote Docker host publishes on its own 127.0.0.1 (a registry, a kind API
+server) into this machine, over the Docker API, SSH or plain TCP: one supervised daemon instead of
+socat and a `docker exec` per connection."""
+
+START_EXAMPLES = """\
+examples:
+  # a registry on the remote Docker host's 127.0.0.1:5000, here on localhost:5000
+  kci-tunneld start --detach --via docker -L 5000:127.0.0.1:5000
+
+  # plain TCP, a free local port picked for you (status shows it)
+  kci-tunneld start --detach -L 127.0.0.1:0:10.0.0.5:6443
+
+  # over SSH, using a host alias from ~/.ssh/config
+  kci-tunneld start --detach --via ssh://remote-docker -L 5000:127.0.0.1:5000
+
+  # everything from a file; -L adds to its [[forwards]]
+  kci-tunneld start --config /etc/kci-tunneld/config.toml
+
+--detach returns 0 only once every forward listens AND a probe through the transport reached its
+target; the daemon keeps running in the background and logs to the file it prints."""
+
+EXIT_CODES = "exit codes:\n" + "\n".join(f"  {c.value:<4}{c.name.lower().replace('_', ' ')}" for c in ExitCode)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="kci-tunneld", description=DESCRIPTION, epilog=EXIT_CODES, formatter_class=formatter
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    control = argparse.ArgumentParser(add_help=False)
+    control.add_argument(
+        "--control", type=Path, metavar="PATH",
+        help=f"control socket of the daemon (default: {default_control_path()}; env KCI_TUNNELD_CONTROL)",
+    )
+    logging_opts = argparse.ArgumentParser(add_help=False)
+    logging_opts.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    logging_opts.add_argument("--log-format", default="text", choices=["text", "json"],
+                              help="text lines, or one JSON object per line")
+
+    start = sub.add_parser(
+        "start", parents=[control, logging_opts], help="run the forwarding daemon",
+        description="Run the daemon: listen here, reach HOST:HOSTPORT on the far side.",
+        epilog=START_EXAMPLES + "\n\n" + EXIT_CODES, formatter_class=formatter,
+    )
+    start.add_argument("-L", dest="forwards", action="append", default=[], metavar="[BIND:]PORT:HOST:HOSTPORT",
+                       help="forward BIND:PORT here to HOST:HOSTPORT as the far side sees it (BIND defaults to "
+                            "localhost = 127.0.0.1 and ::1; PORT 0 picks a free port); repeatable")
+    start.add_argument("--via", metavar="TRANSPORT",
+                       help="direct (default), docker (the Docker host the docker CLI would use), "
+                            "or ssh://[user@]host[:port]")
+    start.add_argument("--config", type=Path, metavar="FILE", help="TOML config file (see docs/configuration.md)")
+    start.add_argument("--detach", action="store_true",
+                       help="run in the background; return once every forward is ready")
+    start.add_argument("--log-file", type=Path, metavar="FILE",
+                       help="log here (default with --detach: next to the control socket)")
+    start.add_argument("--allow-non-loopback", action="store_true",
+                       help="allow BIND addresses other than loopback (exposes the far side to the network)")
+    start.add_argument("--helper-image", metavar="IMAGE", help="docker transport: helper image (default alpine/socat)")
+    start.add_argument("-i", dest="identity_files", action="append", default=[], metavar="FILE",
+                       help="ssh transport: private key file; repeatable")
+    start.add_argument("--ready-timeout", type=float, metavar="SECONDS",
+                       help="with --detach, how long to wait for readiness (default: timeouts.ready, 60)")
+
+    status = sub.add_parser(
+        "status", parents=[control], help="show the daemon's forwards and counters",
+        description="Show each forward: state, listen address, target, connections, bytes, last probe.",
+        epilog="examples:\n  kci-tunneld status\n  kci-tunneld status --json | jq '.forwards[].port'",
+        formatter_class=formatter,
+    )
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    wait = sub.add_parser(
+        "wait", parents=[control], help="wait until every forward is ready",
+        description="Block until every forward is ready (listening, and a probe reached its target).",
+        epilog="examples:\n  kci-tunneld wait --timeout 120 && skopeo copy ... docker://localhost:5000/app",
+        formatter_class=formatter,
+    )
+    wait.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS", help="give up after this (default 60)")
+
+    stop = sub.add_parser(
+        "stop", parents=[control], help="stop the daemon gracefully",
+        description="Stop accepting, let open connections finish (timeouts.drain), exit.",
+        epilog="examples:\n  kci-tunneld stop\n  kci-tunneld stop --cleanup   # also remove the helper container",
+        formatter_class=formatter,
+    )
+    stop.add_argument("--cleanup", action="store_true", help="also remove what the transport created remotely")
+    stop.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="wait this long for exit")
+
+    sub.add_parser(
+        "reload", parents=[control], help="re-read the config file (as SIGHUP does)",
+        description="Re-read the config; only changed forwards restart, unchanged ones keep their connections.",
+        epilog="examples:\n  kci-tunneld reload", formatter_class=formatter,
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.control = args.control or default_control_path()
+    try:
+        if args.command == "start":
+            return _start(args, list(sys.argv[1:] if argv is None else argv))
+        return loop.run(lambda: _client(args))
+    except TunneldError as e:
+        print(f"kci-tunneld: {e}", file=sys.stderr)
+        return int(e.exit_code)
+    except KeyboardInterrupt:
+        return int(ExitCode.INTERRUPTED)
+
+
+def _config(args: argparse.Namespace) -> Config:
+    base = load_config(args.config) if args.config else Config()
+    overrides: dict[str, Any] = {}
+    if args.helper_image:
+        overrides["docker.helper_image"] = args.helper_image
+    if args.identity_files:
+        overrides["ssh.identity_files"] = tuple(args.identity_files)
+    config = merge_cli(base, forwards=args.forwards, via=args.via,
+                       allow_non_loopback=args.allow_non_loopback, overrides=overrides)
+    if not config.forwards:
+        raise ConfigError("nothing to forward: give -L [BIND:]PORT:HOST:HOSTPORT or a --config with [[forwards]]")
+    return config
+
+
+def _start(args: argparse.Namespace, argv: list[str]) -> int:
+    config = _config(args)  # bad input fails here, before anything starts
+    existing = loop.run(lambda: probe_existing(args.control))
+    if existing is not None:
+        if existing.get("fingerprint") != config.fingerprint():
+            raise AlreadyRunningError(
+                f"a daemon (pid {existing.get('pid')}) with a different config already runs on {args.control}; "
+                "stop it first (`kci-tunneld stop`) or give this one its own --control PATH"
+            )
+        print(f"kci-tunneld: already running with this config (pid {existing.get('pid')})", file=sys.stderr)
+        if not args.detach:
+            return int(ExitCode.OK)
+        return _await_ready(args, config, child=None, log_file=existing.get("log_file"))
+    if args.detach:
+        return _detach(args, argv, config)
+    setup_logging(args.log_level, args.log_format, args.log_file)
+    daemon = Daemon(lambda: _config(args), control_path=args.control, notifier=Notifier(),
+                    log_file=str(args.log_file) if args.log_file else None)
+    try:
+        return int(loop.run(daemon.run))
+    except BaseExceptionGroup as group:
+        raise _single(group) from None
+
+
+def _single(group: BaseExceptionGroup[Any]) -> BaseException:
+    """Unwrap a task group's errors to the one a person should see."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _single(exc)
+        if isinstance(exc, TunneldError):
+            return exc
+    return group
+
+
+def _detach(args: argparse.Namespace, argv: list[str], config: Config) -> int:
+    log_file = args.log_file or args.control.with_suffix(".log")
+    log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    child_argv = [a for a in argv if a != "--detach"]
+    child_argv += ["--control", str(args.control), "--log-file", str(log_file)]
+    with open(log_file, "ab") as log:
+        # A new session, and no inherited stdin/stdout/stderr: a CI step must never hang on us.
+        child = subprocess.Popen(
+            [sys.executable, "-m", "tunneld", *child_argv],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True,
+        )
+    return _await_ready(args, config, child=child, log_file=str(log_file))
+
+
+def _await_ready(args: argparse.Namespace, config: Config, *, child: subprocess.Popen[bytes] | None,
+                 log_file: str | None) -> int:
+    timeout = args.ready_timeout or config.timeouts.ready
+    deadline = time.monotonic() + timeout
+    reply: dict[str, Any] | None = None
+    while time.monotonic() < deadline:
+        if child is not None and child.poll() is not None:
+            print(f"kci-tunneld: the daemon exited with code {child.returncode} before it was ready:", file=sys.stderr)
+            print(_log_tail(log_file), file=sys.stderr)
+            return child.returncode or int(ExitCode.ERROR)
+        try:
+            reply = loop.run(lambda: request(args.control, "wait", timeout=min(1.0, max(0.05, deadline - time.monotonic()))))
+        except NotRunningError:
+            time.sleep(0.05)  # the daemon is still binding its control socket
+            continue
+        if reply.get("ok"):
+            _print_ready(reply)
+            return int(ExitCode.OK)
+    reason = (reply or {}).get("error") or "the daemon did not answer"
+    pid = child.pid if child is not None else (reply or {}).get("pid")
+    print(f"kci-tunneld: {reason}\n  the daemon (pid {pid}) keeps running and retrying; log: {log_file}\n"
+          "  keep waiting with `kci-tunneld wait`, or end it with `kci-tunneld stop`", file=sys.stderr)
+    return int(ExitCode.NOT_READY)
+
+
+def _print_ready(reply: dict[str, Any]) -> None:
+    print(f"kci-tunneld: ready (pid {reply.get('pid')}); log: {reply.get('log_file')}")
+    for f in reply.get("forwards", []):
+        print(f"  {f['name']}: {', '.join(f['listen'])} -> {f['target']}")
+
+
+def _log_tail(log_file: str | None, lines: int = 15) -> str:
+    if not log_file:
+        return ""
+    try:
+        text = Path(log_file).read_text(errors="replace").splitlines()
+    except OSError:
+        return f"  (log {log_file} unreadable)"
+    return "\n".join("  " + line for line in text[-lines:]) + f"\n  (log: {log_file})"
+
+
+async def _client(args: argparse.Namespace) -> int:
+    if args.command == "status":
+        reply = await request(args.control, "status")
+        print(json.dumps(reply, indent=2) if args.json else format_status(reply))
+        return int(ExitCode.OK)
+    if args.command == "wait":
+        reply = await request(args.control, "wait", timeout=args.timeout)
+        if not reply.get("ok"):
+            raise NotReadyError(reply.get("error") or "not ready")
+        print(format_status(reply))
+        return int(ExitCode.OK)
+    if args.command == "reload":
+        reply = await request(args.control, "reload", timeout=30)
+        if not reply.get("ok"):
+            raise ConfigError(reply.get("error") or "reload failed")
+        print("kci-tunneld: reloaded")
+        return int(ExitCode.OK)
+    if args.command == "stop":
+        reply = await request(args.control, "stop", cleanup=args.cleanup)
+        pid = int(reply["pid"])
+        with anyio.move_on_after(args.timeout):
+            while _alive(pid):
+                await anyio.sleep(0.05)
+            print(f"kci-tunneld: stopped (pid {pid})")
+            return int(ExitCode.OK)
+        print(f"kci-tunneld: pid {pid} still running after {args.timeout:g}s", file=sys.stderr)
+        return int(ExitCode.ERROR)
+    raise AssertionError(args.command)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours counts as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def format_status(reply: dict[str, Any]) -> str:
+    """The human table `status` prints."""
+    transport = reply.get("transport") or {}
+    head = f"kci-tunneld pid {reply.get('pid')} {reply.get('state')} via {transport.get('kind', '?')}"
+    rows = [("NAME", "STATE", "LISTEN", "TARGET", "ACTIVE", "TOTAL", "UP", "DOWN", "ERRORS", "PROBE")]
+    for f in reply.get("forwards", []):
+        probe = f.get("last_probe") or {}
+        probe_text = (f"ok {probe['latency_ms']}ms" if probe.get("ok") else f"fail: {probe.get('error')}") if probe else "-"
+        rows.append((f["name"], f["state"], ",".join(f["listen"]), f["target"], str(f["active"]), str(f["total"]),
+                     _bytes(f["bytes_up"]), _bytes(f["bytes_down"]), str(f["errors"]), probe_text))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1] for r in rows]
+    return "\n".join([head, *lines])
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kci-tunneld")
+    except PackageNotFoundError:
+        return "dev"

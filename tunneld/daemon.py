@@ -1,0 +1,278 @@
+"""The daemon: startup -> serve (signals, control requests, reloads) -> graceful shutdown.
+
+Task tree: daemon -> generation (one transport and its forwards) -> forward -> listener /
+connection. A reload that changes only forwards touches only those forwards; one that changes the
+transport or timeouts starts a new generation while the old one drains.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from tunneld.config import Config, ForwardSpec
+from tunneld.control import serve_control
+from tunneld.errors import ConfigError, ExitCode, NotReadyError, TunneldError
+from tunneld.forward import Forward, ForwardState
+from tunneld.notify import Notifier
+from tunneld.transports import Transport, create_transport
+
+logger = logging.getLogger(__name__)
+
+
+class Generation:
+    """One transport and the forwards it carries."""
+
+    def __init__(self, config: Config, transport: Transport, tg: anyio.abc.TaskGroup,
+                 on_change: Callable[[Forward], None]) -> None:
+        self.config = config
+        self.transport = transport
+        self.forwards: dict[str, Forward] = {}
+        self._tg = tg
+        self._on_change = on_change
+        self.stop_requested = anyio.Event()
+        self.finished = anyio.Event()
+        self.cleanup = False
+        self.errors: list[str] = []
+
+    async def add(self, spec: ForwardSpec) -> Forward:
+        """Bind and start one forward.
+
+        :raises BindError: when its listener cannot be bound.
+        """
+        forward = Forward(spec, self.transport, self.config.timeouts, on_change=self._on_change)
+        await self._tg.start(forward.run)
+        self.forwards[spec.name] = forward
+        return forward
+
+    def remove(self, name: str, grace: float) -> None:
+        self.forwards.pop(name).stop(grace)
+
+    def stop(self, grace: float, *, cleanup: bool = False) -> None:
+        self.cleanup = self.cleanup or cleanup
+        for f in self.forwards.values():
+            f.stop(grace)
+        self.stop_requested.set()
+
+
+class Daemon:
+    """Runs forwards from a config, serves the control socket, handles signals and reloads."""
+
+    def __init__(
+        self,
+        load: Callable[[], Config],
+        *,
+        control_path: Path,
+        notifier: Notifier | None = None,
+        log_file: str | None = None,
+    ) -> None:
+        self._load = load
+        self.control_path = control_path
+        self.notifier = notifier or Notifier()
+        self.log_file = log_file
+        self.config: Config = Config()
+        self.generation: Generation | None = None
+        self._stopping = anyio.Event()
+        self._changed = anyio.Event()
+        self._exit = ExitCode.OK
+        self._announced_ready = False
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    async def run(self) -> ExitCode:
+        """Serve until SIGTERM/SIGINT or a `stop` request; return the exit code.
+
+        :raises ConfigError, BindError, TransportError, AlreadyRunningError: on failed startup.
+        """
+        self.config = self._load()
+        async with serve_control(self.control_path, self._handle), anyio.create_task_group() as tg:
+            self._tg = tg
+            await tg.start(self._signals)
+            tg.start_soon(self.notifier.watchdog)
+            self.generation = await tg.start(self._generation, self.config)
+            tg.start_soon(self._report_ready)
+            logger.info("started (pid %d); control socket %s", os.getpid(), self.control_path)
+            await self._stopping.wait()
+            self.notifier.stopping()
+            logger.info("stopping: no new connections; draining for up to %gs", self.config.timeouts.drain)
+            await self._stop_generation(self.generation, cleanup=False)
+            tg.cancel_scope.cancel()
+        logger.info("stopped")
+        return self._exit
+
+    def request_stop(self, *, cleanup: bool = False) -> None:
+        """Begin a graceful shutdown (what SIGTERM does)."""
+        if cleanup and self.generation is not None:
+            self.generation.cleanup = True
+        self._stopping.set()
+
+    def all_ready(self) -> bool:
+        gen = self.generation
+        return gen is not None and all(f.state == ForwardState.READY for f in gen.forwards.values())
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Wait until every forward is ready.
+
+        :raises NotReadyError: naming the forwards that are not, and why.
+        """
+        with anyio.move_on_after(timeout):
+            while not self.all_ready():
+                await self._changed.wait()
+            return
+        raise NotReadyError(self._not_ready_reason(timeout))
+
+    def status(self) -> dict[str, Any]:
+        gen = self.generation
+        forwards = [f.snapshot() for f in gen.forwards.values()] if gen else []
+        return {
+            "ok": True,
+            "pid": os.getpid(),
+            "fingerprint": self.config.fingerprint(),
+            "state": "stopping" if self._stopping.is_set() else ("ready" if self.all_ready() else "starting"),
+            "control": str(self.control_path),
+            "log_file": self.log_file,
+            "transport": gen.transport.info() if gen else None,
+            "forwards": forwards,
+        }
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the config; restart only what changed. A bad config keeps the running one."""
+        self.notifier.reloading()
+        try:
+            new = self._load()
+        except ConfigError as e:
+            logger.error("reload rejected, keeping the running config: %s", e)
+            self._notify_status()
+            return {"ok": False, "error": f"reload rejected, keeping the running config: {e}"}
+        old, gen = self.config, self.generation
+        assert gen is not None and self._tg is not None
+        errors: list[str] = []
+        if (new.transport, new.timeouts, new.allow_non_loopback) != (old.transport, old.timeouts, old.allow_non_loopback):
+            logger.info("reload: transport or timeouts changed; restarting every forward")
+            gen.stop(old.timeouts.drain)  # closes its listeners now; its connections drain on
+            self.generation = await self._tg.start(self._generation, new, True)
+            errors = list(self.generation.errors)
+        else:
+            wanted = {f.name: f for f in new.forwards}
+            for name, forward in list(gen.forwards.items()):
+                if wanted.get(name) != forward.spec:
+                    logger.info("reload: stopping forward %s", name)
+                    gen.remove(name, old.timeouts.drain)
+            for spec in new.forwards:
+                if spec.name not in gen.forwards:
+                    logger.info("reload: starting forward %s", spec.name)
+                    try:
+                        await gen.add(spec)
+                    except TunneldError as e:
+                        logger.error("reload: forward %s not started: %s", spec.name, e)
+                        errors.append(f"{spec.name}: {e}")
+            gen.config = new
+        self.config = new
+        self._announced_ready = False
+        self._changed_now()
+        return {"ok": not errors, "error": "; ".join(errors) or None}
+
+    async def _generation(self, config: Config, tolerant: bool = False, *,
+                          task_status: anyio.abc.TaskStatus[Generation] = anyio.TASK_STATUS_IGNORED) -> None:
+        transport = create_transport(config.transport, config.timeouts)
+        gen: Generation | None = None
+        try:
+            async with transport:
+                async with anyio.create_task_group() as tg:
+                    gen = Generation(config, transport, tg, self._forward_changed)
+                    for spec in config.forwards:
+                        try:
+                            await gen.add(spec)
+                        except TunneldError as e:
+                            if not tolerant:
+                                raise
+                            logger.error("forward %s not started: %s", spec.name, e)
+                            gen.errors.append(f"{spec.name}: {e}")
+                    task_status.started(gen)
+                    await gen.stop_requested.wait()
+                # Every forward has drained: now the far side may lose what they ran through.
+                if gen.cleanup:
+                    await transport.cleanup()
+        finally:
+            if gen is not None:
+                gen.finished.set()
+
+    async def _stop_generation(self, gen: Generation, cleanup: bool) -> None:
+        gen.stop(self.config.timeouts.drain, cleanup=cleanup)
+        await gen.finished.wait()
+
+    async def _signals(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            task_status.started()
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    logger.info("SIGHUP: reloading the config")
+                    await self.reload()
+                elif self._stopping.is_set():
+                    logger.warning("%s again: forcing exit", signal.Signals(signum).name)
+                    self._exit = ExitCode.INTERRUPTED
+                    assert self._tg is not None
+                    self._tg.cancel_scope.cancel()
+                else:
+                    logger.info("%s: shutting down gracefully (send it again to force)", signal.Signals(signum).name)
+                    self._stopping.set()
+
+    async def _report_ready(self) -> None:
+        while True:
+            if self.all_ready() and not self._announced_ready:
+                self._announced_ready = True
+                logger.info("all %d forward(s) ready", len(self.generation.forwards) if self.generation else 0)
+                self.notifier.ready(self._status_line())
+            else:
+                self._notify_status()
+            await self._changed.wait()
+
+    async def _handle(self, req: dict[str, Any]) -> dict[str, Any]:
+        cmd = req.get("cmd")
+        if cmd == "status":
+            return self.status()
+        if cmd == "wait":
+            timeout = float(req.get("timeout") or self.config.timeouts.ready)
+            try:
+                await self.wait_ready(timeout)
+            except NotReadyError as e:
+                return {**self.status(), "ok": False, "error": str(e)}
+            return self.status()
+        if cmd == "stop":
+            self.request_stop(cleanup=bool(req.get("cleanup")))
+            return {"ok": True, "pid": os.getpid()}
+        if cmd == "reload":
+            return await self.reload()
+        return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+    def _forward_changed(self, forward: Forward) -> None:
+        self._changed_now()
+
+    def _changed_now(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    def _status_line(self) -> str:
+        gen = self.generation
+        if gen is None:
+            return "starting"
+        ready = sum(f.state == ForwardState.READY for f in gen.forwards.values())
+        return f"{ready}/{len(gen.forwards)} forwards ready"
+
+    def _notify_status(self) -> None:
+        self.notifier.status(self._status_line())
+
+    def _not_ready_reason(self, timeout: float) -> str:
+        gen = self.generation
+        parts = [
+            f"{f.spec.name} ({f.state}: {f.last_error or 'no probe answer yet'})"
+            for f in (gen.forwards.values() if gen else [])
+            if f.state != ForwardState.READY
+        ]
+        return f"not ready after {timeout:g}s: " + "; ".join(parts)

@@ -1,0 +1,97 @@
+"""Listening sockets: one per address family, bound before a forward reports ready."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+
+from tunneld.config import format_host, is_loopback
+from tunneld.errors import BindError
+
+logger = logging.getLogger(__name__)
+
+BACKLOG = 1024
+
+
+def bind_listeners(bind: str, port: int) -> list[socket.socket]:
+    """Bind and listen on every address ``bind`` stands for, all on the same port.
+
+    ``localhost`` means both 127.0.0.1 and ::1: clients resolve it to either, and a forward that
+    listens only on one fails for the other. With port 0 the first socket picks the port and the
+    rest follow it.
+
+    :raises BindError: naming the address and what to do.
+    """
+    addresses = ["127.0.0.1", "::1"] if bind == "localhost" else _resolve(bind, port)
+    for attempt in range(8):
+        socks: list[socket.socket] = []
+        chosen = port
+        try:
+            for i, host in enumerate(addresses):
+                optional = bind == "localhost" and i > 0  # a host without IPv6 still gets 127.0.0.1
+                sock = _bind_one(host, chosen, optional=optional)
+                if sock is None:
+                    continue
+                socks.append(sock)
+                chosen = sock.getsockname()[1]
+        except BindError as e:
+            for s in socks:
+                s.close()
+            # Port 0 on two families: the port the first picked may be taken on the second.
+            if port == 0 and socks and e.__cause__ is not None and getattr(e.__cause__, "errno", None) == errno.EADDRINUSE:
+                if attempt < 7:
+                    continue
+            raise
+        return socks
+    raise AssertionError("unreachable")
+
+
+def _resolve(bind: str, port: int) -> list[str]:
+    try:
+        infos = socket.getaddrinfo(bind or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise BindError(f"cannot listen on {format_host(bind)}:{port}: cannot resolve {bind!r}: {e.strerror}") from None
+    seen: list[str] = []
+    for _, _, _, _, addr in infos:
+        if addr[0] not in seen:
+            seen.append(str(addr[0]))
+    return seen
+
+
+def _bind_one(host: str, port: int, *, optional: bool) -> socket.socket | None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as e:
+        if optional:
+            logger.debug("no %s socket for %s (%s); listening without it", family.name, host, e)
+            return None
+        raise BindError(f"cannot listen on {format_host(host)}:{port}: {e.strerror}") from e
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except OSError as e:
+        sock.close()
+        if optional and e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+            logger.debug("cannot bind %s (%s); listening without it", host, e.strerror)
+            return None
+        raise BindError(f"cannot listen on {format_host(host)}:{port}: {_advice(e, port)}") from e
+    if not is_loopback(host):
+        logger.warning("listening on non-loopback address %s:%d: anyone who can reach it reaches the far side",
+                       format_host(host), sock.getsockname()[1])
+    return sock
+
+
+def _advice(e: OSError, port: int) -> str:
+    if e.errno == errno.EADDRINUSE:
+        return f"address already in use; another process listens there (see `ss -ltnp 'sport = :{port}'`) or pick another port"
+    if e.errno == errno.EACCES:
+        return "permission denied; ports below 1024 need root or CAP_NET_BIND_SERVICE"
+    if e.errno == errno.EADDRNOTAVAIL:
+        return "no such local address on this machine"
+    return e.strerror or str(e)

@@ -1,0 +1,86 @@
+"""Byte streams on raw sockets: the client side of every forward, and the direct transport's upstream.
+
+They implement anyio's ``ByteStream`` contract (``receive`` raising ``EndOfStream``, ``send``,
+``send_eof`` for half-close, ``aclose``), so the relay treats every transport alike, and they keep
+the socket itself reachable so the relay can take a faster path when both ends are plain TCP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import anyio
+import anyio.abc
+
+CHUNK = 256 * 1024
+
+
+class RawSocketStream(anyio.abc.ByteStream):
+    """A connected, non-blocking socket owned by exactly one relay."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        self._loop = asyncio.get_running_loop()
+
+    async def receive(self, max_bytes: int = CHUNK) -> bytes:
+        try:
+            data = await self._loop.sock_recv(self.sock, max_bytes)
+        except OSError as e:
+            raise anyio.BrokenResourceError(str(e)) from e
+        if not data:
+            raise anyio.EndOfStream
+        return data
+
+    async def send(self, item: bytes) -> None:
+        try:
+            await self._loop.sock_sendall(self.sock, item)
+        except OSError as e:
+            raise anyio.BrokenResourceError(str(e)) from e
+
+    async def send_eof(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the peer is already gone; the reading side will see it
+
+    async def aclose(self) -> None:
+        self.sock.close()
+
+    def detach(self) -> socket.socket:
+        """Hand the socket to a faster relay; this stream must not be used afterwards."""
+        return self.sock
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        return {anyio.abc.SocketAttribute.raw_socket: lambda: self.sock}
+
+
+async def connect_tcp(host: str, port: int, *, timeout: float) -> RawSocketStream:
+    """Open a TCP connection (happy-eyeballs-free: addresses are tried in order).
+
+    :raises OSError: the last connect error, or TimeoutError after ``timeout``.
+    """
+    loop = asyncio.get_running_loop()
+    with anyio.fail_after(timeout):
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        last: OSError = OSError(f"no address for {host}")
+        for family, type_, proto, _, addr in infos:
+            sock = socket.socket(family, type_, proto)
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, addr)
+            except OSError as e:
+                sock.close()
+                last = e
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            return RawSocketStream(sock)
+    raise last

@@ -1,0 +1,61 @@
+"""The transport seam: how a forward reaches host:port on the far side.
+
+A transport is an async context manager (it may own background tasks and connections for its
+lifetime) that opens one byte stream per client connection. Modules are imported lazily from
+``_FACTORIES`` so ``--via direct`` never pays for aiodocker or asyncssh.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import TracebackType
+from typing import Protocol
+
+import anyio.abc
+
+from tunneld.config import Timeouts, TransportSpec
+
+
+class Transport(Protocol):
+    """Opens byte streams to addresses as seen from the far side."""
+
+    name: str
+
+    async def __aenter__(self) -> Transport: ...
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None: ...
+
+    async def connect(self, host: str, port: int) -> anyio.abc.ByteStream:
+        """Open a stream to host:port on the far side.
+
+        :raises TransportError: naming the target and the reason.
+        """
+        ...
+
+    def info(self) -> dict[str, object]:
+        """A few facts for ``status`` (never secrets)."""
+        ...
+
+    async def cleanup(self) -> None:
+        """Remove what the transport created on the far side (``stop --cleanup``)."""
+        ...
+
+
+class TransportFactory(Protocol):
+    def __call__(self, spec: TransportSpec, timeouts: Timeouts) -> Transport: ...
+
+
+_FACTORIES: dict[str, str] = {
+    "direct": "tunneld.transports.direct:DirectTransport",
+    "docker": "tunneld.transports.docker:DockerTransport",
+    "ssh": "tunneld.transports.ssh:SshTransport",
+}
+
+
+def create_transport(spec: TransportSpec, timeouts: Timeouts) -> Transport:
+    """Build the transport ``spec.kind`` names (not yet entered)."""
+    module, _, attr = _FACTORIES[spec.kind].partition(":")
+    factory: TransportFactory = getattr(importlib.import_module(module), attr)
+    return factory(spec, timeouts)

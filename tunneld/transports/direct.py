@@ -1,0 +1,46 @@
+"""The direct transport: plain TCP from this machine, for hosts it can already reach."""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+from tunneld.config import Timeouts, TransportSpec, format_host
+from tunneld.errors import TransportError
+from tunneld.streams import RawSocketStream, connect_tcp
+
+
+class DirectTransport:
+    """Opens a TCP connection per client; the relay then runs on its fast socket path."""
+
+    name = "direct"
+
+    def __init__(self, spec: TransportSpec, timeouts: Timeouts) -> None:
+        self.timeouts = timeouts
+
+    async def __aenter__(self) -> DirectTransport:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        return None
+
+    async def connect(self, host: str, port: int) -> RawSocketStream:
+        """Connect to host:port.
+
+        :raises TransportError: naming the target and the OS reason.
+        """
+        try:
+            return await connect_tcp(host, port, timeout=self.timeouts.connect)
+        except TimeoutError:
+            raise TransportError(
+                f"could not connect to {format_host(host)}:{port}: no answer within {self.timeouts.connect:g}s"
+            ) from None
+        except OSError as e:
+            raise TransportError(f"could not connect to {format_host(host)}:{port}: {e.strerror or e}") from None
+
+    def info(self) -> dict[str, object]:
+        return {"kind": self.name}
+
+    async def cleanup(self) -> None:
+        return None  # nothing is created on the far side
