@@ -19,7 +19,7 @@ import anyio
 from tunneld import loop
 from tunneld.config import Config, load_config, merge_cli
 from tunneld.control import default_control_path, probe_existing, request
-from tunneld.daemon import Daemon
+from tunneld.daemon import Daemon, not_ready_reason
 from tunneld.errors import AlreadyRunningError, ConfigError, ExitCode, NotReadyError, NotRunningError, TunneldError
 from tunneld.logs import setup_logging
 from tunneld.notify import Notifier
@@ -220,7 +220,7 @@ def _await_ready(args: argparse.Namespace, config: Config, *, child: subprocess.
         if reply.get("ok"):
             _print_ready(reply)
             return int(ExitCode.OK)
-    reason = (reply or {}).get("error") or "the daemon did not answer"
+    reason = not_ready_reason(reply["forwards"], timeout) if reply else "the daemon did not answer"
     pid = child.pid if child is not None else (reply or {}).get("pid")
     print(f"kci-tunneld: {reason}\n  the daemon (pid {pid}) keeps running and retrying; log: {log_file}\n"
           "  keep waiting with `kci-tunneld wait`, or end it with `kci-tunneld stop`", file=sys.stderr)
@@ -255,7 +255,7 @@ async def _client(args: argparse.Namespace) -> int:
         print(format_status(reply))
         return int(ExitCode.OK)
     if args.command == "reload":
-        reply = await request(args.control, "reload", timeout=30)
+        reply = await request(args.control, "reload", io_timeout=30)
         if not reply.get("ok"):
             raise ConfigError(reply.get("error") or "reload failed")
         print("kci-tunneld: reloaded")

@@ -34,31 +34,33 @@ def default_control_path() -> Path:
     return Path(f"/tmp/kci-tunneld-{os.geteuid()}/control.sock")
 
 
-async def request(path: Path, cmd: str, *, timeout: float = 5.0, **args: Any) -> dict[str, Any]:
-    """Send one command to the daemon and return its reply.
+async def request(path: Path, cmd: str, *, io_timeout: float = 5.0, **args: Any) -> dict[str, Any]:
+    """Send one command (with ``args``) to the daemon and return its reply.
 
     :raises NotRunningError: when nothing answers on ``path``.
     """
     try:
-        with anyio.fail_after(timeout):
+        with anyio.fail_after(io_timeout):
             stream = await anyio.connect_unix(path)
     except (FileNotFoundError, ConnectionRefusedError):
         raise NotRunningError(f"no kci-tunneld daemon answers on {path}; start one with `kci-tunneld start`") from None
     except TimeoutError:
-        raise NotRunningError(f"the daemon on {path} did not accept within {timeout:g}s") from None
+        raise NotRunningError(f"the daemon on {path} did not accept within {io_timeout:g}s") from None
     except OSError as e:
         raise NotRunningError(f"cannot reach the daemon on {path}: {e.strerror or e}") from None
     async with stream:
         await stream.send(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
         buf = b""
         # Replies to `wait` may take as long as the caller allows, plus a margin for the answer.
-        with anyio.fail_after(timeout + float(args.get("timeout") or 0)):
-            try:
+        try:
+            with anyio.fail_after(io_timeout + float(args.get("timeout") or 0)):
                 while not buf.endswith(b"\n"):
                     buf += await stream.receive()
-            except (anyio.EndOfStream, anyio.BrokenResourceError):
-                if not buf:
-                    raise NotRunningError(f"the daemon on {path} closed the control connection") from None
+        except (anyio.EndOfStream, anyio.BrokenResourceError):
+            if not buf:
+                raise NotRunningError(f"the daemon on {path} closed the control connection") from None
+        except TimeoutError:
+            raise TunneldError(f"the daemon on {path} did not answer {cmd!r} in time") from None
     reply: dict[str, Any] = json.loads(buf)
     return reply
 
@@ -66,7 +68,7 @@ async def request(path: Path, cmd: str, *, timeout: float = 5.0, **args: Any) ->
 async def probe_existing(path: Path) -> dict[str, Any] | None:
     """Return the running daemon's status, or None (removing a stale socket file) if none runs."""
     try:
-        return await request(path, "status", timeout=2.0)
+        return await request(path, "status", io_timeout=2.0)
     except NotRunningError:
         if path.is_socket():
             with contextlib.suppress(FileNotFoundError):

@@ -270,9 +270,14 @@ class Daemon:
 
     def _not_ready_reason(self, timeout: float) -> str:
         gen = self.generation
-        parts = [
-            f"{f.spec.name} ({f.state}: {f.last_error or 'no probe answer yet'})"
-            for f in (gen.forwards.values() if gen else [])
-            if f.state != ForwardState.READY
-        ]
-        return f"not ready after {timeout:g}s: " + "; ".join(parts)
+        return not_ready_reason([f.snapshot() for f in gen.forwards.values()] if gen else [], timeout)
+
+
+def not_ready_reason(forwards: list[dict[str, Any]], timeout: float) -> str:
+    """Say which forwards (as ``status`` shows them) are not ready, and why."""
+    parts = [
+        f"{f['name']} ({f['state']}: {f['last_error'] or 'no probe answer yet'})"
+        for f in forwards
+        if f["state"] != ForwardState.READY
+    ]
+    return f"not ready after {timeout:g}s: " + "; ".join(parts)

@@ -72,6 +72,7 @@ class Forward:
         self.last_probe: ProbeResult | None = None
         self.last_error: str | None = None
         self.sockets: list[socket.socket] = []
+        self._bound: list[tuple[str, int]] = []  # kept after the listeners close: status reads it while draining
         self.log = _Log(logger, {"ctx": f"forward={spec.name}"})
         self._slots = anyio.Semaphore(spec.max_connections)
         self._accept_scope: anyio.CancelScope | None = None
@@ -82,11 +83,11 @@ class Forward:
     @property
     def addresses(self) -> list[str]:
         """The bound listen addresses, with the real port when the config asked for 0."""
-        return [f"{format_host(s.getsockname()[0])}:{s.getsockname()[1]}" for s in self.sockets]
+        return [f"{format_host(host)}:{port}" for host, port in self._bound]
 
     @property
     def port(self) -> int:
-        return int(self.sockets[0].getsockname()[1]) if self.sockets else self.spec.port
+        return self._bound[0][1] if self._bound else self.spec.port
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[Forward] = anyio.TASK_STATUS_IGNORED) -> None:
         """Bind, report started, serve until stop() (then drain) or cancellation.
@@ -94,6 +95,7 @@ class Forward:
         :raises BindError: when a listener cannot be bound (before ``started``).
         """
         self.sockets = bind_listeners(self.spec.bind, self.spec.port)
+        self._bound = [(str(s.getsockname()[0]), int(s.getsockname()[1])) for s in self.sockets]
         self.log.info("listening on %s -> %s via %s", ", ".join(self.addresses), self.spec.target, self.transport.name)
         try:
             async with anyio.create_task_group() as conns:

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Install everything the tests, the lab and the demo need (Debian packages + the project with
+# its test and lint extras). Idempotent; needs root for apt-get.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export DEBIAN_FRONTEND=noninteractive
+
+# docker.io: dockerd for the lab's "remote host"; docker-registry: the registry binary the lab
+# imports as registry:2; busybox-static + socat: the helper images; skopeo/curl: real clients;
+# openssh-*: the lab's sshd and the ssh -L baseline; iperf3: benchmarks; systemd: systemd-analyze.
+packages=(docker.io docker-registry busybox-static socat skopeo curl openssh-server openssh-client
+          iproute2 openssl iperf3 procps systemd)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "== apt-get install ${missing[*]}"
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+echo "== pip install -e .[test,lint]"
+python3 -m pip install -q --disable-pip-version-check -e ".[test,lint]"

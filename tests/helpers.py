@@ -1,0 +1,53 @@
+"""Client-side helpers for tests: real sockets, bounded by deadlines."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+
+from tunneld.config import ForwardSpec, Timeouts
+from tunneld.forward import Forward, ForwardState
+from tunneld.transports import Transport
+
+FAST = Timeouts(connect=3.0, probe=2.0, probe_interval=0.2, ready=10.0, drain=2.0)
+
+
+async def echo_roundtrip(port: int, data: bytes, *, host: str = "127.0.0.1") -> bytes:
+    """Send ``data``, half-close, and read until EOF; return what came back."""
+    async with await anyio.connect_tcp(host, port) as stream:
+        got = bytearray()
+
+        async def reader() -> None:
+            while True:
+                try:
+                    got.extend(await stream.receive(262144))
+                except anyio.EndOfStream:
+                    return
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(reader)
+            await stream.send(data)
+            await stream.send_eof()
+        return bytes(got)
+
+
+@asynccontextmanager
+async def running_forward(
+    transport: Transport, target_port: int, *, bind: str = "127.0.0.1", port: int = 0,
+    timeouts: Timeouts = FAST, max_connections: int = 1024, wait_ready: bool = True,
+) -> AsyncIterator[Forward]:
+    """Run one forward in a task group; stop it (drain) on exit."""
+    spec = ForwardSpec(name="t", bind=bind, port=port, host="127.0.0.1", host_port=target_port,
+                       max_connections=max_connections)
+    async with anyio.create_task_group() as tg:
+        forward: Forward = await tg.start(Forward(spec, transport, timeouts).run)
+        if wait_ready:
+            with anyio.fail_after(10):
+                while forward.state != ForwardState.READY:
+                    await forward.wait_changed()
+        try:
+            yield forward
+        finally:
+            forward.stop()
