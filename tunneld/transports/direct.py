@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from types import TracebackType
 
 from tunneld.config import Timeouts, TransportSpec, format_host
@@ -37,7 +38,9 @@ class DirectTransport:
                 f"could not connect to {format_host(host)}:{port}: no answer within {self.timeouts.connect:g}s"
             ) from None
         except OSError as e:
-            raise TransportError(f"could not connect to {format_host(host)}:{port}: {e.strerror or e}") from None
+            # asyncio puts "Connect call failed (...)" in strerror; the errno's own text is what people know.
+            reason = os.strerror(e.errno) if e.errno else str(e)
+            raise TransportError(f"could not connect to {format_host(host)}:{port}: {reason}") from None
 
     def info(self) -> dict[str, object]:
         return {"kind": self.name}
