@@ -115,10 +115,10 @@ def test_unreachable_target_is_not_ready(cli: Cli) -> None:
     try:
         result = cli.run("start", "--detach", "--ready-timeout", "2", "-L",
                          f"127.0.0.1:0:127.0.0.1:{refusing.getsockname()[1]}")
+        cli.started.append(int(cli.status()["pid"]))  # it keeps running, retrying: ours to stop
         assert result.returncode == 4, result.stderr
         assert "not ready after 2s" in result.stderr and "could not connect" in result.stderr
         assert "kci-tunneld stop" in result.stderr
-        cli.started.append(int(cli.status()["pid"]))
         assert cli.run("stop").returncode == 0
     finally:
         refusing.close()

@@ -1,0 +1,513 @@
+"""The docker transport against the lab's real dockerd: the Docker host chosen as the docker CLI would,
+skopeo round trips and 4 MiB echoes with half-close over the unix socket and over TCP+TLS (also with a
+busybox-only helper image), the helper removed under a running forward, refusals with clear messages,
+and the real CLI from start to ``stop --cleanup``.
+
+Targets are addresses inside the lab namespace (the registry on its 127.0.0.1:5000, the echo service on
+its 127.0.0.1:7007): reachable only through a helper container on the lab's dockerd.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import anyio.abc
+import pytest
+
+from tests.cli import Cli
+from tests.helpers import echo_roundtrip, running_forward
+from tests.lab.lab import LabInfo
+from tests.oci import build_layout, pull, push
+from tunneld.config import DockerSettings, Timeouts, TransportSpec
+from tunneld.docker_api import DockerClient, resolve_endpoint
+from tunneld.errors import ExitCode, TransportError
+from tunneld.transports.docker import DockerTransport
+
+pytestmark = [pytest.mark.timeout(180)]
+
+TIMEOUTS = Timeouts(connect=10.0, probe=5.0, probe_interval=0.5, ready=30.0, drain=2.0)
+
+
+def settings(lab: LabInfo, *, tls: bool, **changes: object) -> DockerSettings:
+    """Explicit settings for the lab (nothing from os.environ), with a helper name no other test uses."""
+    if tls:
+        base = DockerSettings(host=lab.docker_host_tcp, tls_verify=True, cert_path=str(lab.client_cert_dir))
+    else:
+        base = DockerSettings(host=lab.docker_host_unix)
+    base = dataclasses.replace(base, helper_name=f"kci-test-{uuid.uuid4().hex[:10]}", helper_image=lab.socat_image)
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+@asynccontextmanager
+async def docker_transport(s: DockerSettings, timeouts: Timeouts = TIMEOUTS) -> AsyncIterator[DockerTransport]:
+    """The transport; its helper container is removed afterwards whatever happened."""
+    try:
+        async with DockerTransport(TransportSpec(kind="docker", docker=s), timeouts) as transport:
+            yield transport
+    finally:
+        with anyio.CancelScope(shield=True):
+            await remove_helper(s)
+
+
+async def remove_helper(s: DockerSettings) -> None:
+    async with DockerClient(resolve_endpoint(s, {}), timeout=10) as client:
+        await client.remove_container(s.helper_name)
+
+
+async def helper_state(s: DockerSettings) -> str | None:
+    async with DockerClient(resolve_endpoint(s, {}), timeout=10) as client:
+        info = await client.inspect_container(s.helper_name)
+    return None if info is None else info.state
+
+
+tls_param = pytest.mark.parametrize("tls", [False, True], ids=["unix", "tls"])
+
+
+# ---------------------------------------------------------------- choosing the Docker host (no lab)
+
+
+def _context(config_dir: Path, name: str, host: str, *, tls_from: Path | None = None) -> None:
+    digest = hashlib.sha256(name.encode()).hexdigest()
+    meta = config_dir / "contexts" / "meta" / digest
+    meta.mkdir(parents=True)
+    (meta / "meta.json").write_text(json.dumps({"Name": name, "Endpoints": {"docker": {"Host": host}}}))
+    if tls_from is not None:
+        tls = config_dir / "contexts" / "tls" / digest / "docker"
+        tls.mkdir(parents=True)
+        for f in ("ca.pem", "cert.pem", "key.pem"):
+            (tls / f).write_bytes((tls_from / f).read_bytes())
+
+
+def _certs(d: Path) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    for f in ("ca.pem", "cert.pem", "key.pem"):
+        (d / f).write_text(f"-- {f} --\n")
+    return d
+
+
+def test_host_precedence_is_the_docker_clis(tmp_path: Path) -> None:
+    cfg = tmp_path / "docker"
+    _context(cfg, "ci", "tcp://10.9.9.9", tls_from=_certs(tmp_path / "ctx-certs"))
+    _context(cfg, "other", "unix:///run/other.sock")
+    (cfg / "config.json").write_text(json.dumps({"currentContext": "ci"}))
+    env = {"DOCKER_CONFIG": str(cfg)}
+    # currentContext from config.json, with the context's TLS material and the CLI's default TLS port
+    ep = resolve_endpoint(DockerSettings(), env)
+    assert (ep.host, ep.tls is not None) == ("tcp://10.9.9.9:2376", True)
+    assert "context 'ci'" in ep.source
+    # DOCKER_CONTEXT beats the config file; DOCKER_HOST beats both
+    assert resolve_endpoint(DockerSettings(), {**env, "DOCKER_CONTEXT": "other"}).host == "unix:///run/other.sock"
+    ep = resolve_endpoint(DockerSettings(), {**env, "DOCKER_CONTEXT": "other", "DOCKER_HOST": "tcp://1.2.3.4"})
+    assert (ep.host, ep.source, ep.tls) == ("tcp://1.2.3.4:2375", "DOCKER_HOST", None)
+    # explicit settings beat the environment
+    assert resolve_endpoint(DockerSettings(context="other"), {**env, "DOCKER_HOST": "tcp://1.2.3.4"}).host == \
+        "unix:///run/other.sock"
+    assert resolve_endpoint(DockerSettings(host="unix:///x.sock"), {**env, "DOCKER_CONTEXT": "ci"}).host == \
+        "unix:///x.sock"
+    # the context called "default" is DOCKER_HOST or the local socket, whatever config.json says
+    assert resolve_endpoint(DockerSettings(), {**env, "DOCKER_CONTEXT": "default"}).host == "unix:///var/run/docker.sock"
+    assert resolve_endpoint(DockerSettings(context="default"), {**env, "DOCKER_HOST": "unix:///h.sock"}).host == \
+        "unix:///h.sock"
+    # nothing configured: the local socket
+    assert resolve_endpoint(DockerSettings(), {"DOCKER_CONFIG": str(tmp_path / "none")}).host == \
+        "unix:///var/run/docker.sock"
+
+
+def test_tls_from_environment_and_settings(tmp_path: Path) -> None:
+    certs = _certs(tmp_path / "certs")
+    env = {"DOCKER_HOST": "tcp://10.0.0.5:2376", "DOCKER_TLS_VERIFY": "1", "DOCKER_CERT_PATH": str(certs)}
+    ep = resolve_endpoint(DockerSettings(), env)
+    assert ep.tls is not None and ep.tls.verify and ep.tls.cert_dir == str(certs)
+    assert "DOCKER_HOST" in ep.describe() and "(TLS)" in ep.describe() and "pem" not in ep.describe()
+    # settings.tls_verify=False turns verification off; DOCKER_CERT_PATH defaults to the config dir
+    assert resolve_endpoint(DockerSettings(tls_verify=False), env).tls is None
+    home_env = {"DOCKER_HOST": "tcp://10.0.0.5", "DOCKER_TLS_VERIFY": "1", "DOCKER_CONFIG": str(certs)}
+    assert resolve_endpoint(DockerSettings(), home_env).host == "tcp://10.0.0.5:2376"
+    with pytest.raises(TransportError, match=r"ca\.pem is missing.*DOCKER_CERT_PATH"):
+        resolve_endpoint(DockerSettings(cert_path=str(tmp_path / "empty")), env)
+
+
+def test_unusable_hosts_are_named(tmp_path: Path) -> None:
+    with pytest.raises(TransportError, match=r"unsupported Docker host 'npipe:////./pipe/x'"):
+        resolve_endpoint(DockerSettings(), {"DOCKER_HOST": "npipe:////./pipe/x"})
+    with pytest.raises(TransportError, match=r"docker context 'gone' .*does not exist"):
+        resolve_endpoint(DockerSettings(), {"DOCKER_CONTEXT": "gone", "DOCKER_CONFIG": str(tmp_path)})
+
+
+@pytest.mark.anyio
+async def test_ssh_docker_host_is_not_yet_supported() -> None:
+    s = DockerSettings(host="ssh://user@example.invalid")
+    with anyio.fail_after(10), pytest.raises(TransportError, match=r"ssh://.*not yet supported"):
+        async with DockerTransport(TransportSpec(kind="docker", docker=s), TIMEOUTS):
+            pass
+
+
+@pytest.mark.anyio
+async def test_unreachable_docker_host_names_the_address() -> None:
+    s = DockerSettings(host="tcp://127.0.0.1:1")
+    started = time.monotonic()
+    with anyio.fail_after(10), pytest.raises(TransportError) as err:
+        async with DockerTransport(TransportSpec(kind="docker", docker=s), dataclasses.replace(TIMEOUTS, connect=2)):
+            pass
+    assert "cannot reach the Docker host at tcp://127.0.0.1:1: connection refused" in str(err.value)
+    assert time.monotonic() - started < 5
+
+
+# ---------------------------------------------------------------- refusals by the lab's dockerd
+
+
+@pytest.mark.anyio
+async def test_wrong_client_certificate_says_so(lab: LabInfo) -> None:
+    s = settings(lab, tls=True, cert_path=str(lab.wrong_client_cert_dir))
+    with anyio.fail_after(30), pytest.raises(TransportError) as err:
+        async with DockerTransport(TransportSpec(kind="docker", docker=s), TIMEOUTS):
+            pass
+    msg = str(err.value)
+    assert f"TLS handshake with the Docker host at {lab.docker_host_tcp} failed" in msg
+    assert "client certificate" in msg and f"DOCKER_CERT_PATH ({lab.wrong_client_cert_dir})" in msg
+
+
+@pytest.mark.anyio
+async def test_untrusted_daemon_certificate_says_verify_failed(lab: LabInfo, tmp_path: Path) -> None:
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    (certs / "ca.pem").write_bytes((lab.cert_dir / "wrong-ca.pem").read_bytes())  # not the daemon's CA
+    for f in ("cert.pem", "key.pem"):
+        (certs / f).write_bytes((lab.client_cert_dir / f).read_bytes())
+    s = settings(lab, tls=True, cert_path=str(certs))
+    with anyio.fail_after(30), pytest.raises(TransportError) as err:
+        async with DockerTransport(TransportSpec(kind="docker", docker=s), TIMEOUTS):
+            pass
+    msg = str(err.value)
+    assert f"TLS handshake with the Docker host at {lab.docker_host_tcp} failed: certificate verify failed" in msg
+    assert f"check DOCKER_CERT_PATH ({certs})" in msg
+
+
+@pytest.mark.anyio
+async def test_plain_http_to_the_tls_port_asks_for_tls(lab: LabInfo) -> None:
+    s = settings(lab, tls=False, host=lab.docker_host_tcp)
+    with anyio.fail_after(30), pytest.raises(TransportError, match="expects TLS: set DOCKER_TLS_VERIFY=1"):
+        async with DockerTransport(TransportSpec(kind="docker", docker=s), TIMEOUTS):
+            pass
+
+
+@pytest.mark.anyio
+async def test_missing_helper_image_is_named(lab: LabInfo) -> None:
+    s = settings(lab, tls=False, helper_image="kcilab/no-such-image:1")
+    with anyio.fail_after(60), \
+            pytest.raises(TransportError, match=r"helper image kcilab/no-such-image:1 .*helper-image"):
+        async with docker_transport(s):
+            pass
+
+
+# ---------------------------------------------------------------- streams through the helper
+
+
+@tls_param
+@pytest.mark.anyio
+async def test_echo_4mib_with_half_close(lab: LabInfo, tls: bool) -> None:
+    """Over TLS the exec stream cannot half-close: the client's EOF travels in band and must still arrive."""
+    data = os.urandom(4 * 1024 * 1024)
+    s = settings(lab, tls=tls)
+    with anyio.fail_after(90):
+        async with docker_transport(s) as transport, running_forward(transport, lab.echo_port) as fwd:
+            assert await echo_roundtrip(fwd.port, data) == data
+            results: list[bytes] = []
+
+            async def one(i: int) -> None:
+                results.append(await echo_roundtrip(fwd.port, data[: 256 * 1024] + bytes([i])))
+
+            async with anyio.create_task_group() as tg:
+                for i in range(8):
+                    tg.start_soon(one, i)
+            assert sorted(results) == sorted(data[: 256 * 1024] + bytes([i]) for i in range(8))
+            info = transport.info()
+            assert info["tls"] is tls and info["relay"] == "socat" and info["relay_primed"] is True
+
+
+@tls_param
+@pytest.mark.anyio
+async def test_echo_4mib_with_a_busybox_only_helper(lab: LabInfo, tls: bool) -> None:
+    data = os.urandom(4 * 1024 * 1024)
+    s = settings(lab, tls=tls, helper_image=lab.busybox_image)
+    with anyio.fail_after(120):
+        async with docker_transport(s) as transport, running_forward(transport, lab.echo_port) as fwd:
+            assert transport.info()["relay"] == "nc"
+            assert await echo_roundtrip(fwd.port, data) == data
+            for i in range(3):
+                assert await echo_roundtrip(fwd.port, b"small %d" % i) == b"small %d" % i
+            assert await _echo(transport, lab, b"nc over IPv6", host=lab.echo_host6) == b"nc over IPv6"
+            with pytest.raises(TransportError, match=r"127\.0\.0\.1:1 from helper container .*[Rr]efused"):
+                await transport.connect("127.0.0.1", 1)
+
+
+@pytest.mark.anyio
+async def test_stream_contract_and_slot_reuse(lab: LabInfo) -> None:
+    """Bytes after our EOF still arrive; EndOfStream at the far side's EOF; a refused target is named;
+    connections reuse the pooled execs instead of starting one each."""
+    with anyio.fail_after(60):
+        async with docker_transport(settings(lab, tls=False, pool_size=2)) as transport:
+            for i in range(20):
+                stream = await transport.connect("127.0.0.1", lab.echo_port)
+                await stream.send(b"ping %d" % i)
+                await stream.send_eof()
+                got = b""
+                with pytest.raises(anyio.EndOfStream):
+                    while True:
+                        got += await stream.receive()
+                assert got == b"ping %d" % i
+                await stream.aclose()
+                with pytest.raises(anyio.ClosedResourceError):
+                    await stream.receive()
+            assert await _echo(transport, lab, b"over IPv6", host=lab.echo_host6) == b"over IPv6"
+            with pytest.raises(TransportError, match=r"127\.0\.0\.1:1 from helper container .*Connection refused"):
+                await transport.connect("127.0.0.1", 1)
+            # A probe-like open-and-close leaves the exec reusable too.
+            for _ in range(5):
+                await (await transport.connect("127.0.0.1", lab.echo_port)).aclose()
+            assert await _echo(transport, lab, b"still fine") == b"still fine"
+            info = transport.info()
+            assert info["connections"] == 27
+            assert isinstance(info["execs_started"], int) and info["execs_started"] <= 8, info
+
+
+async def _echo(transport: DockerTransport, lab: LabInfo, data: bytes, host: str = "127.0.0.1") -> bytes:
+    stream = await transport.connect(host, lab.echo_port)
+    await stream.send(data)
+    await stream.send_eof()
+    got = b""
+    try:
+        while True:
+            got += await stream.receive()
+    except anyio.EndOfStream:
+        pass
+    await stream.aclose()
+    return got
+
+
+# Inside the lab namespace: say something, half-close, then report what the client sent after that.
+HALF_CLOSING_SERVER = """
+import socket, sys
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+s.listen(1)
+print(s.getsockname()[1], flush=True)
+c, _ = s.accept()
+c.sendall(b"greeting")
+c.shutdown(socket.SHUT_WR)
+got = b""
+while data := c.recv(65536):
+    got += data
+print(got.decode(), flush=True)
+"""
+
+
+async def _lines(stream: anyio.abc.ByteReceiveStream) -> AsyncIterator[str]:
+    buf = b""
+    while True:
+        while b"\n" not in buf:
+            buf += await stream.receive()
+        line, buf = buf.split(b"\n", 1)
+        yield line.decode()
+
+
+@pytest.mark.anyio
+async def test_far_side_half_closes_first(lab: LabInfo) -> None:
+    """The far side says its piece and half-closes; the client keeps sending, and all of it arrives."""
+    with anyio.fail_after(60):
+        async with await anyio.open_process(["nsenter", f"--net={lab.netns_path}", sys.executable, "-c",
+                                             HALF_CLOSING_SERVER], stdin=subprocess.DEVNULL) as server:
+            assert server.stdout is not None
+            lines = _lines(server.stdout)
+            port = int(await anext(lines))
+            try:
+                async with docker_transport(settings(lab, tls=True)) as transport:
+                    stream = await transport.connect("127.0.0.1", port)
+                    got = b""
+                    with pytest.raises(anyio.EndOfStream):
+                        while True:
+                            got += await stream.receive()
+                    assert got == b"greeting"
+                    await stream.send(b"after your EOF")
+                    await stream.send_eof()
+                    await stream.aclose()
+                    assert await anext(lines) == "after your EOF"
+            finally:
+                with contextlib.suppress(ProcessLookupError):  # it exits by itself after reporting
+                    server.kill()
+
+
+# Inside the lab namespace: accept, read to EOF, and never close (a far side that ignores our EOF).
+HOLDING_SERVER = """
+import socket, time
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+s.listen(8)
+print(s.getsockname()[1], flush=True)
+held = []
+while True:
+    c, _ = s.accept()
+    while c.recv(65536):
+        pass
+    held.append(c)
+"""
+
+
+@pytest.mark.anyio
+async def test_client_leaving_a_far_side_that_never_closes_frees_the_slot(lab: LabInfo) -> None:
+    """After timeouts.drain the relay of that one connection is ended; the exec itself is kept."""
+    with anyio.fail_after(60):
+        async with await anyio.open_process(["nsenter", f"--net={lab.netns_path}", sys.executable, "-c",
+                                             HOLDING_SERVER], stdin=subprocess.DEVNULL) as server:
+            assert server.stdout is not None
+            port = int(await anext(_lines(server.stdout)))
+            try:
+                async with docker_transport(settings(lab, tls=False, pool_size=1)) as transport:
+                    stream = await transport.connect("127.0.0.1", port)
+                    slot = stream.slot
+                    await stream.send(b"hello")
+                    await stream.aclose()  # the far side sees our EOF, and keeps its side open
+                    started = time.monotonic()
+                    # Nothing in the daemon needs an event for "slot free again": poll.
+                    while slot.conn is not None:  # noqa: ASYNC110
+                        await anyio.sleep(0.05)
+                    took = time.monotonic() - started
+                    assert TIMEOUTS.drain <= took < 3 * TIMEOUTS.drain + 2, took
+                    assert slot.dead is None  # the exec carries on
+                    assert await _echo(transport, lab, b"next") == b"next"
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    server.kill()
+
+
+@tls_param
+@pytest.mark.anyio
+async def test_skopeo_push_and_pull_digests_identical(lab: LabInfo, tmp_path: Path, tls: bool) -> None:
+    layout = build_layout(tmp_path / "src", layer_sizes=(16 << 20, 10 << 20, 8 << 20))
+    assert layout.size >= 32 * 1024 * 1024
+    with anyio.fail_after(240):
+        async with docker_transport(settings(lab, tls=tls)) as transport, \
+                running_forward(transport, lab.registry_port) as fwd:
+            registry = f"127.0.0.1:{fwd.port}"
+            repo = f"kci/docker-{'tls' if tls else 'unix'}-{os.getpid()}-{time.monotonic_ns()}"
+            pushed = await anyio.to_thread.run_sync(push, layout, registry, repo)
+            assert pushed == layout.manifest_digest
+            back = await anyio.to_thread.run_sync(pull, registry, repo, layout.tag, tmp_path / "back")
+            assert back.manifest_digest == layout.manifest_digest
+            assert back.layer_digests == layout.layer_digests
+            assert fwd.stats.traffic.up >= layout.size and fwd.stats.traffic.down >= layout.size
+
+
+@pytest.mark.anyio
+async def test_helper_removed_while_running_next_connection_works(lab: LabInfo) -> None:
+    s = settings(lab, tls=True)
+    with anyio.fail_after(90):
+        async with docker_transport(s) as transport, running_forward(transport, lab.echo_port) as fwd:
+            assert await echo_roundtrip(fwd.port, b"before") == b"before"
+            first = transport.helper_id
+            await remove_helper(s)  # `docker rm -f` behind the daemon's back: every exec dies with it
+            assert await echo_roundtrip(fwd.port, b"after") == b"after"
+            assert transport.helper_id != first
+            assert await helper_state(s) == "running"
+            # and the pool refills: several at once still work
+            results = []
+
+            async def one(i: int) -> None:
+                results.append(await echo_roundtrip(fwd.port, b"again %d" % i))
+
+            async with anyio.create_task_group() as tg:
+                for i in range(6):
+                    tg.start_soon(one, i)
+            assert sorted(results) == sorted(b"again %d" % i for i in range(6))
+
+
+@pytest.mark.anyio
+async def test_helper_reused_started_and_recreated(lab: LabInfo) -> None:
+    s = settings(lab, tls=False)
+    try:
+        async with DockerTransport(TransportSpec(kind="docker", docker=s), TIMEOUTS) as transport:
+            first = transport.helper_id
+        async with DockerClient(resolve_endpoint(s, {}), timeout=10) as client:
+            info = await client.inspect_container(s.helper_name)
+            assert info is not None and info.running and info.labels["io.kci-tunneld.role"] == "helper"
+            await client.stop_container(s.helper_name)  # stopped: started again
+        async with DockerTransport(TransportSpec(kind="docker", docker=s), TIMEOUTS) as transport:
+            assert transport.helper_id == first
+            assert await _echo(transport, lab, b"restarted") == b"restarted"
+        other = dataclasses.replace(s, helper_image=lab.busybox_image)  # another image: recreated
+        async with DockerTransport(TransportSpec(kind="docker", docker=other), TIMEOUTS) as transport:
+            assert transport.helper_id != first
+            assert transport.info()["relay"] == "nc"
+            await transport.cleanup()
+        assert await helper_state(s) is None
+    finally:
+        await remove_helper(s)
+
+
+@pytest.mark.anyio
+async def test_a_foreign_container_with_the_helper_name_is_left_alone(lab: LabInfo) -> None:
+    s = settings(lab, tls=False)
+    async with DockerClient(resolve_endpoint(s, {}), timeout=10) as client:
+        await client.create_container_json(s.helper_name, {"Image": lab.busybox_image, "Cmd": ["true"]})
+        try:
+            with anyio.fail_after(30), pytest.raises(TransportError, match="was not created by kci-tunneld"):
+                async with DockerTransport(TransportSpec(kind="docker", docker=s), TIMEOUTS):
+                    pass
+            assert await client.inspect_container(s.helper_name) is not None
+        finally:
+            await client.remove_container(s.helper_name)
+
+
+# ---------------------------------------------------------------- the real CLI
+
+
+def test_cli_start_via_docker_status_and_stop_cleanup(lab: LabInfo, tmp_path: Path) -> None:
+    helper = f"kci-test-{uuid.uuid4().hex[:10]}"
+    config = tmp_path / "config.toml"
+    config.write_text(f'[transport]\nvia = "docker"\n[transport.docker]\nhelper_name = "{helper}"\n'
+                      f'helper_image = "{lab.socat_image}"\n')
+    cli = Cli(tmp_path, env={**lab.docker_env(tls=True), "DOCKER_CONFIG": str(tmp_path / "docker-config")})
+    result = cli.start_detached("--via", "docker", "--config", str(config),
+                                "-L", f"127.0.0.1:0:127.0.0.1:{lab.registry_port}")
+    try:
+        assert result.returncode == 0, result.stderr + result.stdout
+        status = cli.status()
+        transport = status["transport"]
+        assert transport["kind"] == "docker" and transport["docker_host"] == lab.docker_host_tcp
+        assert transport["tls"] is True and transport["helper"] == helper
+        assert "key.pem" not in json.dumps(status)  # no secrets or key paths in status
+        assert status["forwards"][0]["state"] == "ready"
+        assert anyio.run(helper_state, _cli_settings(lab, helper)) == "running"
+    finally:
+        stop = cli.run("stop", "--cleanup")
+        if stop.returncode != 0:
+            cli.cleanup()
+            anyio.run(remove_helper, _cli_settings(lab, helper))
+    assert stop.returncode == 0, stop.stderr
+    assert cli.run("status").returncode == ExitCode.NOT_RUNNING
+    assert anyio.run(helper_state, _cli_settings(lab, helper)) is None
+
+
+def test_cli_wrong_certificates_fail_start_with_the_reason(lab: LabInfo, tmp_path: Path) -> None:
+    env = {**lab.docker_env(tls=True), "DOCKER_CERT_PATH": str(lab.wrong_client_cert_dir)}
+    cli = Cli(tmp_path, env=env)
+    result = cli.start_detached("--via", "docker", "-L", f"127.0.0.1:0:127.0.0.1:{lab.registry_port}")
+    assert result.returncode == ExitCode.TRANSPORT, result.stderr
+    assert "TLS handshake" in result.stderr and "DOCKER_CERT_PATH" in result.stderr
+    assert cli.run("status").returncode == ExitCode.NOT_RUNNING
+
+
+def _cli_settings(lab: LabInfo, helper: str) -> DockerSettings:
+    return DockerSettings(host=lab.docker_host_unix, helper_name=helper)

@@ -1,0 +1,703 @@
+"""The one adapter around aiodocker/aiohttp: which Docker host, how to reach it, and the few calls we make.
+
+The host is chosen exactly as the docker CLI chooses it (``resolve_endpoint``): explicit settings,
+then ``DOCKER_HOST`` (with ``DOCKER_TLS_VERIFY``/``DOCKER_TLS`` and ``DOCKER_CERT_PATH``), then
+``DOCKER_CONTEXT``, then the current context in ``config.json``, then the local socket. Every
+aiodocker, aiohttp and ssl exception is translated here into a ``TransportError`` that names the
+Docker host and says what to check; nothing foreign leaves this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import json
+import os
+import ssl
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiodocker
+import aiohttp
+import anyio
+
+from tunneld.config import DockerSettings
+from tunneld.errors import TransportError
+
+DEFAULT_UNIX_SOCKET = "/var/run/docker.sock"
+_DEFAULT_TCP_PORT = 2375
+_DEFAULT_TLS_PORT = 2376
+
+
+class DockerAPIError(TransportError):
+    """The Docker Engine answered with an error status (404 no such container, 409 conflict, ...)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# ---------------------------------------------------------------- choosing the host
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """Client TLS material for a tcp:// Docker host: files (DOCKER_CERT_PATH) or a context's PEM bytes."""
+
+    verify: bool
+    cert_dir: str | None = None  # where the files came from, for messages
+    ca: bytes | None = field(default=None, repr=False)
+    cert: bytes | None = field(default=None, repr=False)
+    key: bytes | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A Docker Engine address and how it was chosen."""
+
+    host: str  # unix:///var/run/docker.sock, tcp://10.0.0.5:2376, ssh://user@host
+    source: str  # "DOCKER_HOST", "context 'ci'", "settings", "default"
+    tls: TlsSettings | None = None
+
+    @property
+    def scheme(self) -> str:
+        return self.host.split("://", 1)[0]
+
+    def describe(self) -> str:
+        tls = "" if self.tls is None else (" (TLS)" if self.tls.verify else " (TLS, not verified)")
+        return f"{self.host}{tls} from {self.source}"
+
+
+def docker_config_dir(env: Mapping[str, str]) -> Path:
+    """~/.docker, or $DOCKER_CONFIG, as the docker CLI uses it."""
+    if env.get("DOCKER_CONFIG"):
+        return Path(env["DOCKER_CONFIG"])
+    return Path(env.get("HOME") or Path.home()) / ".docker"
+
+
+def resolve_endpoint(settings: DockerSettings, env: Mapping[str, str] | None = None) -> Endpoint:
+    """Pick the Docker host as the docker CLI would, with explicit ``settings`` first.
+
+    Reads config files only; opens no socket.
+
+    :raises TransportError: for a malformed DOCKER_HOST, a missing context or missing TLS files.
+    """
+    env = os.environ if env is None else env
+    config_dir = docker_config_dir(env)
+    if settings.host:
+        return _default_context(settings.host, "settings (docker.host)", settings, env, config_dir)
+    if settings.context and settings.context != "default":
+        return _named_context(settings.context, "settings (docker.context)", config_dir)
+    # The CLI lets DOCKER_HOST win over DOCKER_CONTEXT and the current context.
+    if env.get("DOCKER_HOST"):
+        return _default_context(env["DOCKER_HOST"], "DOCKER_HOST", settings, env, config_dir)
+    if env.get("DOCKER_CONTEXT") and env["DOCKER_CONTEXT"] != "default":
+        return _named_context(env["DOCKER_CONTEXT"], "DOCKER_CONTEXT", config_dir)
+    current = None if settings.context or env.get("DOCKER_CONTEXT") else _current_context(config_dir)
+    if current:
+        return _named_context(current, f"currentContext in {config_dir / 'config.json'}", config_dir)
+    return _default_context(f"unix://{DEFAULT_UNIX_SOCKET}", "default", settings, env, config_dir)
+
+
+def _current_context(config_dir: Path) -> str | None:
+    path = config_dir / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise TransportError(f"cannot read the docker CLI config {path}: {e}") from None
+    name = data.get("currentContext") if isinstance(data, dict) else None
+    return name if isinstance(name, str) and name and name != "default" else None
+
+
+def _named_context(name: str, source: str, config_dir: Path) -> Endpoint:
+    # "default" never reaches here: it is DOCKER_HOST or the local socket, as in the CLI.
+    digest = hashlib.sha256(name.encode()).hexdigest()
+    meta = config_dir / "contexts" / "meta" / digest / "meta.json"
+    try:
+        data = json.loads(meta.read_text(encoding="utf-8"))
+        docker = data["Endpoints"]["docker"]
+        host = str(docker["Host"])
+    except FileNotFoundError:
+        raise TransportError(f"docker context {name!r} (from {source}) does not exist: no {meta}") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise TransportError(f"docker context {name!r} (from {source}): cannot read {meta}: {e!r}") from None
+    tls_dir = config_dir / "contexts" / "tls" / digest / "docker"
+    files = {n: _read_optional(tls_dir / f"{n}.pem") for n in ("ca", "cert", "key")}
+    tls = None
+    if any(files.values()):
+        tls = TlsSettings(verify=not docker.get("SkipTLSVerify", False), cert_dir=str(tls_dir), **files)
+    _check_host(host, f"docker context {name!r}")
+    return Endpoint(host=_normalize_host(host, tls is not None), source=f"context {name!r} ({source})", tls=tls)
+
+
+def _default_context(host: str, source: str, settings: DockerSettings, env: Mapping[str, str],
+                     config_dir: Path) -> Endpoint:
+    _check_host(host, source)
+    # Like the CLI: any non-empty DOCKER_TLS_VERIFY means verify; DOCKER_TLS alone means TLS unverified.
+    verify = settings.tls_verify if settings.tls_verify is not None else bool(env.get("DOCKER_TLS_VERIFY"))
+    use_tls = verify or bool(env.get("DOCKER_TLS"))
+    tls = None
+    if use_tls and host.startswith(("tcp://", "https://")):
+        cert_dir = Path(settings.cert_path or env.get("DOCKER_CERT_PATH") or config_dir)
+        ca = _read_optional(cert_dir / "ca.pem")
+        if verify and ca is None:
+            raise TransportError(
+                f"TLS verification is on for {host} (DOCKER_TLS_VERIFY) but {cert_dir / 'ca.pem'} is missing; "
+                "point DOCKER_CERT_PATH at the directory with ca.pem, cert.pem and key.pem"
+            )
+        cert, key = _read_optional(cert_dir / "cert.pem"), _read_optional(cert_dir / "key.pem")
+        if (cert is None) != (key is None):
+            raise TransportError(f"{cert_dir} has only one of cert.pem and key.pem; the client certificate needs both")
+        tls = TlsSettings(verify=verify, cert_dir=str(cert_dir), ca=ca, cert=cert, key=key)
+    return Endpoint(host=_normalize_host(host, tls is not None), source=source, tls=tls)
+
+
+def _read_optional(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise TransportError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def _check_host(host: str, source: str) -> None:
+    scheme = host.split("://", 1)[0] if "://" in host else ""
+    if scheme not in ("unix", "tcp", "http", "https", "ssh"):
+        raise TransportError(
+            f"{source}: unsupported Docker host {host!r}; expected unix:///path, tcp://host:port or ssh://user@host"
+        )
+
+
+def _normalize_host(host: str, tls: bool) -> str:
+    """tcp://h -> tcp://h:2375 (2376 with TLS), as the CLI does; http(s):// become tcp://."""
+    if not host.startswith(("tcp://", "http://", "https://")):
+        return host
+    parts = urlsplit(host)
+    port = parts.port or (_DEFAULT_TLS_PORT if tls else _DEFAULT_TCP_PORT)
+    hostname = parts.hostname or "localhost"
+    if ":" in hostname:
+        hostname = f"[{hostname}]"
+    return f"tcp://{hostname}:{port}"
+
+
+# ---------------------------------------------------------------- the client
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    """What we need to know about a container."""
+
+    id: str
+    name: str
+    image: str  # as configured (alpine/socat)
+    image_id: str  # sha256:...
+    running: bool
+    state: str
+    labels: dict[str, str]
+
+
+class ExecStream:
+    """One attached exec (stdin, stdout, stderr; no tty): frames already demultiplexed."""
+
+    STDOUT = 1
+    STDERR = 2
+
+    def __init__(self, stream: Any, describe: str) -> None:
+        self._stream = stream
+        self._describe = describe
+
+    async def read(self) -> tuple[int, bytes] | None:
+        """The next frame as (ExecStream.STDOUT or STDERR, bytes), or None at the end of the stream.
+
+        :raises TransportError: when the connection to the Docker host broke.
+        """
+        try:
+            msg = await self._stream.read_out()
+        except (aiohttp.ClientError, OSError, RuntimeError, asyncio.IncompleteReadError) as e:
+            raise TransportError(f"lost the exec stream to {self._describe}: {_reason(e)}") from None
+        if msg is None:
+            return None
+        return int(msg.stream), bytes(msg.data)
+
+    async def write(self, data: bytes) -> None:
+        """Write to the process's stdin (waits while the Docker host's buffer is full).
+
+        :raises TransportError: when the connection to the Docker host broke.
+        """
+        try:
+            await self._stream.write_in(data)
+        except (aiohttp.ClientError, OSError, RuntimeError, AssertionError) as e:
+            raise TransportError(f"lost the exec stream to {self._describe}: {_reason(e)}") from None
+
+    async def aclose(self) -> None:
+        try:
+            await self._stream.close()
+        except (aiohttp.ClientError, OSError, RuntimeError, AssertionError):
+            pass  # already broken: nothing left to close cleanly
+
+
+class DockerClient:
+    """The Docker Engine API calls kci-tunneld makes, each with a deadline and translated errors."""
+
+    def __init__(self, endpoint: Endpoint, *, timeout: float) -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self._docker: aiodocker.Docker | None = None
+        self._connector: aiohttp.BaseConnector | None = None
+
+    async def __aenter__(self) -> DockerClient:
+        self._docker, self._connector = self._open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        docker, connector = self._docker, self._connector
+        self._docker = self._connector = None
+        with anyio.CancelScope(shield=True):
+            if docker is not None:
+                await docker.close()
+            if connector is not None:
+                await connector.close()  # aiodocker leaves a caller's connector open
+
+    def _open(self) -> tuple[aiodocker.Docker, aiohttp.BaseConnector]:
+        ep = self.endpoint
+        connector: aiohttp.BaseConnector
+        # limit=0: every exec stream holds its own connection for its whole life.
+        if ep.scheme == "unix":
+            connector = aiohttp.UnixConnector(path=ep.host[len("unix://"):], limit=0)
+            url = "unix://localhost"
+        elif ep.scheme == "tcp":
+            hostport = ep.host[len("tcp://"):]
+            if ep.tls is not None:
+                connector = aiohttp.TCPConnector(ssl=_ssl_context(ep.tls), limit=0)
+                url = f"https://{hostport}"
+            else:
+                connector = aiohttp.TCPConnector(limit=0)
+                url = f"http://{hostport}"
+        elif ep.scheme == "ssh":
+            raise TransportError(
+                f"Docker host {ep.host} ({ep.source}): ssh:// Docker hosts are not yet supported by --via docker; "
+                "use --via ssh://... or a tcp:// or unix:// DOCKER_HOST"
+            )
+        else:
+            raise TransportError(f"Docker host {ep.host} ({ep.source}): unsupported scheme {ep.scheme!r}")
+        # No aiohttp timeouts: every call runs under its own anyio deadline (_call).
+        return aiodocker.Docker(url=url, connector=connector, timeout=aiohttp.ClientTimeout()), connector
+
+    @property
+    def docker(self) -> aiodocker.Docker:
+        assert self._docker is not None, "DockerClient used outside its context"
+        return self._docker
+
+    @asynccontextmanager
+    async def _call(self, what: str, deadline: float | None = None) -> AsyncIterator[None]:
+        """Run one API call within ``deadline`` seconds (default: the connect timeout); translate its errors."""
+        limit = self.timeout if deadline is None else deadline
+        try:
+            with anyio.fail_after(limit):
+                yield
+        except TimeoutError:
+            raise TransportError(
+                f"{what}: no answer from the Docker host at {self.endpoint.host} within {limit:g}s"
+            ) from None
+        except aiodocker.DockerError as e:
+            raise self._translate(what, e) from None
+        except (aiohttp.ClientError, ssl.SSLError, OSError) as e:
+            raise self._connection_error(what, e) from None
+
+    def _translate(self, what: str, e: aiodocker.DockerError) -> TransportError:
+        if e.status == 900:  # aiodocker's "cannot connect": the aiohttp error is the context
+            cause = e.__context__ or e.__cause__
+            if isinstance(cause, BaseException):
+                return self._connection_error(what, cause)
+            return TransportError(f"{what}: cannot reach the Docker host at {self.endpoint.host}: {e.message}")
+        message = str(e.message).strip()
+        if e.status == 400 and "HTTPS server" in message:
+            return DockerAPIError(
+                f"{what}: the Docker host at {self.endpoint.host} expects TLS: set DOCKER_TLS_VERIFY=1 and "
+                "DOCKER_CERT_PATH (ca.pem, cert.pem, key.pem)", e.status)
+        return DockerAPIError(
+            f"{what}: the Docker host at {self.endpoint.host} answered {e.status}: {message}", e.status
+        )
+
+    def _connection_error(self, what: str, e: BaseException) -> TransportError:
+        host = self.endpoint.host
+        ssl_error = _find(e, ssl.SSLError)
+        if ssl_error is not None and self.endpoint.tls is not None:
+            cert_dir = self.endpoint.tls.cert_dir or "the context's TLS directory"
+            reason = _ssl_reason(ssl_error)
+            if isinstance(ssl_error, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(ssl_error):
+                hint = (f"check DOCKER_CERT_PATH ({cert_dir}): its ca.pem must be the CA that signed "
+                        "the daemon's certificate")
+            else:
+                hint = (f"check DOCKER_CERT_PATH ({cert_dir}): the daemon must trust the client certificate "
+                        "cert.pem/key.pem found there")
+            return TransportError(f"{what}: TLS handshake with the Docker host at {host} failed: {reason} — {hint}")
+        os_error = _find(e, OSError)
+        tls = self.endpoint.tls
+        rejected = isinstance(e, aiohttp.ServerDisconnectedError) or (
+            os_error is not None and os_error.errno in (errno.ECONNRESET, errno.EPIPE)
+        )
+        if tls is not None and rejected:
+            # With TLS 1.3 a refused client certificate shows up after the handshake, as a reset.
+            return TransportError(
+                f"{what}: TLS handshake with the Docker host at {host} failed: the daemon closed the connection, "
+                f"most likely rejecting the client certificate — check DOCKER_CERT_PATH ({tls.cert_dir}): "
+                "cert.pem/key.pem must be signed by a CA the daemon trusts (--tlscacert)"
+            )
+        if os_error is not None and os_error.errno is not None:
+            return TransportError(f"{what}: cannot reach the Docker host at {host}: {_errno_text(os_error)}")
+        return TransportError(f"{what}: cannot reach the Docker host at {host}: {_reason(e)}")
+
+    # ---------------------------------------------------------------- calls
+
+    async def ping(self) -> dict[str, Any]:
+        """The engine's version document (proves the host is reachable and TLS works).
+
+        :raises TransportError: naming the host and what to check.
+        """
+        async with self._call("connecting to Docker"):
+            version: dict[str, Any] = await self.docker.version()
+        return version
+
+    async def inspect_container(self, name: str) -> ContainerInfo | None:
+        """The container called ``name``, or None when there is none."""
+        try:
+            async with self._call(f"inspecting container {name}"):
+                c = await self.docker.containers.get(name)
+                data = dict(c._container)
+        except DockerAPIError as e:
+            if e.status == 404:
+                return None
+            raise
+        cfg = data.get("Config") or {}
+        state = data.get("State") or {}
+        return ContainerInfo(
+            id=str(data.get("Id", "")), name=str(data.get("Name", name)).lstrip("/"),
+            image=str(cfg.get("Image", "")), image_id=str(data.get("Image", "")),
+            running=bool(state.get("Running")), state=str(state.get("Status", "")),
+            labels=dict(cfg.get("Labels") or {}),
+        )
+
+    async def list_containers(self, labels: Mapping[str, str]) -> list[ContainerInfo]:
+        """Every container (running or not) carrying all of ``labels``."""
+        filters = json.dumps({"label": [f"{k}={v}" for k, v in labels.items()]})
+        async with self._call("listing containers"):
+            found = await self.docker.containers.list(all="true", filters=filters)
+            rows = [dict(c._container) for c in found]
+        return [
+            ContainerInfo(
+                id=str(r.get("Id", "")), name=str((r.get("Names") or [""])[0]).lstrip("/"),
+                image=str(r.get("Image", "")), image_id=str(r.get("ImageID", "")),
+                running=r.get("State") == "running", state=str(r.get("State", "")),
+                labels=dict(r.get("Labels") or {}),
+            )
+            for r in rows
+        ]
+
+    async def image_id(self, image: str) -> str | None:
+        """The local id (sha256:...) of ``image``, or None when the host does not have it."""
+        try:
+            async with self._call(f"inspecting image {image}"):
+                data = await self.docker.images.inspect(image)
+        except DockerAPIError as e:
+            if e.status == 404:
+                return None
+            raise
+        return str(data.get("Id", "")) or None
+
+    async def pull_image(self, image: str, *, deadline: float) -> None:
+        """Pull ``image`` onto the Docker host (as ``docker pull`` would), within ``deadline`` seconds."""
+        async with self._call(f"pulling image {image}", deadline):
+            await self.docker.images.pull(image)
+
+    async def create_container(
+        self, name: str, image: str, *, entrypoint: Sequence[str], cmd: Sequence[str],
+        labels: Mapping[str, str], host_network: bool = True,
+    ) -> str:
+        """Create (not start) a container; returns its id.
+
+        :raises DockerAPIError: 404 when the image is missing, 409 when the name is taken.
+        """
+        config: dict[str, Any] = {
+            "Image": image, "Entrypoint": list(entrypoint), "Cmd": list(cmd), "Labels": dict(labels),
+            "AttachStdin": False, "AttachStdout": False, "AttachStderr": False, "Tty": False,
+            "HostConfig": {"NetworkMode": "host" if host_network else "default", "Init": False},
+        }
+        async with self._call(f"creating container {name} from {image}"):
+            c = await self.docker.containers.create(config, name=name)
+            return str(c.id)
+
+    async def start_container(self, ref: str) -> None:
+        async with self._call(f"starting container {ref}"):
+            await self.docker.containers.container(ref).start()
+
+    async def stop_container(self, ref: str, grace: int = 1) -> None:
+        """Stop (SIGTERM, then SIGKILL after ``grace`` seconds)."""
+        async with self._call(f"stopping container {ref}", self.timeout + grace):
+            await self.docker.containers.container(ref).stop(t=grace)
+
+    async def remove_container(self, ref: str) -> bool:
+        """Remove (killing it first if running); False when it did not exist."""
+        try:
+            async with self._call(f"removing container {ref}"):
+                await self.docker.containers.container(ref).delete(force=True)
+        except DockerAPIError as e:
+            if e.status == 404:
+                return False
+            raise
+        return True
+
+    @asynccontextmanager
+    async def exec_stream(self, container: str, cmd: Sequence[str]) -> AsyncIterator[ExecStream]:
+        """Run ``cmd`` in ``container`` with stdin, stdout and stderr attached (the upgraded connection).
+
+        :raises DockerAPIError: 404 when the container is gone, 409 when it is not running.
+        """
+        timeout = aiohttp.ClientTimeout(total=None, connect=self.timeout, sock_connect=self.timeout)
+        async with self._call(f"starting an exec in container {container}"):
+            exe = await self.docker.containers.container(container).exec(
+                list(cmd), stdin=True, stdout=True, stderr=True, tty=False
+            )
+            stream = exe.start(detach=False, timeout=timeout)
+            await stream.__aenter__()  # POST /exec/{id}/start, then the connection is upgraded
+        wrapped = ExecStream(stream, f"{container} on {self.endpoint.host}")
+        try:
+            yield wrapped
+        finally:
+            with anyio.CancelScope(shield=True):
+                await wrapped.aclose()
+
+    # ---------------------------------------------------------------- calls for provision/ (issue 6)
+
+    async def container_details(self, ref: str) -> ContainerDetails | None:
+        """What ``docker inspect`` says about ``ref`` (env, published ports, networks...), or None."""
+        try:
+            async with self._call(f"inspecting container {ref}"):
+                c = await self.docker.containers.get(ref)
+                data = dict(c._container)
+        except DockerAPIError as e:
+            if e.status == 404:
+                return None
+            raise
+        return _details(data, ref)
+
+    async def published_ports(self) -> list[PublishedPort]:
+        """Every port a running container publishes on the Docker host (``docker ps`` PORTS)."""
+        async with self._call("listing containers"):
+            found = await self.docker.containers.list(all="false")
+            rows = [dict(c._container) for c in found]
+        return [
+            PublishedPort(container=str((r.get("Names") or [""])[0]).lstrip("/"), host_ip=str(p.get("IP", "")),
+                          host_port=int(p["PublicPort"]), container_port=int(p.get("PrivatePort", 0)),
+                          proto=str(p.get("Type", "tcp")))
+            for r in rows for p in (r.get("Ports") or []) if p.get("PublicPort")
+        ]
+
+    async def create_container_json(self, name: str, body: Mapping[str, Any]) -> str:
+        """Create (not start) a container from an Engine API ``ContainerCreate`` body; returns its id.
+
+        :raises DockerAPIError: 404 when the image is missing, 409 when the name is taken.
+        """
+        async with self._call(f"creating container {name} from {body.get('Image')}"):
+            c = await self.docker.containers.create(dict(body), name=name)
+            return str(c.id)
+
+    async def connect_network(self, network: str, container: str) -> None:
+        """``docker network connect NETWORK CONTAINER``.
+
+        :raises DockerAPIError: 404 when either is missing, 403 when already connected.
+        """
+        async with self._call(f"connecting container {container} to network {network}"):
+            await (await self.docker.networks.get(network)).connect({"Container": container})
+
+    async def exec_run(self, container: str, cmd: Sequence[str], *, deadline: float | None = None,
+                       limit: int = 1 << 20) -> ExecResult:
+        """Run ``cmd`` in ``container`` to completion (no stdin); its exit code and output (``limit`` bytes each).
+
+        :raises DockerAPIError: 404 when the container is gone, 409 when it is not running.
+        """
+        out, err = bytearray(), bytearray()
+        async with self._call(f"running {cmd[0]!r} in container {container}", deadline):
+            exe = await self.docker.containers.container(container).exec(
+                list(cmd), stdin=False, stdout=True, stderr=True, tty=False
+            )
+            async with exe.start(detach=False) as stream:
+                while (msg := await stream.read_out()) is not None:
+                    buf = out if msg.stream == ExecStream.STDOUT else err
+                    buf.extend(bytes(msg.data)[: max(0, limit - len(buf))])
+            info = await exe.inspect()
+        code = info.get("ExitCode")
+        return ExecResult(exit_code=-1 if code is None else int(code), stdout=bytes(out), stderr=bytes(err))
+
+
+    # ---------------------------------------------------------------- for --auto (issue 5)
+
+    @asynccontextmanager
+    async def container_events(self, since: int | None = None) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
+        """Container events as ``docker events --filter type=container`` streams them (from ``since``,
+        epoch seconds, when given): an async iterator of the Engine's JSON objects, ending when the
+        Docker host closes the stream.
+
+        :raises TransportError: when the stream cannot be opened, or (while iterating) breaks.
+        """
+        params: dict[str, Any] = {"filters": json.dumps({"type": ["container"]})}
+        if since is not None:
+            params["since"] = str(since)
+        timeout = aiohttp.ClientTimeout(total=None, connect=self.timeout, sock_connect=self.timeout)
+        query = self.docker._query("events", params=params, timeout=timeout)
+        async with self._call("watching container events"):
+            response = await query.__aenter__()
+
+        async def events() -> AsyncIterator[dict[str, Any]]:
+            try:
+                async for line in response.content:
+                    try:
+                        event = json.loads(line)
+                    except ValueError:
+                        continue
+                    if isinstance(event, dict):
+                        yield event
+            except (aiohttp.ClientError, OSError, RuntimeError, asyncio.IncompleteReadError) as e:
+                raise TransportError(f"the event stream from the Docker host at {self.endpoint.host} broke: "
+                                     f"{_reason(e)}") from None
+
+        try:
+            yield events()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await query.__aexit__(None, None, None)
+
+@dataclass(frozen=True)
+class PublishedPort:
+    """One ``HOST_IP:HOST_PORT->CONTAINER_PORT/PROTO`` of a running container."""
+
+    container: str
+    host_ip: str
+    host_port: int
+    container_port: int
+    proto: str
+
+
+@dataclass(frozen=True)
+class ContainerDetails:
+    """The parts of ``docker inspect`` provisioning compares and reports."""
+
+    id: str
+    name: str
+    image: str  # as configured (registry:2)
+    running: bool
+    state: str
+    labels: dict[str, str]
+    env: tuple[str, ...]
+    port_bindings: tuple[tuple[str, str, int], ...]  # ("5000/tcp", "127.0.0.1", 5555), from HostConfig
+    restart_policy: str
+    networks: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+
+
+def _details(data: Mapping[str, Any], ref: str) -> ContainerDetails:
+    cfg = data.get("Config") or {}
+    host = data.get("HostConfig") or {}
+    state = data.get("State") or {}
+    bindings = tuple(
+        (str(port), str(b.get("HostIp") or ""), int(b.get("HostPort") or 0))
+        for port, binds in sorted((host.get("PortBindings") or {}).items()) for b in (binds or [])
+    )
+    return ContainerDetails(
+        id=str(data.get("Id", "")), name=str(data.get("Name", ref)).lstrip("/"), image=str(cfg.get("Image", "")),
+        running=bool(state.get("Running")), state=str(state.get("Status", "")),
+        labels=dict(cfg.get("Labels") or {}), env=tuple(cfg.get("Env") or ()), port_bindings=bindings,
+        restart_policy=str((host.get("RestartPolicy") or {}).get("Name") or ""),
+        networks=tuple(sorted(((data.get("NetworkSettings") or {}).get("Networks") or {}).keys())),
+    )
+
+
+def _ssl_context(tls: TlsSettings) -> ssl.SSLContext:
+    """The client TLS context the docker CLI would build: TLS >= 1.2, the CA, the client certificate."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if tls.verify:
+        ctx.check_hostname = True
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        try:
+            ctx.load_verify_locations(cadata=(tls.ca or b"").decode("ascii"))
+        except (ssl.SSLError, ValueError, UnicodeDecodeError) as e:
+            raise TransportError(f"{tls.cert_dir}/ca.pem is not a PEM certificate: {e}") from None
+    else:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if tls.cert is not None and tls.key is not None:
+        _load_client_cert(ctx, tls)
+    return ctx
+
+
+def _load_client_cert(ctx: ssl.SSLContext, tls: TlsSettings) -> None:
+    # ssl can only load a certificate chain from files: write them to a private temporary directory.
+    import tempfile
+
+    assert tls.cert is not None and tls.key is not None
+    with tempfile.TemporaryDirectory(prefix="kci-tunneld-tls-") as d:
+        cert, key = Path(d, "cert.pem"), Path(d, "key.pem")
+        cert.write_bytes(tls.cert)
+        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(tls.key)
+        try:
+            ctx.load_cert_chain(certfile=str(cert), keyfile=str(key))
+        except ssl.SSLError as e:
+            raise TransportError(
+                f"the client certificate in {tls.cert_dir} (cert.pem, key.pem) cannot be loaded: {_ssl_reason(e)}"
+            ) from None
+
+
+def _find(e: BaseException, kind: type[BaseException]) -> Any:
+    """The innermost exception of ``kind`` in e's chain (aiohttp wraps ssl and OS errors, and some of
+    its wrappers are themselves ssl errors without the details)."""
+    found: Any = None
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, kind):
+            found = cur
+        inner = getattr(cur, "certificate_error", None) or getattr(cur, "os_error", None)
+        if isinstance(inner, BaseException) and id(inner) not in seen:
+            cur = inner
+            continue
+        cur = cur.__cause__ or cur.__context__
+    return found
+
+
+def _ssl_reason(e: ssl.SSLError) -> str:
+    verify_message = getattr(e, "verify_message", None)
+    if verify_message:
+        return f"certificate verify failed: {verify_message}"
+    reason = getattr(e, "reason", None)
+    return str(reason).replace("_", " ").lower() if reason else str(e)
+
+
+def _errno_text(e: OSError) -> str:
+    names = {errno.ECONNREFUSED: "connection refused", errno.ENOENT: "no such socket",
+             errno.EACCES: "permission denied", errno.EHOSTUNREACH: "no route to host",
+             errno.ENETUNREACH: "network unreachable", errno.ETIMEDOUT: "timed out",
+             errno.ECONNRESET: "connection reset"}
+    return names.get(e.errno or 0, e.strerror or str(e))
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e)
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
