@@ -10,7 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from tunneld.config import Config, DockerSettings, ForwardSpec, SshSettings, Timeouts, parse_config
+from tunneld.config import (
+    AutoSettings,
+    Config,
+    DockerSettings,
+    ForwardSpec,
+    MetricsSettings,
+    SshSettings,
+    Timeouts,
+    parse_config,
+)
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 
@@ -24,8 +33,11 @@ def model_keys() -> set[str]:
     # The SSH host only ever comes from transport.via = "ssh://...".
     keys |= {f"transport.ssh.{f.name}" for f in dataclasses.fields(SshSettings) if f.name != "host"}
     keys |= {f"timeouts.{f.name}" for f in dataclasses.fields(Timeouts)}
+    keys |= {f"auto.{f.name}" for f in dataclasses.fields(AutoSettings)}
+    keys |= {f"metrics.{f.name}" for f in dataclasses.fields(MetricsSettings)}
     keys |= {"transport.via"}
-    keys |= {f.name for f in dataclasses.fields(Config) if f.name not in ("forwards", "transport", "timeouts")}
+    tables = ("forwards", "transport", "timeouts", "auto", "metrics")
+    keys |= {f.name for f in dataclasses.fields(Config) if f.name not in tables}
     return keys
 
 

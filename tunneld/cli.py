@@ -4,9 +4,12 @@ library and maps its errors onto named exit codes."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import logging
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -44,6 +47,10 @@ examples:
 
   # everything from a file; -L adds to its [[forwards]]
   kci-tunneld start --config /etc/kci-tunneld/config.toml
+
+  # whatever kind API servers and registries the remote Docker publishes, each on its own port
+  # number here too (so kind's kubeconfig https://127.0.0.1:PORT works), kept current
+  kci-tunneld start --detach --via docker --auto --metrics-port 9464
 
 --detach returns 0 only once every forward listens AND a probe through the transport reached its
 target; the daemon keeps running in the background and logs to the file it prints."""
@@ -92,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ssh transport: private key file; repeatable")
     start.add_argument("--ready-timeout", type=float, metavar="SECONDS",
                        help="with --detach, how long to wait for readiness (default: timeouts.ready, 60)")
+    start.add_argument("--auto", action="store_true",
+                       help="discover kind API servers and registries the remote Docker publishes and forward "
+                            "each on the same port number here; follow them as they come, go and move "
+                            "(config: [auto] enabled = true)")
+    start.add_argument("--metrics-port", type=int, metavar="PORT",
+                       help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics (config: [metrics] port)")
 
     status = sub.add_parser(
         "status", parents=[control], help="show the daemon's forwards and counters",
@@ -147,10 +160,17 @@ def _config(args: argparse.Namespace) -> Config:
         overrides["docker.helper_image"] = args.helper_image
     if args.identity_files:
         overrides["ssh.identity_files"] = tuple(args.identity_files)
+    if args.auto:
+        base = dataclasses.replace(base, auto=dataclasses.replace(base.auto, enabled=True))
+    if args.metrics_port is not None:
+        if not 0 <= args.metrics_port <= 65535:
+            raise ConfigError(f"--metrics-port: expected an integer 0..65535, got {args.metrics_port}")
+        base = dataclasses.replace(base, metrics=dataclasses.replace(base.metrics, port=args.metrics_port))
     config = merge_cli(base, forwards=args.forwards, via=args.via,
                        allow_non_loopback=args.allow_non_loopback, overrides=overrides)
-    if not config.forwards:
-        raise ConfigError("nothing to forward: give -L [BIND:]PORT:HOST:HOSTPORT or a --config with [[forwards]]")
+    if not config.forwards and not config.auto.enabled:
+        raise ConfigError("nothing to forward: give -L [BIND:]PORT:HOST:HOSTPORT, --auto, "
+                          "or a --config with [[forwards]]")
     return config
 
 
@@ -170,6 +190,7 @@ def _start(args: argparse.Namespace, argv: list[str]) -> int:
     if args.detach:
         return _detach(args, argv, config)
     setup_logging(args.log_level, args.log_format, args.log_file)
+    _raise_open_file_limit()
     daemon = Daemon(lambda: _config(args), control_path=args.control, notifier=Notifier(),
                     log_file=str(args.log_file) if args.log_file else None)
     try:
@@ -177,6 +198,18 @@ def _start(args: argparse.Namespace, argv: list[str]) -> int:
     except BaseExceptionGroup as group:
         raise _single(group) from None
 
+
+def _raise_open_file_limit() -> None:
+    """Lift the soft open-file limit to the hard one: every relayed connection holds two sockets,
+    and the usual soft limit of 1024 would stop a forward near 500 connections (EMFILE)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20  # the kernel's default nr_open
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as e:
+        logger.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, e)
 
 def _single(group: BaseExceptionGroup[Any]) -> BaseException:
     """Unwrap a task group's errors to the one a person should see."""
@@ -213,14 +246,15 @@ def _await_ready(args: argparse.Namespace, config: Config, *, child: subprocess.
             print(_log_tail(log_file), file=sys.stderr)
             return child.returncode or int(ExitCode.ERROR)
         try:
-            reply = loop.run(lambda: request(args.control, "wait", timeout=min(1.0, max(0.05, deadline - time.monotonic()))))
+            step = min(1.0, max(0.05, deadline - time.monotonic()))
+            reply = loop.run(functools.partial(request, args.control, "wait", timeout=step))
         except NotRunningError:
             time.sleep(0.05)  # the daemon is still binding its control socket
             continue
         if reply.get("ok"):
             _print_ready(reply)
             return int(ExitCode.OK)
-    reason = not_ready_reason(reply["forwards"], timeout) if reply else "the daemon did not answer"
+    reason = not_ready_reason(reply["forwards"], timeout, reply.get("auto")) if reply else "the daemon did not answer"
     pid = child.pid if child is not None else (reply or {}).get("pid")
     print(f"kci-tunneld: {reason}\n  the daemon (pid {pid}) keeps running and retrying; log: {log_file}\n"
           "  keep waiting with `kci-tunneld wait`, or end it with `kci-tunneld stop`", file=sys.stderr)
@@ -230,7 +264,10 @@ def _await_ready(args: argparse.Namespace, config: Config, *, child: subprocess.
 def _print_ready(reply: dict[str, Any]) -> None:
     print(f"kci-tunneld: ready (pid {reply.get('pid')}); log: {reply.get('log_file')}")
     for f in reply.get("forwards", []):
-        print(f"  {f['name']}: {', '.join(f['listen'])} -> {f['target']}")
+        found = f" (found: {f['container']})" if f.get("container") else ""
+        print(f"  {f['name']}: {', '.join(f['listen'])} -> {f['target']}{found}")
+    if (reply.get("auto") or {}).get("enabled") and not reply.get("forwards"):
+        print("  --auto found nothing to forward yet; it keeps looking (see `kci-tunneld status`)")
 
 
 def _log_tail(log_file: str | None, lines: int = 15) -> str:
@@ -264,7 +301,8 @@ async def _client(args: argparse.Namespace) -> int:
         reply = await request(args.control, "stop", cleanup=args.cleanup)
         pid = int(reply["pid"])
         with anyio.move_on_after(args.timeout):
-            while _alive(pid):
+            # Another process's exit has no event to await here (not our child): poll it.
+            while _alive(pid):  # noqa: ASYNC110
                 await anyio.sleep(0.05)
             print(f"kci-tunneld: stopped (pid {pid})")
             return int(ExitCode.OK)
@@ -288,19 +326,84 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def format_status(reply: dict[str, Any]) -> str:
-    """The human table `status` prints."""
-    transport = reply.get("transport") or {}
-    head = f"kci-tunneld pid {reply.get('pid')} {reply.get('state')} via {transport.get('kind', '?')}"
-    rows = [("NAME", "STATE", "LISTEN", "TARGET", "ACTIVE", "TOTAL", "UP", "DOWN", "ERRORS", "PROBE")]
+def format_status(reply: dict[str, Any], now: float | None = None) -> str:
+    """The human table `status` prints: a header, one row per forward, then what went wrong."""
+    now = time.time() if now is None else now
+    rows = [("NAME", "STATE", "SINCE", "LISTEN", "TARGET", "ACTIVE", "TOTAL", "UP", "DOWN", "ERRORS", "RECONN",
+             "PROBE")]
+    problems = []
     for f in reply.get("forwards", []):
         probe = f.get("last_probe") or {}
-        probe_text = (f"ok {probe['latency_ms']}ms" if probe.get("ok") else f"fail: {probe.get('error')}") if probe else "-"
-        rows.append((f["name"], f["state"], ",".join(f["listen"]), f["target"], str(f["active"]), str(f["total"]),
-                     _bytes(f["bytes_up"]), _bytes(f["bytes_down"]), str(f["errors"]), probe_text))
+        if not probe:
+            probe_text = "-"
+        elif probe.get("ok"):
+            probe_text = f"ok {probe['latency_ms']}ms" + (f" ({probe['detail']})" if probe.get("detail") else "")
+        else:
+            probe_text = f"failed after {probe['latency_ms']}ms"
+        since = _ago(now, f.get("state_since"))
+        name = f["name"] + (" (auto)" if f.get("source") == "auto" else "")
+        rows.append((name, f["state"], since, ",".join(f["listen"]), f["target"], str(f["active"]), str(f["total"]),
+                     _bytes(f["bytes_up"]), _bytes(f["bytes_down"]), str(f["errors"]), str(f.get("reconnects", 0)),
+                     probe_text))
+        if f.get("last_error") and (f["state"] != "ready" or not probe.get("ok")):
+            problems.append(f"  {f['name']}: {f['last_error']}")
+        elif f.get("last_error"):
+            problems.append(f"  {f['name']} (earlier; ready again): {f['last_error']}")
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1] for r in rows]
-    return "\n".join([head, *lines])
+    out = [_status_header(reply, now), *lines]
+    if problems:
+        out += ["last errors:", *problems]
+    events = _recent_events(reply)
+    if events:
+        out += ["recent events:", *events]
+    return "\n".join(out)
+
+
+def _recent_events(reply: dict[str, Any], limit: int = 10) -> list[str]:
+    """State changes of the forwards and what --auto found, newest last: what happened, and when."""
+    rows: list[tuple[float, str]] = []
+    for f in reply.get("forwards", []):
+        for h in f.get("history") or []:
+            if h["from"] == "starting" and h["to"] == "ready":
+                continue  # every start looks like this: not news
+            text = f"{f['name']}: {h['from']} -> {h['to']} after {h['after']:.1f}s"
+            rows.append((h["at"], text + (f" ({h['reason']})" if h.get("reason") else "")))
+    for e in (reply.get("auto") or {}).get("events") or []:
+        rows.append((e["at"], f"auto: {e['event']}"))
+    rows.sort(key=lambda r: r[0])
+    return [f"  {time.strftime('%H:%M:%S', time.localtime(at))} {text}" for at, text in rows[-limit:]]
+
+
+def _status_header(reply: dict[str, Any], now: float) -> str:
+    transport = reply.get("transport") or {}
+    head = f"kci-tunneld pid {reply.get('pid')} {reply.get('state')} via {transport.get('kind', '?')}"
+    facts = [f"{k} {transport[k]}" for k in ("state", "reconnects") if transport.get(k) is not None]
+    if transport.get("last_error") and transport.get("state") not in (None, "connected", "ready"):
+        facts.append(f"last error: {transport['last_error']}")
+    if facts:
+        head += " (" + ", ".join(facts) + ")"
+    auto = reply.get("auto") or {}
+    if auto.get("enabled"):
+        found = len(auto.get("found") or [])
+        head += f"\nauto: {found} found, {auto.get('scans', 0)} scans, last {_ago(now, auto.get('last_scan'))} ago"
+        if auto.get("last_error"):
+            head += f"; cannot list containers: {auto['last_error']}"
+    for address in reply.get("metrics") or []:
+        head += f"\nmetrics: http://{address}/metrics"
+        break
+    return head
+
+
+def _ago(now: float, then: object) -> str:
+    if not isinstance(then, (int, float)):
+        return "-"
+    secs = max(0.0, now - then)
+    if secs < 120:
+        return f"{secs:.0f}s"
+    if secs < 7200:
+        return f"{secs / 60:.0f}m"
+    return f"{secs / 3600:.1f}h"
 
 
 def _bytes(n: int) -> str:

@@ -32,6 +32,8 @@ DEFAULT_RECONNECT_WAIT = 10.0
 DEFAULT_MAX_CONNECTIONS = 1024
 DEFAULT_HELPER_IMAGE = "alpine/socat"
 DEFAULT_HELPER_NAME = "kci-tunneld-helper"
+DEFAULT_AUTO_INTERVAL = 3.0
+DEFAULT_AUTO_LINGER = 30.0
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,25 @@ class ForwardSpec:
 
 
 @dataclass(frozen=True)
+class AutoSettings:
+    """``--auto``: forward the kind API servers and registries the remote Docker publishes, kept current."""
+
+    enabled: bool = False
+    interval: float = DEFAULT_AUTO_INTERVAL  # seconds between looks at the remote Docker
+    linger: float = DEFAULT_AUTO_LINGER  # keep a vanished container's forward this long (restarts)
+    bind: str = "localhost"
+    containers: tuple[str, ...] = ()  # shell-style name patterns to consider; empty: every container
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """Prometheus text metrics over HTTP; off unless a port is given."""
+
+    port: int | None = None
+    bind: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole daemon model: forwards, one transport, timeouts."""
 
@@ -114,6 +135,8 @@ class Config:
     transport: TransportSpec = field(default_factory=TransportSpec)
     timeouts: Timeouts = field(default_factory=Timeouts)
     allow_non_loopback: bool = False
+    auto: AutoSettings = field(default_factory=AutoSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
     def fingerprint(self) -> str:
         """A stable digest of the model, used to tell whether a running daemon has this config."""
@@ -289,8 +312,30 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     if not isinstance(raw_forwards, list):
         raise ConfigError(f"forwards: expected an array of tables ([[forwards]]), got {type(raw_forwards).__name__}")
     forwards = tuple(_parse_forward(_Table(f, f"forwards[{i}]")) for i, f in enumerate(raw_forwards))
+    auto = _parse_auto(top.table("auto"))
+    metrics = _parse_metrics(top.table("metrics"))
     top.done()
-    return validate(Config(forwards=forwards, transport=transport, timeouts=timeouts, allow_non_loopback=bool(allow)))
+    return validate(Config(forwards=forwards, transport=transport, timeouts=timeouts, allow_non_loopback=bool(allow),
+                           auto=auto, metrics=metrics))
+
+
+def _parse_auto(t: _Table) -> AutoSettings:
+    out = AutoSettings(
+        enabled=bool(t.bool_("enabled", False)),
+        interval=t.num("interval", DEFAULT_AUTO_INTERVAL),
+        linger=t.num("linger", DEFAULT_AUTO_LINGER),
+        bind=_unbracket(t.str_("bind", "localhost") or "localhost"),
+        containers=t.strs("containers"),
+    )
+    t.done()
+    return out
+
+
+def _parse_metrics(t: _Table) -> MetricsSettings:
+    port = _port(t.get("port"), t.path("port"), allow_zero=True) if t.data.get("port") is not None else None
+    out = MetricsSettings(port=port, bind=_unbracket(t.str_("bind", "127.0.0.1") or "127.0.0.1"))
+    t.done()
+    return out
 
 
 def _parse_forward(t: _Table) -> ForwardSpec:
@@ -375,6 +420,9 @@ def validate(config: Config) -> Config:
                 f"forwards[{i}].bind: {f.bind!r} is not a loopback address; binding it exposes the remote "
                 "port to the network. Pass --allow-non-loopback (or allow_non_loopback = true) if you mean it"
             )
+    for key, bind in (("auto.bind", config.auto.bind), ("metrics.bind", config.metrics.bind)):
+        if not config.allow_non_loopback and not is_loopback(bind):
+            raise ConfigError(f"{key}: {bind!r} is not a loopback address; pass --allow-non-loopback if you mean it")
     if config.transport.kind == "ssh" and not config.transport.ssh.host:
         raise ConfigError("transport.via: ssh needs a host, e.g. ssh://user@host:22")
     return config

@@ -2,7 +2,9 @@
 
 Task tree: daemon -> generation (one transport and its forwards) -> forward -> listener /
 connection. A reload that changes only forwards touches only those forwards; one that changes the
-transport or timeouts starts a new generation while the old one drains.
+transport or timeouts starts a new generation while the old one drains. With ``--auto`` a discovery
+task (tunneld/discovery.py) adds and removes forwards in the current generation through the same
+diff (``_sync``) a reload uses; an optional metrics server renders ``status`` for Prometheus.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,8 +22,10 @@ import anyio.abc
 
 from tunneld.config import Config, ForwardSpec
 from tunneld.control import serve_control
+from tunneld.discovery import Discovery, Found
 from tunneld.errors import ConfigError, ExitCode, NotReadyError, TunneldError
 from tunneld.forward import Forward, ForwardState
+from tunneld.metrics import serve_metrics
 from tunneld.notify import Notifier
 from tunneld.transports import Transport, create_transport
 
@@ -42,12 +47,13 @@ class Generation:
         self.cleanup = False
         self.errors: list[str] = []
 
-    async def add(self, spec: ForwardSpec) -> Forward:
-        """Bind and start one forward.
+    async def add(self, spec: ForwardSpec, *, retry_bind: float | None = None) -> Forward:
+        """Bind and start one forward (with ``retry_bind``, a port in use makes it ``failed``, retried).
 
-        :raises BindError: when its listener cannot be bound.
+        :raises BindError: when its listener cannot be bound and ``retry_bind`` is None.
         """
-        forward = Forward(spec, self.transport, self.config.timeouts, on_change=self._on_change)
+        forward = Forward(spec, self.transport, self.config.timeouts, on_change=self._on_change,
+                          retry_bind=retry_bind)
         await self._tg.start(forward.run)
         self.forwards[spec.name] = forward
         return forward
@@ -84,6 +90,12 @@ class Daemon:
         self._exit = ExitCode.OK
         self._announced_ready = False
         self._tg: anyio.abc.TaskGroup | None = None
+        self.discovery: Discovery | None = None
+        self._auto_settled = False  # the first discovery result has been applied
+        self._discovered: dict[str, Found] = {}
+        self._services: dict[str, tuple[anyio.CancelScope, anyio.Event]] = {}  # "auto", "metrics"
+        self.metrics_addresses: list[str] = []
+        self._sync_lock = anyio.Lock()
 
     async def run(self) -> ExitCode:
         """Serve until SIGTERM/SIGINT or a `stop` request; return the exit code.
@@ -96,6 +108,7 @@ class Daemon:
             await tg.start(self._signals)
             tg.start_soon(self.notifier.watchdog)
             self.generation = await tg.start(self._generation, self.config)
+            await self._start_services(self.config, None)
             tg.start_soon(self._report_ready)
             logger.info("started (pid %d); control socket %s", os.getpid(), self.control_path)
             await self._stopping.wait()
@@ -114,30 +127,50 @@ class Daemon:
 
     def all_ready(self) -> bool:
         gen = self.generation
+        if self.discovery is not None and not self._auto_settled:
+            return False  # --auto has not yet seen the Docker host: nothing is known to be forwarded
         return gen is not None and all(f.state == ForwardState.READY for f in gen.forwards.values())
 
-    async def wait_ready(self, timeout: float) -> None:
-        """Wait until every forward is ready.
+    def _daemon_state(self) -> str:
+        if self._stopping.is_set():
+            return "stopping"
+        if self.all_ready():
+            return "ready"
+        forwards = self.generation.forwards.values() if self.generation else []
+        if any(f.state != ForwardState.STARTING for f in forwards):
+            return "degraded"
+        return "starting"
+
+    async def wait_ready(self, deadline: float) -> None:
+        """Wait up to ``deadline`` seconds until every forward is ready.
 
         :raises NotReadyError: naming the forwards that are not, and why.
         """
-        with anyio.move_on_after(timeout):
+        with anyio.move_on_after(deadline):
             while not self.all_ready():
                 await self._changed.wait()
             return
-        raise NotReadyError(self._not_ready_reason(timeout))
+        raise NotReadyError(self._not_ready_reason(deadline))
 
     def status(self) -> dict[str, Any]:
         gen = self.generation
         forwards = [f.snapshot() for f in gen.forwards.values()] if gen else []
+        for f in forwards:
+            found = self._discovered.get(str(f["name"]))
+            f["source"] = "auto" if found is not None else "config"
+            if found is not None:
+                f["container"] = found.container
         return {
             "ok": True,
             "pid": os.getpid(),
             "fingerprint": self.config.fingerprint(),
-            "state": "stopping" if self._stopping.is_set() else ("ready" if self.all_ready() else "starting"),
+            "state": self._daemon_state(),
             "control": str(self.control_path),
             "log_file": self.log_file,
             "transport": gen.transport.info() if gen else None,
+            "auto": self.discovery.status() if self.discovery else {"enabled": False},
+            "metrics": self.metrics_addresses,
+            "tasks": len(anyio.get_running_tasks()),  # a leak shows as a count that keeps growing
             "forwards": forwards,
         }
 
@@ -153,30 +186,113 @@ class Daemon:
         old, gen = self.config, self.generation
         assert gen is not None and self._tg is not None
         errors: list[str] = []
-        if (new.transport, new.timeouts, new.allow_non_loopback) != (old.transport, old.timeouts, old.allow_non_loopback):
+        core = (new.transport, new.timeouts, new.allow_non_loopback)
+        if core != (old.transport, old.timeouts, old.allow_non_loopback):
             logger.info("reload: transport or timeouts changed; restarting every forward")
-            gen.stop(old.timeouts.drain)  # closes its listeners now; its connections drain on
-            self.generation = await self._tg.start(self._generation, new, True)
+            async with self._sync_lock:
+                gen.stop(old.timeouts.drain)  # closes its listeners now; its connections drain on
+                self.config = new
+                self.generation = await self._tg.start(self._generation, new, True)
             errors = list(self.generation.errors)
         else:
-            wanted = {f.name: f for f in new.forwards}
-            for name, forward in list(gen.forwards.items()):
-                if wanted.get(name) != forward.spec:
-                    logger.info("reload: stopping forward %s", name)
-                    gen.remove(name, old.timeouts.drain)
-            for spec in new.forwards:
-                if spec.name not in gen.forwards:
-                    logger.info("reload: starting forward %s", spec.name)
-                    try:
-                        await gen.add(spec)
-                    except TunneldError as e:
-                        logger.error("reload: forward %s not started: %s", spec.name, e)
-                        errors.append(f"{spec.name}: {e}")
             gen.config = new
+            self.config = new
+            errors = await self._sync("reload")
+        await self._start_services(new, old)
         self.config = new
         self._announced_ready = False
         self._changed_now()
         return {"ok": not errors, "error": "; ".join(errors) or None}
+
+    def _desired(self) -> list[tuple[ForwardSpec, float | None]]:
+        """Every forward that should run, with its bind retry: the config's, then the discovered ones."""
+        static = {f.name for f in self.config.forwards}
+        out: list[tuple[ForwardSpec, float | None]] = [(f, None) for f in self.config.forwards]
+        for name, found in self._discovered.items():
+            if name in static:
+                logger.warning("auto: %s (%s) not forwarded: the config has a forward with that name",
+                               name, found.container)
+                continue
+            out.append((found.spec, self.config.auto.interval))
+        return out
+
+    async def _sync(self, why: str) -> list[str]:
+        """Stop forwards that are no longer wanted or changed, start the missing ones; return errors."""
+        errors: list[str] = []
+        async with self._sync_lock:
+            gen = self.generation
+            assert gen is not None
+            desired = self._desired()
+            wanted = {spec.name: spec for spec, _ in desired}
+            for name, forward in list(gen.forwards.items()):
+                if wanted.get(name) != forward.spec:
+                    logger.info("%s: stopping forward %s", why, name)
+                    gen.remove(name, self.config.timeouts.drain)
+            for spec, retry in desired:
+                if spec.name not in gen.forwards:
+                    logger.info("%s: starting forward %s", why, spec.name)
+                    try:
+                        await gen.add(spec, retry_bind=retry)
+                    except TunneldError as e:
+                        logger.error("%s: forward %s not started: %s", why, spec.name, e)
+                        errors.append(f"{spec.name}: {e}")
+        self._announced_ready = False
+        self._changed_now()
+        return errors
+
+    async def _start_services(self, config: Config, old: Config | None) -> None:
+        """(Re)start discovery and the metrics server where ``config`` changed them (``old`` None: start).
+
+        :raises TransportError: when --auto's Docker host settings are unusable.
+        :raises BindError: when the metrics port cannot be bound.
+        """
+        if old is None or (config.auto, config.transport.docker) != (old.auto, old.transport.docker):
+            await self._stop_service("auto")
+            self.discovery, self._auto_settled = None, False
+            if config.auto.enabled:
+                discovery = Discovery(config.transport.docker, config.auto, config.timeouts, self._apply_discovered,
+                                      reserved=lambda: {f.port for f in self.config.forwards if f.port})
+                self.discovery = discovery
+                await self._start_service("auto", discovery.run)
+            elif self._discovered:
+                self._discovered = {}
+                await self._sync("auto off")
+        if old is None or config.metrics != old.metrics:
+            await self._stop_service("metrics")  # and wait: a new server may want the same port
+            self.metrics_addresses = []
+            metrics = config.metrics
+            if metrics.port is not None:
+                self.metrics_addresses = await self._start_service(
+                    "metrics",
+                    lambda task_status: serve_metrics(metrics.bind, metrics.port or 0, self.status,
+                                                      task_status=task_status))
+
+    async def _start_service(self, name: str, run: Callable[..., Any]) -> Any:
+        assert self._tg is not None
+        scope, done = anyio.CancelScope(), anyio.Event()
+        self._services[name] = (scope, done)
+        return await self._tg.start(self._scoped, scope, done, run)
+
+    async def _stop_service(self, name: str) -> None:
+        held = self._services.pop(name, None)
+        if held is not None:
+            held[0].cancel()
+            await held[1].wait()
+
+    @staticmethod
+    async def _scoped(scope: anyio.CancelScope, done: anyio.Event, run: Callable[..., Any], *,
+                      task_status: anyio.abc.TaskStatus[Any] = anyio.TASK_STATUS_IGNORED) -> None:
+        try:
+            with scope:
+                await run(task_status=task_status)
+        finally:
+            done.set()
+
+    async def _apply_discovered(self, found: list[Found]) -> None:
+        self._discovered = {f.spec.name: f for f in found}
+        await self._sync("auto")
+        self._auto_settled = True
+        self._changed_now()
 
     async def _generation(self, config: Config, tolerant: bool = False, *,
                           task_status: anyio.abc.TaskStatus[Generation] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -186,9 +302,9 @@ class Daemon:
             async with transport:
                 async with anyio.create_task_group() as tg:
                     gen = Generation(config, transport, tg, self._forward_changed)
-                    for spec in config.forwards:
+                    for spec, retry in self._desired():
                         try:
-                            await gen.add(spec)
+                            await gen.add(spec, retry_bind=retry)
                         except TunneldError as e:
                             if not tolerant:
                                 raise
@@ -197,7 +313,7 @@ class Daemon:
                     task_status.started(gen)
                     await gen.stop_requested.wait()
                 # Every forward has drained: now the far side may lose what they ran through.
-                if gen.cleanup:
+                if gen is not None and gen.cleanup:
                     await transport.cleanup()
         finally:
             if gen is not None:
@@ -249,6 +365,9 @@ class Daemon:
             return {"ok": True, "pid": os.getpid()}
         if cmd == "reload":
             return await self.reload()
+        if cmd == "tasks":  # for leak hunts: how many tasks of each name are alive
+            names = Counter(t.name or "?" for t in anyio.get_running_tasks())
+            return {"ok": True, "tasks": dict(names.most_common())}
         return {"ok": False, "error": f"unknown command {cmd!r}"}
 
     def _forward_changed(self, forward: Forward) -> None:
@@ -269,15 +388,17 @@ class Daemon:
         self.notifier.status(self._status_line())
 
     def _not_ready_reason(self, timeout: float) -> str:
-        gen = self.generation
-        return not_ready_reason([f.snapshot() for f in gen.forwards.values()] if gen else [], timeout)
+        status = self.status()
+        return not_ready_reason(status["forwards"], timeout, status["auto"])
 
 
-def not_ready_reason(forwards: list[dict[str, Any]], timeout: float) -> str:
+def not_ready_reason(forwards: list[dict[str, Any]], timeout: float, auto: dict[str, Any] | None = None) -> str:
     """Say which forwards (as ``status`` shows them) are not ready, and why."""
     parts = [
         f"{f['name']} ({f['state']}: {f['last_error'] or 'no probe answer yet'})"
         for f in forwards
         if f["state"] != ForwardState.READY
     ]
+    if auto and auto.get("enabled") and not auto.get("scans"):
+        parts.insert(0, f"--auto has not listed the remote containers yet ({auto.get('last_error') or 'trying'})")
     return f"not ready after {timeout:g}s: " + "; ".join(parts)

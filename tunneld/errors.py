@@ -17,6 +17,7 @@ class ExitCode(enum.IntEnum):
     TRANSPORT = 6  # the far side (Docker, SSH, TCP) could not be reached
     NOT_RUNNING = 7  # no daemon answers on the control socket
     ALREADY_RUNNING = 8  # a daemon with another config holds the control socket
+    PROVISION = 9  # provisioning (registry, kind cluster) was refused by a pre-flight check or failed
     INTERRUPTED = 130  # forced exit after a second SIGINT
 
 

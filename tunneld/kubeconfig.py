@@ -1,0 +1,167 @@
+"""Credentials for the API-server probe, read from a kubeconfig (the one adapter around PyYAML).
+
+A kind cluster's kubeconfig names its API server ``https://127.0.0.1:PORT``; since kci-tunneld
+forwards it on that same PORT, the probe of the forward listening on PORT uses the credentials of
+the context whose cluster has that server: CA, client certificate and key (files or base64
+``-data``) or a bearer token. Nothing here logs or returns a secret in a message.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml  # type: ignore[import-untyped]  # PyYAML ships no stubs; it stays inside this module
+
+from tunneld.errors import ConfigError
+
+# Server hosts that mean "this machine", as kind writes them (and as people edit them).
+_LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
+
+
+class KubeconfigError(ConfigError):
+    """A kubeconfig exists but cannot be used; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class ApiCredentials:
+    """What the probe needs to talk to one API server like kubectl would."""
+
+    source: str  # "kubeconfig /root/.kube/config, context kind-x": for messages, no secrets
+    server_name: str  # the name the server certificate must carry
+    ca: bytes | None = field(default=None, repr=False)  # PEM; None: the system trust store
+    cert: bytes | None = field(default=None, repr=False)
+    key: bytes | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+    insecure: bool = False
+
+    @property
+    def authenticates(self) -> bool:
+        return self.token is not None or (self.cert is not None and self.key is not None)
+
+
+def kubeconfig_paths(env: Mapping[str, str] | None = None) -> list[Path]:
+    """$KUBECONFIG (a PATH-like list), else ~/.kube/config, as kubectl reads them."""
+    env = os.environ if env is None else env
+    if env.get("KUBECONFIG"):
+        return [Path(p).expanduser() for p in env["KUBECONFIG"].split(os.pathsep) if p]
+    return [Path(env.get("HOME") or Path.home()) / ".kube" / "config"]
+
+
+# path -> ((mtime_ns, size), parsed document): probes run every few seconds; parse on change only.
+_cache: dict[Path, tuple[tuple[int, int], Any]] = {}
+
+
+def _load(path: Path) -> Any:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise KubeconfigError(f"kubeconfig {path}: {e.strerror or e}") from None
+    stamp = (st.st_mtime_ns, st.st_size)
+    hit = _cache.get(path)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise KubeconfigError(f"kubeconfig {path}: {e.strerror or e}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise KubeconfigError(f"kubeconfig {path}: not valid YAML ({type(e).__name__})") from None
+    _cache[path] = (stamp, doc)
+    return doc
+
+
+def credentials_for_port(port: int, paths: Sequence[Path] | None = None) -> ApiCredentials | None:
+    """The credentials of the first context (the current one first) whose cluster's server is
+    ``https://<this machine>:port``, or None when no kubeconfig names such a server.
+
+    :raises KubeconfigError: when a matching entry is malformed or its files cannot be read.
+    """
+    for path in kubeconfig_paths() if paths is None else paths:
+        doc = _load(path)
+        if not isinstance(doc, dict):
+            continue
+        found = _match(doc, path, port)
+        if found is not None:
+            return found
+    return None
+
+
+def _named(doc: Mapping[str, Any], section: str, inner: str) -> dict[str, Mapping[str, Any]]:
+    out: dict[str, Mapping[str, Any]] = {}
+    for item in doc.get(section) or []:
+        if isinstance(item, dict) and isinstance(item.get("name"), str) and isinstance(item.get(inner), dict):
+            out[item["name"]] = item[inner]
+    return out
+
+
+def _match(doc: Mapping[str, Any], path: Path, port: int) -> ApiCredentials | None:
+    clusters = _named(doc, "clusters", "cluster")
+    users = _named(doc, "users", "user")
+    contexts = _named(doc, "contexts", "context")
+    current = doc.get("current-context")
+    order = sorted(contexts, key=lambda name: name != current)  # the current context wins a tie
+    for name in order:
+        ctx = contexts[name]
+        cluster = clusters.get(str(ctx.get("cluster")))
+        if cluster is None:
+            continue
+        server = urlsplit(str(cluster.get("server") or ""))
+        try:
+            server_port = server.port
+        except ValueError:
+            continue
+        if server.scheme != "https" or server.hostname not in _LOCAL_HOSTS or server_port != port:
+            continue
+        where = f"kubeconfig {path}, context {name}"
+        user = users.get(str(ctx.get("user")), {})
+        base = path.parent
+        return ApiCredentials(
+            source=where,
+            server_name=str(cluster.get("tls-server-name") or server.hostname),
+            ca=_blob(cluster, "certificate-authority", base, where),
+            cert=_blob(user, "client-certificate", base, where),
+            key=_blob(user, "client-key", base, where),
+            token=_token(user, base, where),
+            insecure=bool(cluster.get("insecure-skip-tls-verify")),
+        )
+    return None
+
+
+def _blob(section: Mapping[str, Any], key: str, base: Path, where: str) -> bytes | None:
+    """``key-data`` (base64) or ``key`` (a file, relative to the kubeconfig's directory)."""
+    data = section.get(f"{key}-data")
+    if data:
+        try:
+            return base64.b64decode(str(data), validate=True)
+        except (binascii.Error, ValueError):
+            raise KubeconfigError(f"{where}: {key}-data is not valid base64") from None
+    file = section.get(key)
+    if file:
+        target = base / Path(str(file)).expanduser()
+        try:
+            return target.read_bytes()
+        except OSError as e:
+            raise KubeconfigError(f"{where}: {key} {target}: {e.strerror or e}") from None
+    return None
+
+
+def _token(user: Mapping[str, Any], base: Path, where: str) -> str | None:
+    if user.get("token"):
+        return str(user["token"])
+    file = user.get("tokenFile")
+    if file:
+        target = base / Path(str(file)).expanduser()
+        try:
+            return target.read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise KubeconfigError(f"{where}: tokenFile {target}: {e.strerror or e}") from None
+    return None
