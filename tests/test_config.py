@@ -42,7 +42,7 @@ def test_forward_arg_parses(arg: str, expected: tuple[str, int, str, int]) -> No
     ],
 )
 def test_bad_forward_arg_names_the_problem(arg: str, message: str) -> None:
-    with pytest.raises(ConfigError, match="^-L") as e:
+    with pytest.raises(ConfigError, match=r"^-L") as e:
         parse_forward_arg(arg)
     assert message in str(e.value)
 

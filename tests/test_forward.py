@@ -57,7 +57,7 @@ def test_port_in_use_names_the_address() -> None:
 
 
 def test_unresolvable_bind_is_a_bind_error() -> None:
-    with pytest.raises(BindError, match="cannot resolve 'no-such-host.invalid'"):
+    with pytest.raises(BindError, match=r"cannot resolve 'no-such-host\.invalid'"):
         bind_listeners("no-such-host.invalid", 0)
 
 

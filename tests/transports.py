@@ -25,7 +25,9 @@ class GatedTransport:
     async def __aenter__(self) -> GatedTransport:
         return self
 
-    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         return None
 
     async def connect(self, host: str, port: int) -> RawSocketStream:

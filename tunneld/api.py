@@ -120,7 +120,7 @@ class ForwardHandle:
 
     # A timeout argument rather than the caller's fail_after: on expiry the error says why
     # (state and last probe error), which a bare TimeoutError cannot.
-    async def wait_ready(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
+    async def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until the forward listens and a probe through the transport reached its target.
 
         :raises NotReadyError: after ``timeout`` seconds (default: timeouts.ready), or at once
@@ -189,7 +189,7 @@ class ForwardSet:
         """Facts about the transport (never secrets), as ``status`` shows them."""
         return self._transport.info()
 
-    async def wait_ready(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 (see ForwardHandle)
+    async def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until every forward is ready.
 
         :raises NotReadyError: after ``timeout`` seconds (default: timeouts.ready), or at once

@@ -19,7 +19,7 @@ from typing import Any
 
 import anyio
 
-from tunneld import loop
+from tunneld import loop, provision_cli
 from tunneld.config import Config, load_config, merge_cli
 from tunneld.control import default_control_path, probe_existing, request
 from tunneld.daemon import Daemon, not_ready_reason
@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="direct (default), docker (the Docker host the docker CLI would use), "
                             "or ssh://[user@]host[:port]")
     start.add_argument("--config", type=Path, metavar="FILE", help="TOML config file (see docs/configuration.md)")
+    start.add_argument("--provision", action="store_true",
+                       help="first provision the registry (and a kind cluster) on the Docker host and keep "
+                            "reconciling them: the same as `kci-tunneld up`, whose options it takes")
     start.add_argument("--detach", action="store_true",
                        help="run in the background; return once every forward is ready")
     start.add_argument("--log-file", type=Path, metavar="FILE",
@@ -136,15 +139,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="Re-read the config; only changed forwards restart, unchanged ones keep their connections.",
         epilog="examples:\n  kci-tunneld reload", formatter_class=formatter,
     )
+    provision_cli.add_subcommands(sub, [control, logging_opts])
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["start"] and "--provision" in argv:
+        # `start --provision` is `up` in the foreground: provision, forward, reconcile in the daemon.
+        argv = ["up", *(a for a in argv[1:] if a != "--provision")]
     args = build_parser().parse_args(argv)
     args.control = args.control or default_control_path()
     try:
+        if args.command in ("up", "down", "serve"):
+            return provision_cli.dispatch(args)
         if args.command == "start":
-            return _start(args, list(sys.argv[1:] if argv is None else argv))
+            return _start(args, argv)
         return loop.run(lambda: _client(args))
     except TunneldError as e:
         print(f"kci-tunneld: {e}", file=sys.stderr)

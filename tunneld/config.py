@@ -217,7 +217,7 @@ def _port(value: object, key: str, *, allow_zero: bool) -> int:
     if isinstance(value, bool):
         raise ConfigError(f"{key}: expected an integer {low}..65535, got {value!r}")
     try:
-        port = int(value)  # type: ignore[call-overload]
+        port: int = int(value)  # type: ignore[call-overload]
     except (TypeError, ValueError):
         raise ConfigError(f"{key}: expected an integer {low}..65535, got {value!r}") from None
     if not low <= port <= 65535:
@@ -381,7 +381,8 @@ def _parse_transport(t: _Table) -> TransportSpec:
     ssh = SshSettings(
         host=base.ssh.host,
         user=s.str_("user", base.ssh.user),
-        port=_port(s.get("port"), s.path("port"), allow_zero=False) if s.data.get("port") is not None else base.ssh.port,
+        port=(_port(s.get("port"), s.path("port"), allow_zero=False)
+              if s.data.get("port") is not None else base.ssh.port),
         identity_files=s.strs("identity_files"),
         known_hosts=s.str_("known_hosts", None),
         check_host_key=bool(s.bool_("check_host_key", True)),

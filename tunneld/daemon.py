@@ -178,10 +178,16 @@ class Daemon:
         """Re-read the config; restart only what changed. A bad config keeps the running one."""
         self.notifier.reloading()
         try:
+            return await self._reload()
+        finally:
+            # systemd waits for READY=1 to end "reloading", whether or not the reload was accepted.
+            self.notifier.ready(self._status_line())
+
+    async def _reload(self) -> dict[str, Any]:
+        try:
             new = self._load()
         except ConfigError as e:
             logger.error("reload rejected, keeping the running config: %s", e)
-            self._notify_status()
             return {"ok": False, "error": f"reload rejected, keeping the running config: {e}"}
         old, gen = self.config, self.generation
         assert gen is not None and self._tg is not None
@@ -340,7 +346,7 @@ class Daemon:
                     self._stopping.set()
 
     async def _report_ready(self) -> None:
-        while True:
+        while not self._stopping.is_set():  # after STOPPING=1, the status stays "stopping"
             if self.all_ready() and not self._announced_ready:
                 self._announced_ready = True
                 logger.info("all %d forward(s) ready", len(self.generation.forwards) if self.generation else 0)

@@ -39,9 +39,9 @@ def bind_listeners(bind: str, port: int) -> list[socket.socket]:
             for s in socks:
                 s.close()
             # Port 0 on two families: the port the first picked may be taken on the second.
-            if port == 0 and socks and e.__cause__ is not None and getattr(e.__cause__, "errno", None) == errno.EADDRINUSE:
-                if attempt < 7:
-                    continue
+            in_use = getattr(e.__cause__, "errno", None) == errno.EADDRINUSE
+            if port == 0 and socks and in_use and attempt < 7:
+                continue
             raise
         return socks
     raise AssertionError("unreachable")
@@ -89,7 +89,8 @@ def _bind_one(host: str, port: int, *, optional: bool) -> socket.socket | None:
 
 def _advice(e: OSError, port: int) -> str:
     if e.errno == errno.EADDRINUSE:
-        return f"address already in use; another process listens there (see `ss -ltnp 'sport = :{port}'`) or pick another port"
+        return (f"address already in use; another process listens there (see `ss -ltnp 'sport = :{port}'`) "
+                "or pick another port")
     if e.errno == errno.EACCES:
         return "permission denied; ports below 1024 need root or CAP_NET_BIND_SERVICE"
     if e.errno == errno.EADDRNOTAVAIL:

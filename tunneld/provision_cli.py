@@ -119,7 +119,7 @@ def add_subcommands(sub: Any, parents: Sequence[argparse.ArgumentParser]) -> Non
                     "kci-tunneld created them (containers it did not create are left alone).",
         epilog="examples:\n  kci-tunneld down --no-cluster --registry-port 5555", formatter_class=formatter)
     _selection(down)
-    serve = sub.add_parser("serve", parents=list(parents), help=argparse.SUPPRESS)
+    serve = sub.add_parser("serve", parents=list(parents))  # no help=: kept out of the listing
     serve.add_argument("--config", type=Path, required=True)
     serve.add_argument("--provision", type=Path, required=True)
     serve.add_argument("--log-file", type=Path)
@@ -280,8 +280,8 @@ def run_up(args: argparse.Namespace) -> int:
 
 def daemon_argv(control: Path, config_path: Path, spec_path: Path, log_file: Path,
                 args: argparse.Namespace) -> list[str]:
-    """How the detached daemon is started (`start --provision` once tunneld/cli.py has it)."""
-    return [sys.executable, "-m", "tunneld.provision_cli", "serve", "--config", str(config_path),
+    """How the detached daemon is started: the hidden `serve` subcommand (forwards + reconciler)."""
+    return [sys.executable, "-m", "tunneld", "serve", "--config", str(config_path),
             "--provision", str(spec_path), "--control", str(control), "--log-file", str(log_file),
             "--log-level", args.log_level, "--log-format", args.log_format,
             "--reconcile-interval", str(args.reconcile_interval)]

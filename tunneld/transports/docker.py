@@ -536,6 +536,7 @@ class DockerTransport:
         self._closing = False
         self._last_error: str | None = None
         self._failures = 0
+        self.reconnects = 0
         self.mode = "?"
         self._hint: tuple[str, int] | None = None
         self._primed = False
@@ -771,6 +772,9 @@ class DockerTransport:
             self._top_up()
             return
         self._starting -= 1
+        if self._failures:
+            self.reconnects += 1  # relay streams start again after the Docker host was unreachable
+            logger.info("docker: relay streams start again after %d failed attempt(s)", self._failures)
         self._failures = 0
         self._last_error = None
         self.release(slot)
@@ -880,6 +884,10 @@ class DockerTransport:
         ep = self.endpoint
         return {
             "kind": self.name,
+            # The forward shows "reconnecting" while new relay streams cannot be started.
+            "state": "reconnecting" if self._failures else "connected",
+            "reconnects": self.reconnects,
+            "last_error": self._last_error,
             "docker_host": ep.host if ep else None,
             "docker_host_from": ep.source if ep else None,
             "tls": bool(ep and ep.tls),
