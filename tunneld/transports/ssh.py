@@ -173,9 +173,10 @@ class SshTransport:
                 return await open_connection(self.settings, self.timeouts)
             except SshError as e:
                 self.last_error = str(e)
-                delay = jittered(next(delays, 2.0))
-                if e.definitive or time.monotonic() + delay >= deadline:
+                remaining = deadline - time.monotonic()
+                if e.definitive or remaining <= 0:
                     raise
+                delay = min(jittered(next(delays, 2.0)), remaining)  # the last try comes at the deadline
                 logger.info("ssh: %s; retrying in %.2fs", e, delay)
                 await anyio.sleep(delay)
 
