@@ -381,7 +381,7 @@ async def test_client_leaving_a_far_side_that_never_closes_frees_the_slot(lab: L
                     await stream.aclose()  # the far side sees our EOF, and keeps its side open
                     started = time.monotonic()
                     # Nothing in the daemon needs an event for "slot free again": poll.
-                    while slot.conn is not None:  # noqa: ASYNC110
+                    while slot.conn is not None:
                         await anyio.sleep(0.05)
                     took = time.monotonic() - started
                     assert TIMEOUTS.drain <= took < 3 * TIMEOUTS.drain + 2, took
