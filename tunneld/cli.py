@@ -8,7 +8,6 @@ import dataclasses
 import functools
 import json
 import logging
-import os
 import resource
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from tunneld.daemon import Daemon, not_ready_reason
 from tunneld.errors import AlreadyRunningError, ConfigError, ExitCode, NotReadyError, NotRunningError, TunneldError
 from tunneld.logs import setup_logging
 from tunneld.notify import Notifier
+from tunneld.processes import first_error, log_tail, pid_alive
 
 logger = logging.getLogger("tunneld")
 
@@ -206,7 +206,7 @@ def _start(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         return int(loop.run(daemon.run))
     except BaseExceptionGroup as group:
-        raise _single(group) from None
+        raise first_error(group) from None
 
 
 def _raise_open_file_limit() -> None:
@@ -220,16 +220,6 @@ def _raise_open_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     except (ValueError, OSError) as e:
         logger.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, e)
-
-def _single(group: BaseExceptionGroup[Any]) -> BaseException:
-    """Unwrap a task group's errors to the one a person should see."""
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            return _single(exc)
-        if isinstance(exc, TunneldError):
-            return exc
-    return group
-
 
 def _detach(args: argparse.Namespace, argv: list[str], config: Config) -> int:
     log_file = args.log_file or args.control.with_suffix(".log")
@@ -253,7 +243,7 @@ def _await_ready(args: argparse.Namespace, config: Config, *, child: subprocess.
     while time.monotonic() < deadline:
         if child is not None and child.poll() is not None:
             print(f"kci-tunneld: the daemon exited with code {child.returncode} before it was ready:", file=sys.stderr)
-            print(_log_tail(log_file), file=sys.stderr)
+            print(log_tail(log_file), file=sys.stderr)
             return child.returncode or int(ExitCode.ERROR)
         try:
             step = min(1.0, max(0.05, deadline - time.monotonic()))
@@ -280,16 +270,6 @@ def _print_ready(reply: dict[str, Any]) -> None:
         print("  --auto found nothing to forward yet; it keeps looking (see `kci-tunneld status`)")
 
 
-def _log_tail(log_file: str | None, lines: int = 15) -> str:
-    if not log_file:
-        return ""
-    try:
-        text = Path(log_file).read_text(errors="replace").splitlines()
-    except OSError:
-        return f"  (log {log_file} unreadable)"
-    return "\n".join("  " + line for line in text[-lines:]) + f"\n  (log: {log_file})"
-
-
 async def _client(args: argparse.Namespace) -> int:
     if args.command == "status":
         reply = await request(args.control, "status")
@@ -312,28 +292,13 @@ async def _client(args: argparse.Namespace) -> int:
         pid = int(reply["pid"])
         with anyio.move_on_after(args.timeout):
             # Another process's exit has no event to await here (not our child): poll it.
-            while _alive(pid):  # noqa: ASYNC110
+            while pid_alive(pid):  # noqa: ASYNC110
                 await anyio.sleep(0.05)
             print(f"kci-tunneld: stopped (pid {pid})")
             return int(ExitCode.OK)
         print(f"kci-tunneld: pid {pid} still running after {args.timeout:g}s", file=sys.stderr)
         return int(ExitCode.ERROR)
     raise AssertionError(args.command)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child of ours counts as gone.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def format_status(reply: dict[str, Any], now: float | None = None) -> str:

@@ -47,6 +47,7 @@ from tunneld.daemon import Daemon, not_ready_reason
 from tunneld.errors import AlreadyRunningError, ConfigError, ExitCode, NotReadyError, NotRunningError, TunneldError
 from tunneld.logs import setup_logging
 from tunneld.notify import Notifier
+from tunneld.processes import first_error, log_tail, pid_alive
 
 UP_EXAMPLES = """\
 examples:
@@ -313,7 +314,7 @@ def _await_ready(control: Path, child: subprocess.Popen[bytes] | None, timeout: 
     while time.monotonic() < deadline:
         if child is not None and child.poll() is not None:
             raise TunneldError(f"the daemon exited with code {child.returncode} before it was ready; "
-                               f"see its log {log_file}:\n{_tail(log_file)}")
+                               f"see its log {log_file}:\n{log_tail(log_file)}")
         try:
             step = min(1.0, max(0.05, deadline - time.monotonic()))
             reply = loop.run(functools.partial(request, control, "wait", timeout=step))
@@ -325,14 +326,6 @@ def _await_ready(control: Path, child: subprocess.Popen[bytes] | None, timeout: 
     reason = not_ready_reason(reply["forwards"], timeout) if reply else "the daemon did not answer"
     raise NotReadyError(f"{reason}; the daemon keeps running and retrying (log: {log_file}); "
                         "`kci-tunneld wait` to keep waiting, `kci-tunneld down` to remove it all")
-
-
-def _tail(log_file: str, lines: int = 15) -> str:
-    try:
-        text = Path(log_file).read_text(errors="replace").splitlines()
-    except OSError:
-        return "  (log unreadable)"
-    return "\n".join("  " + line for line in text[-lines:])
 
 
 def _print_ready(reply: Mapping[str, Any], done: Provisioned) -> None:
@@ -384,19 +377,10 @@ def _run_daemon(config_path: Path, spec: ProvisionSpec, control: Path, log_file:
     try:
         code = loop.run(main)
     except BaseExceptionGroup as group:
-        raise _single(group) from None
+        raise first_error(group) from None
     if failed:
         raise failed[0]
     return code
-
-
-def _single(group: BaseExceptionGroup[Any]) -> BaseException:
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            return _single(exc)
-        if isinstance(exc, TunneldError):
-            return exc
-    return group
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -427,29 +411,15 @@ def run_down(args: argparse.Namespace) -> int:
         pid = int(existing["pid"])
         loop.run(functools.partial(request, control, "stop"))
         deadline = time.monotonic() + 30
-        while _alive(pid) and time.monotonic() < deadline:
+        while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if _alive(pid):
+        if pid_alive(pid):
             raise TunneldError(f"the daemon (pid {pid}) on {control} did not stop within 30s")
         print(f"down: daemon stopped (pid {pid})", file=sys.stderr)
     loop.run(Provisioner(spec, progress=lambda line: print(f"down: {line}", file=sys.stderr, flush=True)).down)
     for path in generated_paths(control):
         path.unlink(missing_ok=True)
     return int(ExitCode.OK)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie child of ours is gone
-    except OSError:
-        return False
 
 
 # ---------------------------------------------------------------- entry points
