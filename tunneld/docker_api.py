@@ -4,7 +4,8 @@ The host is chosen exactly as the docker CLI chooses it (``resolve_endpoint``): 
 then ``DOCKER_HOST`` (with ``DOCKER_TLS_VERIFY``/``DOCKER_TLS`` and ``DOCKER_CERT_PATH``), then
 ``DOCKER_CONTEXT``, then the current context in ``config.json``, then the local socket. Every
 aiodocker, aiohttp and ssl exception is translated here into a ``TransportError`` that names the
-Docker host and says what to check; nothing foreign leaves this module.
+Docker host and says what to check; nothing foreign leaves this module. ``ssh://`` hosts go through
+the SSH transport (``tunneld.ssh_client`` holds asyncssh) and ``docker system dial-stdio``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import json
 import os
 import ssl
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,8 @@ import aiodocker
 import aiohttp
 import anyio
 
-from tunneld.config import DockerSettings
-from tunneld.errors import TransportError
+from tunneld.config import DockerSettings, Timeouts, TransportSpec, parse_via
+from tunneld.errors import ConfigError, TransportError
 
 DEFAULT_UNIX_SOCKET = "/var/run/docker.sock"
 _DEFAULT_TCP_PORT = 2375
@@ -252,21 +253,36 @@ class DockerClient:
         self.timeout = timeout
         self._docker: aiodocker.Docker | None = None
         self._connector: aiohttp.BaseConnector | None = None
+        self._stack: AsyncExitStack | None = None  # what ssh:// needs underneath: the connection, the bridge
 
     async def __aenter__(self) -> DockerClient:
-        self._docker, self._connector = self._open()
+        """Open the connector (for ssh://, also the SSH connection: host key checked, logged in).
+
+        :raises TransportError: naming the Docker host and what to check.
+        """
+        stack = AsyncExitStack()
+        try:
+            self._docker, self._connector = await self._open(stack)
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack = stack
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        docker, connector = self._docker, self._connector
-        self._docker = self._connector = None
+        docker, connector, stack = self._docker, self._connector, self._stack
+        self._docker = self._connector = self._stack = None
         with anyio.CancelScope(shield=True):
             if docker is not None:
                 await docker.close()
             if connector is not None:
                 await connector.close()  # aiodocker leaves a caller's connector open
+        if stack is not None:
+            # Not under the shield: the task groups in there must exit from the scope they were entered
+            # in; they finish under cancellation anyway (SshConnection.aclose shields its own close).
+            await stack.aclose()
 
-    def _open(self) -> tuple[aiodocker.Docker, aiohttp.BaseConnector]:
+    async def _open(self, stack: AsyncExitStack) -> tuple[aiodocker.Docker, aiohttp.BaseConnector]:
         ep = self.endpoint
         connector: aiohttp.BaseConnector
         # limit=0: every exec stream holds its own connection for its whole life.
@@ -282,14 +298,37 @@ class DockerClient:
                 connector = aiohttp.TCPConnector(limit=0)
                 url = f"http://{hostport}"
         elif ep.scheme == "ssh":
-            raise TransportError(
-                f"Docker host {ep.host} ({ep.source}): ssh:// Docker hosts are not yet supported by --via docker; "
-                "use --via ssh://... or a tcp:// or unix:// DOCKER_HOST"
-            )
+            connector = aiohttp.UnixConnector(path=await self._ssh_bridge(stack), limit=0)
+            url = "unix://localhost"
         else:
             raise TransportError(f"Docker host {ep.host} ({ep.source}): unsupported scheme {ep.scheme!r}")
         # No aiohttp timeouts: every call runs under its own anyio deadline (_call).
         return aiodocker.Docker(url=url, connector=connector, timeout=aiohttp.ClientTimeout()), connector
+
+    async def _ssh_bridge(self, stack: AsyncExitStack) -> str:
+        """Reach an ssh:// Docker host as the docker CLI does: each HTTP connection is a
+        ``docker system dial-stdio`` run on the server (so the server's own DOCKER_HOST counts), here
+        all as channels of one SSH connection (~/.ssh/config applies, host key verified, reconnects).
+        aiohttp only speaks to sockets, so they are served on a private unix socket; returns its path.
+        """
+        # Imported here: only ssh:// hosts pay for asyncssh. The SSH seam stays in tunneld.ssh_client.
+        from tunneld.ssh_client import serve_unix_bridge
+        from tunneld.transports.ssh import SshTransport
+
+        ep = self.endpoint
+        where = f"the Docker host {ep.host} ({ep.source})"
+        if urlsplit(ep.host).path not in ("", "/"):
+            raise TransportError(f"{where}: an ssh:// Docker host takes no path; write ssh://[user@]host[:port]")
+        try:
+            spec = parse_via(ep.host, key=ep.source)
+        except ConfigError as e:
+            raise TransportError(str(e)) from None
+        ssh = SshTransport(TransportSpec(kind="ssh", ssh=spec.ssh), Timeouts(connect=self.timeout))
+        try:
+            await stack.enter_async_context(ssh)
+        except TransportError as e:
+            raise TransportError(f"connecting to {where} over SSH: {e}") from None
+        return await stack.enter_async_context(serve_unix_bridge(lambda: ssh.open_docker_socket(None)))
 
     @property
     def docker(self) -> aiodocker.Docker:
