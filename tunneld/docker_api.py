@@ -29,6 +29,7 @@ import anyio
 
 from tunneld.config import DockerSettings, Timeouts, TransportSpec, parse_via
 from tunneld.errors import ConfigError, TransportError
+from tunneld.tls import load_client_cert, ssl_reason
 
 DEFAULT_UNIX_SOCKET = "/var/run/docker.sock"
 _DEFAULT_TCP_PORT = 2375
@@ -371,7 +372,7 @@ class DockerClient:
         ssl_error = _find(e, ssl.SSLError)
         if ssl_error is not None and self.endpoint.tls is not None:
             cert_dir = self.endpoint.tls.cert_dir or "the context's TLS directory"
-            reason = _ssl_reason(ssl_error)
+            reason = ssl_reason(ssl_error)
             if isinstance(ssl_error, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(ssl_error):
                 hint = (f"check DOCKER_CERT_PATH ({cert_dir}): its ca.pem must be the CA that signed "
                         "the daemon's certificate")
@@ -680,27 +681,13 @@ def _ssl_context(tls: TlsSettings) -> ssl.SSLContext:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     if tls.cert is not None and tls.key is not None:
-        _load_client_cert(ctx, tls)
-    return ctx
-
-
-def _load_client_cert(ctx: ssl.SSLContext, tls: TlsSettings) -> None:
-    # ssl can only load a certificate chain from files: write them to a private temporary directory.
-    import tempfile
-
-    assert tls.cert is not None and tls.key is not None
-    with tempfile.TemporaryDirectory(prefix="kci-tunneld-tls-") as d:
-        cert, key = Path(d, "cert.pem"), Path(d, "key.pem")
-        cert.write_bytes(tls.cert)
-        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(tls.key)
         try:
-            ctx.load_cert_chain(certfile=str(cert), keyfile=str(key))
+            load_client_cert(ctx, tls.cert, tls.key)
         except ssl.SSLError as e:
             raise TransportError(
-                f"the client certificate in {tls.cert_dir} (cert.pem, key.pem) cannot be loaded: {_ssl_reason(e)}"
+                f"the client certificate in {tls.cert_dir} (cert.pem, key.pem) cannot be loaded: {ssl_reason(e)}"
             ) from None
+    return ctx
 
 
 def _find(e: BaseException, kind: type[BaseException]) -> Any:
@@ -719,14 +706,6 @@ def _find(e: BaseException, kind: type[BaseException]) -> Any:
             continue
         cur = cur.__cause__ or cur.__context__
     return found
-
-
-def _ssl_reason(e: ssl.SSLError) -> str:
-    verify_message = getattr(e, "verify_message", None)
-    if verify_message:
-        return f"certificate verify failed: {verify_message}"
-    reason = getattr(e, "reason", None)
-    return str(reason).replace("_", " ").lower() if reason else str(e)
 
 
 def _errno_text(e: OSError) -> str:

@@ -11,12 +11,9 @@
 
 from __future__ import annotations
 
-import os
 import ssl
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import anyio
 import anyio.abc
@@ -25,6 +22,7 @@ from anyio.streams.tls import TLSStream
 from tunneld.config import ForwardSpec, format_host
 from tunneld.errors import TransportError
 from tunneld.kubeconfig import ApiCredentials, KubeconfigError, credentials_for_port
+from tunneld.tls import load_client_cert, ssl_reason
 from tunneld.transports import Transport
 
 _MAX_HEAD = 8192
@@ -78,7 +76,7 @@ async def probe(
     except TransportError as e:
         error = str(e)
     except ssl.SSLError as e:
-        error = f"TLS handshake with {spec.target} failed: {_ssl_reason(e)}"
+        error = f"TLS handshake with {spec.target} failed: {ssl_reason(e)}"
     except (anyio.EndOfStream, anyio.BrokenResourceError, OSError) as e:
         error = f"{spec.target} closed the connection during the probe ({_why(e)})"
     except (ProbeFailed, KubeconfigError) as e:
@@ -170,39 +168,20 @@ def _tls_context(creds: ApiCredentials | None) -> ssl.SSLContext:
     else:
         ctx.load_default_certs()
     if creds is not None and creds.cert is not None and creds.key is not None:
-        _load_client_cert(ctx, creds)
+        try:
+            load_client_cert(ctx, creds.cert, creds.key)
+        except ssl.SSLError as e:
+            raise KubeconfigError(
+                f"{creds.source}: client certificate/key cannot be loaded: {ssl_reason(e)}"
+            ) from None
     if len(_contexts) > 32:  # kubeconfigs rewritten many times: keep the cache small
         _contexts.clear()
     _contexts[creds] = ctx
     return ctx
 
 
-def _load_client_cert(ctx: ssl.SSLContext, creds: ApiCredentials) -> None:
-    # ssl loads a certificate chain only from files: a private directory, removed at once.
-    assert creds.cert is not None and creds.key is not None
-    with tempfile.TemporaryDirectory(prefix="kci-tunneld-probe-") as d:
-        cert, key = Path(d, "cert.pem"), Path(d, "key.pem")
-        cert.write_bytes(creds.cert)
-        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(creds.key)
-        try:
-            ctx.load_cert_chain(certfile=str(cert), keyfile=str(key))
-        except ssl.SSLError as e:
-            reason = _ssl_reason(e)
-            raise KubeconfigError(f"{creds.source}: client certificate/key cannot be loaded: {reason}") from None
-
-
-def _ssl_reason(e: ssl.SSLError) -> str:
-    verify = getattr(e, "verify_message", None)
-    if verify:
-        return f"certificate verify failed: {verify}"
-    reason = getattr(e, "reason", None)
-    return str(reason).replace("_", " ").lower() if reason else str(e)
-
-
 def _why(e: BaseException) -> str:
     cause = e.__cause__
     if isinstance(cause, ssl.SSLError):
-        return f"TLS: {_ssl_reason(cause)}"
+        return f"TLS: {ssl_reason(cause)}"
     return type(e).__name__
