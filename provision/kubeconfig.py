@@ -16,15 +16,14 @@ from typing import Any
 import yaml  # type: ignore[import-untyped]  # PyYAML ships no stubs
 
 from provision.errors import ProvisionError
+from tunneld.kubeconfig import kubeconfig_paths
 
 _SECTIONS = ("clusters", "users", "contexts")
 
 
 def default_path(env: Mapping[str, str] | None = None) -> str:
-    """Where kubectl reads: the first file in $KUBECONFIG, else ~/.kube/config."""
-    env = os.environ if env is None else env
-    first = next((p for p in env.get("KUBECONFIG", "").split(os.pathsep) if p), None)
-    return first or str(Path(env.get("HOME") or Path.home()) / ".kube" / "config")
+    """Where kubectl writes: the first file it reads ($KUBECONFIG's first entry, else ~/.kube/config)."""
+    return str(kubeconfig_paths(env)[0])
 
 
 def parse(text: str, source: str) -> dict[str, Any]:
