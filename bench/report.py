@@ -119,8 +119,15 @@ def tool_versions() -> str:
             return "?"
         return (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr).strip() else "?"
 
-    return "; ".join([first_line(["iperf3", "--version"]), first_line(["socat", "-V"]).replace("socat by", "socat"),
-                      first_line(["ssh", "-V"])])
+    socat = next((line.strip() for line in _lines(["socat", "-V"]) if line.strip().startswith("socat version")), "?")
+    return "; ".join([first_line(["iperf3", "--version"]), socat, first_line(["ssh", "-V"])])
+
+
+def _lines(argv: list[str]) -> list[str]:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return []
 
 
 def plot(results: Sequence[Result], path: Path) -> str | None:
@@ -138,7 +145,7 @@ def plot(results: Sequence[Result], path: Path) -> str | None:
         ("64 B RTT p50, µs (lower is better)", lambda r: r.rtt_p50_us, False),
         ("new conn/s, 32 clients", lambda r: r.conns_32, True),
         ("proxy CPU s per GiB (lower is better)", lambda r: r.cpu_s_per_gib, False),
-        ("RSS MiB, idle connections", lambda r: r.idle_rss_mib, False),
+        ("PSS MiB, ~10,000 idle connections", lambda r: r.idle_pss_mib, False),
     ]
     fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
     names = [r.name for r in results]

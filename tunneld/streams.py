@@ -90,8 +90,8 @@ async def connect_tcp(host: str, port: int, *, timeout: float) -> RawSocketStrea
 
 async def _connect(sock: socket.socket, addr: Any) -> None:
     """Connect a non-blocking socket, waiting only if the handshake did not complete inside connect():
-    to loopback and other local peers it does, and skipping the wait doubles the connection rate
-    through a forward (docs/performance.md).
+    to loopback and other local peers it does, and skipping the wait raised the connection rate
+    through a forward by about half (docs/performance.md).
 
     :raises OSError: the connect error (refused, unreachable, ...).
     """
