@@ -170,16 +170,20 @@ class StateWatch:
         self._stop.set()
         assert self._thread is not None
         self._thread.join(timeout=15)
+        self._sample()  # the state at the end, which the last poll may have come too early for
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                state = self.daemon.forward(self.name)["state"]
-            except (AssertionError, StopIteration, subprocess.TimeoutExpired):
-                continue
-            if not self.seen or self.seen[-1] != state:
-                self.seen.append(state)
+            self._sample()
             self._stop.wait(0.2)
+
+    def _sample(self) -> None:
+        try:
+            state = self.daemon.forward(self.name)["state"]
+        except (AssertionError, StopIteration, subprocess.TimeoutExpired):
+            return
+        if not self.seen or self.seen[-1] != state:
+            self.seen.append(state)
 
 
 @dataclass(frozen=True)

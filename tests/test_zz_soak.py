@@ -24,7 +24,7 @@ import anyio
 import pytest
 
 from tests.lab import lab as labmod
-from tests.lab.lab import LabInfo, docker
+from tests.lab.lab import LabError, LabInfo, docker
 from tests.lab_daemons import (
     TIMEOUTS,
     Daemon,
@@ -137,7 +137,16 @@ def inject_faults(lab: LabInfo, started: float, log: list[str], stop: threading.
         return not stop.wait(max(0.0, started + t - time.monotonic()))
 
     if at(10):
-        docker("rm", "-f", SOAK_HELPER)
+        # dockerd refuses now and then ("container PID is zombie and can not be killed") while the
+        # shim reaps the helper's exec'd processes: retry, as a person would.
+        for attempt in range(5):
+            try:
+                docker("rm", "-f", SOAK_HELPER)
+                break
+            except LabError:
+                if attempt == 4:
+                    raise
+                time.sleep(1)
         log.append(f"{time.monotonic() - started:.1f}s helper removed")
     if at(25):
         labmod.stop_sshd(sessions=True)
