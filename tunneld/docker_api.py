@@ -407,16 +407,22 @@ class DockerClient:
             version: dict[str, Any] = await self.docker.version()
         return version
 
-    async def inspect_container(self, name: str) -> ContainerInfo | None:
-        """The container called ``name``, or None when there is none."""
+    async def _inspect(self, ref: str) -> dict[str, Any] | None:
+        """The raw ``docker inspect`` document of ``ref``, or None when there is no such container."""
         try:
-            async with self._call(f"inspecting container {name}"):
-                c = await self.docker.containers.get(name)
-                data = dict(c._container)
+            async with self._call(f"inspecting container {ref}"):
+                c = await self.docker.containers.get(ref)
+                return dict(c._container)
         except DockerAPIError as e:
             if e.status == 404:
                 return None
             raise
+
+    async def inspect_container(self, name: str) -> ContainerInfo | None:
+        """The container called ``name``, or None when there is none."""
+        data = await self._inspect(name)
+        if data is None:
+            return None
         cfg = data.get("Config") or {}
         state = data.get("State") or {}
         return ContainerInfo(
@@ -519,15 +525,8 @@ class DockerClient:
 
     async def container_details(self, ref: str) -> ContainerDetails | None:
         """What ``docker inspect`` says about ``ref`` (env, published ports, networks...), or None."""
-        try:
-            async with self._call(f"inspecting container {ref}"):
-                c = await self.docker.containers.get(ref)
-                data = dict(c._container)
-        except DockerAPIError as e:
-            if e.status == 404:
-                return None
-            raise
-        return _details(data, ref)
+        data = await self._inspect(ref)
+        return None if data is None else _details(data, ref)
 
     async def published_ports(self) -> list[PublishedPort]:
         """Every port a running container publishes on the Docker host (``docker ps`` PORTS)."""
