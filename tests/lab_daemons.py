@@ -13,6 +13,7 @@ import subprocess
 import threading
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,16 @@ class Daemon:
 
     def port(self, name: str) -> int:
         return int(self.forward(name)["port"])
+
+    def sockets(self) -> str:
+        """The daemon's TCP and unix sockets grouped by state and peer, for a leak report."""
+        out = subprocess.run(["ss", "-Htanpx"], capture_output=True, text=True, check=False).stdout
+        mine: Counter[str] = Counter()
+        for line in out.splitlines():
+            if f"pid={self.pid}," in line:
+                parts = line.split()
+                mine[f"{parts[0]} {parts[1]} -> {parts[-2]}"] += 1
+        return ", ".join(f"{n} x {what}" for what, n in mine.most_common(8)) or "none"
 
     def fds(self) -> list[str]:
         fd_dir = Path(f"/proc/{self.pid}/fd")
@@ -215,7 +226,7 @@ def assert_no_leaks(daemon: Daemon, before: Baseline) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"{daemon.label}: after the fault {now}, before {before}; forwards "
                                  f"{[(f['name'], f['state'], f['active']) for f in status['forwards']]}; "
-                                 f"fds {daemon.fds()}")
+                                 f"sockets {daemon.sockets()}; fds {daemon.fds()}")
         time.sleep(0.5)
 
 

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import aiodocker
@@ -215,6 +215,7 @@ class ExecStream:
     def __init__(self, stream: Any, describe: str) -> None:
         self._stream = stream
         self._describe = describe
+        self._transport = _upgraded_transport(stream)
 
     async def read(self) -> tuple[int, bytes] | None:
         """The next frame as (ExecStream.STDOUT or STDERR, bytes), or None at the end of the stream.
@@ -240,10 +241,18 @@ class ExecStream:
             raise TransportError(f"lost the exec stream to {self._describe}: {_reason(e)}") from None
 
     async def aclose(self) -> None:
+        """Drop the connection at once, whatever state the far side is in.
+
+        A graceful close would wait for the Docker host to take every byte still buffered (and, over
+        TLS, for its close_notify): a far side that stopped reading keeps the socket forever. Nothing
+        sent after we decided to close matters: the relay ends when its stdin goes away either way.
+        """
         try:
             await self._stream.close()
         except (aiohttp.ClientError, OSError, RuntimeError, AssertionError):
             pass  # already broken: nothing left to close cleanly
+        finally:
+            _abort(self._transport)
 
 
 class DockerClient:
@@ -513,7 +522,11 @@ class DockerClient:
                 list(cmd), stdin=True, stdout=True, stderr=True, tty=False
             )
             stream = exe.start(detach=False, timeout=timeout)
-            await stream.__aenter__()  # POST /exec/{id}/start, then the connection is upgraded
+            try:
+                await stream.__aenter__()  # POST /exec/{id}/start, then the connection is upgraded
+            except BaseException:
+                _abort(_upgraded_transport(stream))  # cut short after the upgrade: the socket is ours
+                raise
         wrapped = ExecStream(stream, f"{container} on {self.endpoint.host}")
         try:
             yield wrapped
@@ -663,6 +676,25 @@ def _details(data: Mapping[str, Any], ref: str) -> ContainerDetails:
         restart_policy=str((host.get("RestartPolicy") or {}).get("Name") or ""),
         networks=tuple(sorted(((data.get("NetworkSettings") or {}).get("Networks") or {}).keys())),
     )
+
+
+class _Abortable(Protocol):
+    def abort(self) -> None: ...
+
+
+def _upgraded_transport(stream: Any) -> _Abortable | None:
+    """The transport under an aiodocker exec stream once its connection is upgraded (else None).
+
+    asyncio's and uvloop's transports share no base class, hence the duck typing.
+    """
+    resp = getattr(stream, "_resp", None)  # aiodocker keeps the upgraded response here
+    transport = getattr(getattr(resp, "connection", None), "transport", None)
+    return transport if callable(getattr(transport, "abort", None)) else None
+
+
+def _abort(transport: _Abortable | None) -> None:
+    if transport is not None:
+        transport.abort()
 
 
 def _ssl_context(tls: TlsSettings) -> ssl.SSLContext:

@@ -471,6 +471,40 @@ async def test_a_foreign_container_with_the_helper_name_is_left_alone(lab: LabIn
             await client.remove_container(s.helper_name)
 
 
+def _open_sockets() -> set[str]:
+    out = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            out.add(os.readlink(f"/proc/self/fd/{fd}"))
+    return {link for link in out if link.startswith("socket:")}
+
+
+@tls_param
+@pytest.mark.anyio
+async def test_closing_an_exec_whose_far_side_stopped_reading_frees_its_socket(lab: LabInfo, tls: bool) -> None:
+    """A retired exec must not keep its connection: a graceful close would wait for a far side that
+    never reads its stdin again (and, over TLS, for its close_notify), holding the socket for good."""
+    s = settings(lab, tls=tls)
+    async with DockerClient(resolve_endpoint(s, {}), timeout=10) as client:
+        cid = await client.create_container(s.helper_name, lab.socat_image, entrypoint=["/bin/sh"],
+                                            cmd=["-c", "sleep 3600"], labels={"io.kci-tunneld.test": "1"})
+        try:
+            await client.start_container(cid)
+            async with client.exec_stream(cid, ["sleep", "3600"]) as stream:  # never reads its stdin
+                sock = stream._transport.get_extra_info("socket")  # type: ignore[union-attr]
+                ours = os.readlink(f"/proc/self/fd/{sock.fileno()}")
+                with anyio.move_on_after(2) as stuffed:
+                    while True:
+                        await stream.write(b"x" * 65536)
+                assert stuffed.cancelled_caught, "the far side took everything: its stdin was read after all"
+            with anyio.fail_after(5):
+                while ours in _open_sockets():
+                    await anyio.sleep(0.05)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await client.remove_container(cid)
+
+
 # ---------------------------------------------------------------- the real CLI
 
 
