@@ -190,9 +190,9 @@ def socat(t: Targets, workdir: Path) -> Iterator[Running]:
 
 
 def tunneld_argv() -> list[str]:
-    """The real CLI: the installed ``kci-tunneld`` script, else the same entry point via -m."""
-    script = shutil.which("kci-tunneld")
-    return [script] if script else [sys.executable, "-m", "tunneld"]
+    """The real CLI entry point, run from this checkout (cwd=ROOT): an installed ``kci-tunneld``
+    script may belong to another clone, or to one that is gone."""
+    return [sys.executable, "-m", "tunneld"]
 
 
 @contextlib.contextmanager

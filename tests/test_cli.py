@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -156,3 +159,50 @@ def test_status_json_is_machine_readable(cli: Cli, echo_server: EchoServer) -> N
     assert set(reply["forwards"][0]) >= {"name", "listen", "port", "target", "state", "active", "total",
                                          "bytes_up", "bytes_down", "errors", "last_probe", "last_error"}
     assert cli.run("stop").returncode == 0
+
+
+def test_out_of_file_descriptors_the_forward_pauses_and_recovers(cli: Cli, echo_server: EchoServer) -> None:
+    """At the process's open-file limit accept() fails (EMFILE): the daemon must neither spin nor stop
+    accepting for good. Clients beyond the limit wait or are closed; once the held ones leave, new
+    clients are served again."""
+    proc = subprocess.Popen(
+        ["prlimit", "--nofile=48:48", sys.executable, "-m", "tunneld", "start", "--control", str(cli.control),
+         "-L", f"127.0.0.1:0:127.0.0.1:{echo_server.port}", "--log-level", "debug"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cli.env, stdin=subprocess.DEVNULL,
+    )
+    cli.started.append(proc.pid)
+    try:
+        port = cli.wait_ready()["forwards"][0]["port"]
+        held: list[socket.socket] = []
+        try:
+            for _ in range(40):  # two fds each in the daemon: far more than the 48 it may open
+                s = socket.create_connection(("127.0.0.1", port), timeout=5)
+                s.sendall(b"x")
+                held.append(s)
+            time.sleep(1.0)  # the daemon meets EMFILE, and must not busy-loop on it
+            cpu = _cpu_seconds(proc.pid)
+            time.sleep(1.0)
+            assert _cpu_seconds(proc.pid) - cpu < 0.5, "the daemon spins while out of file descriptors"
+        finally:
+            for s in held:
+                s.close()
+        deadline = time.monotonic() + 10
+        while echo_through_or_none(port, b"back") != b"back":
+            assert time.monotonic() < deadline, "no connection served again after the held ones closed"
+            time.sleep(0.2)
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert "accept failed: Too many open files; retrying" in out, out[-2000:]
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def echo_through_or_none(port: int, data: bytes) -> bytes | None:
+    try:
+        return echo_through(port, data)
+    except OSError:
+        return None

@@ -11,6 +11,7 @@ reports, it never gates a connection.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import itertools
 import logging
@@ -111,6 +112,7 @@ class Forward:
         self.log = _Log(logger, {"ctx": f"forward={spec.name}"})
         self._slots = anyio.Semaphore(spec.max_connections)
         self._accept_scope: anyio.CancelScope | None = None
+        self._acceptors: list[_Acceptor] = []
         self._drained = anyio.Event()
         self._changed = anyio.Event()
         self._grace = timeouts.drain
@@ -244,35 +246,33 @@ class Forward:
                 self._on_change(self)
 
     def _close_listeners(self) -> None:
+        for acceptor in self._acceptors:
+            acceptor.unhook()  # the loop must not poll a closed fd
         for s in self.sockets:
             if s.fileno() != -1:
                 s.close()
 
     async def _accept_loop(self, sock: socket.socket, conns: anyio.abc.TaskGroup) -> None:
-        while True:
-            await self._slots.acquire()  # at the limit, new clients wait in the kernel's backlog
-            try:
-                try:
-                    # Accept first, wait only when the backlog is empty: under load it rarely is, and
-                    # each wait costs a reader registration (docs/performance.md).
-                    client, peer = sock.accept()
-                except BlockingIOError:
-                    await anyio.wait_readable(sock)
-                    client, peer = sock.accept()
-            except (BlockingIOError, InterruptedError):
-                self._slots.release()
-                continue
-            except OSError as e:
-                self._slots.release()
-                if sock.fileno() == -1:
-                    return
-                self.log.warning("accept failed: %s; retrying", e.strerror or e)  # EMFILE and kin
-                await anyio.sleep(0.1)
-                continue
-            except BaseException:
-                self._slots.release()
-                raise
-            conns.start_soon(self._serve, client, peer)
+        """Accept from a callback that stays registered with the loop: a wait per connection cost
+        two epoll_ctl calls and a loop round trip (docs/performance.md). At the connection limit, or
+        after an accept error (EMFILE and kin), the callback is unhooked; new clients wait in the
+        kernel's backlog until a connection ends, or 0.1 s has passed."""
+        acceptor = _Acceptor(sock, self, conns)
+        self._acceptors.append(acceptor)
+        try:
+            acceptor.hook()
+            while sock.fileno() != -1:
+                await acceptor.paused.wait()
+                acceptor.paused = anyio.Event()
+                if acceptor.failed:
+                    acceptor.failed = False
+                    await anyio.sleep(0.1)
+                async with self._slots:
+                    pass  # a free slot (at once, unless at the limit)
+                acceptor.hook()
+        finally:
+            acceptor.unhook()
+            self._acceptors.remove(acceptor)
 
     async def _serve(self, client_sock: socket.socket, peer: object) -> None:
         cid = next(_conn_ids)
@@ -365,6 +365,56 @@ class Forward:
                     self._kick = anyio.Event()
                     await anyio.sleep(max(0.0, _MIN_PROBE_GAP - (time.monotonic() - started)))
                     return
+
+
+class _Acceptor:
+    """The listening socket's reader callback: accepts every pending client, each into its own task."""
+
+    def __init__(self, sock: socket.socket, forward: Forward, conns: anyio.abc.TaskGroup) -> None:
+        self.sock = sock
+        self.forward = forward
+        self.conns = conns
+        self.loop = asyncio.get_running_loop()
+        self.hooked = False
+        self.paused = anyio.Event()  # set when the callback unhooked itself
+        self.failed = False
+
+    def hook(self) -> None:
+        if not self.hooked and self.sock.fileno() != -1:
+            self.loop.add_reader(self.sock, self._acceptable)
+            self.hooked = True
+
+    def unhook(self) -> None:
+        if self.hooked:
+            self.hooked = False
+            if self.sock.fileno() != -1:
+                self.loop.remove_reader(self.sock)
+
+    def _pause(self) -> None:
+        self.unhook()
+        self.paused.set()
+
+    def _acceptable(self) -> None:
+        slots = self.forward._slots
+        while True:
+            try:
+                slots.acquire_nowait()
+            except anyio.WouldBlock:
+                self._pause()
+                return
+            try:
+                client, peer = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                slots.release()
+                return
+            except OSError as e:
+                slots.release()
+                if self.sock.fileno() != -1:
+                    self.forward.log.warning("accept failed: %s; retrying", e.strerror or e)
+                    self.failed = True
+                    self._pause()
+                return
+            self.conns.start_soon(self.forward._serve, client, peer)
 
 
 async def _refuse(client: RawSocketStream) -> None:

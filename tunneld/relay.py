@@ -478,6 +478,9 @@ async def _relay_splice(client: socket.socket, upstream: socket.socket, traffic:
     try:
         for flow in pair.flows:
             flow.start()
+        # A client usually speaks first, and its bytes are often here already: take them now
+        # rather than one loop round trip later.
+        pair.flows[0]._readable()
         await pair.done
     except BaseException:
         pair.close()  # cancelled (or the loop refused a socket): abort both ends

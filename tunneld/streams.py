@@ -68,38 +68,50 @@ async def connect_tcp(host: str, port: int, *, timeout: float) -> RawSocketStrea
 
     :raises OSError: the last connect error, or TimeoutError after ``timeout``.
     """
-    loop = asyncio.get_running_loop()
-    with anyio.fail_after(timeout):
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        last: OSError = OSError(f"no address for {host}")
-        for family, type_, proto, _, addr in infos:
-            sock = socket.socket(family, type_, proto)
-            sock.setblocking(False)
-            try:
-                await _connect(sock, addr)
-            except OSError as e:
-                sock.close()
-                last = e
-                continue
-            except BaseException:
-                sock.close()
-                raise
-            return RawSocketStream(sock)
+    deadline = anyio.current_time() + timeout  # a deadline scope only around real waits: it costs a timer
+    infos = _numeric_address(host, port)
+    if infos is None:
+        with anyio.fail_at(deadline):
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    last: OSError = OSError(f"no address for {host}")
+    for family, type_, proto, _, addr in infos:
+        sock = socket.socket(family, type_, proto)
+        sock.setblocking(False)
+        try:
+            await _connect(sock, addr, deadline)
+        except OSError as e:
+            sock.close()
+            last = e
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return RawSocketStream(sock)
     raise last
 
 
-async def _connect(sock: socket.socket, addr: Any) -> None:
+def _numeric_address(host: str, port: int) -> list[tuple[Any, ...]] | None:
+    """An IP literal's address without a resolver round trip (the loop's getaddrinfo runs in a
+    thread pool, which costs a connection more than the connect itself); None for a name."""
+    try:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+    except socket.gaierror:
+        return None
+
+
+async def _connect(sock: socket.socket, addr: Any, deadline: float) -> None:
     """Connect a non-blocking socket, waiting only if the handshake did not complete inside connect():
     to loopback and other local peers it does, and skipping the wait raised the connection rate
     through a forward by about half (docs/performance.md).
 
-    :raises OSError: the connect error (refused, unreachable, ...).
+    :raises OSError: the connect error (refused, unreachable, ...); TimeoutError at ``deadline``.
     """
     err = sock.connect_ex(addr)
     if err == errno.EINPROGRESS:
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if not err and not _established(sock):
-            await anyio.wait_writable(sock)
+            with anyio.fail_at(deadline):
+                await anyio.wait_writable(sock)
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if err:
         raise OSError(err, os.strerror(err))
