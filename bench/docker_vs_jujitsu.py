@@ -17,7 +17,9 @@ Measured through each, interleaved metric by metric so background load hits both
 
 - set-up latency: connect() -> first echoed byte of a 64-byte request, a fresh connection each;
   1 client (sequential) and bursts of 32 clients connecting at once (the first burst, when
-  kci-tunneld's pool still grows, is reported apart from the following ones);
+  kci-tunneld's pool still grows, is reported apart from the following ones); each forwarder's
+  latency block starts after a second of quiet, so it is not measured while dockerd still tears
+  down the other forwarder's execs;
 - connections per second: 32 clients in a closed loop (connect, 64-byte round trip, close);
 - one-stream throughput: iperf3, 1 stream, client -> far side (up) and far side -> client (down);
 - skopeo push + pull wall time of a 48 MiB, 3-layer image of random bytes, and the same straight
@@ -58,6 +60,7 @@ from tests.lab.lab import info as lab_info  # noqa: E402
 from tests.oci import build_layout  # noqa: E402
 
 MSG = b"x" * 64
+SETTLE = 1.0  # seconds of quiet before a latency block: the previous block's teardown is over
 SKOPEO_TIMEOUT = 900
 
 
@@ -166,15 +169,10 @@ def one_setup(port: int) -> float:
     return took
 
 
-def sequential(ports: Mapping[str, int], count: int) -> dict[str, list[float]]:
-    """``count`` set-ups through each forwarder, alternating between them sample by sample."""
-    out: dict[str, list[float]] = {name: [] for name in ports}
-    for port in ports.values():
-        one_setup(port)  # warm-up
-    for _ in range(count):
-        for name, port in ports.items():
-            out[name].append(one_setup(port))
-    return out
+def sequential(port: int, count: int) -> list[float]:
+    """``count`` set-ups through one forwarder, one after the other (after a warm-up one)."""
+    one_setup(port)
+    return [one_setup(port) for _ in range(count)]
 
 
 def bursts(port: int, clients: int, rounds: int) -> list[list[float]]:
@@ -276,12 +274,17 @@ def measure(rows: dict[str, tuple[Row, dict[str, int]]], args: argparse.Namespac
                     row.failures.append(f"round {r + 1}, {what}: {e}")
                     print(f"#   failed: {e}", file=sys.stderr, flush=True)
 
-        print(f"# round {r + 1}/{args.rounds}: set-up latency, 1 client, alternating", file=sys.stderr, flush=True)
-        got = sequential({k: p["echo"] for k, (_, p) in rows.items()}, max(1, args.setup_count // args.rounds))
-        for k, (row, _) in rows.items():
-            row.setup1.extend(got[k])
+        def setup1(row: Row, p: dict[str, int]) -> None:
+            # In blocks, not sample by sample: the jujitsu's `docker exec` returns before dockerd and
+            # runc have torn its exec down (tens of ms of CPU), and an alternating sample of the
+            # other forwarder was measured on a host still busy with that.
+            time.sleep(SETTLE)
+            row.setup1.extend(sequential(p["echo"], max(1, args.setup_count // args.rounds)))
+
+        each("set-up latency, 1 client", setup1)
 
         def burst(row: Row, p: dict[str, int], r: int = r) -> None:
+            time.sleep(SETTLE)
             got = bursts(p["echo"], 32, max(1, args.bursts // args.rounds) + (1 if r == 0 else 0))
             if r == 0:
                 row.burst_cold, got = got[0], got[1:]
@@ -392,8 +395,9 @@ def main(argv: list[str] | None = None) -> int:
         *[f"- {row.name} failed once: {f[:300]}" for row in (jj, kt) for f in row.failures],
         f"Measured with `python3 bench/docker_vs_jujitsu.py{' --docker unix' if args.docker == 'unix' else ''}`: "
         f"{args.rounds} rounds, the two forwarders taking turns within each; set-up = connect() to the first "
-        f"echoed byte of a 64-byte request ({args.setup_count} sequential, alternating; bursts: 32 clients "
-        "connecting at once, the very first burst reported apart, then "
+        f"echoed byte of a 64-byte request ({args.setup_count} sequential, in one block per forwarder and round "
+        f"after {SETTLE:g} s of quiet; bursts: 32 clients connecting at once, also after {SETTLE:g} s of quiet, "
+        "the very first burst reported apart, then "
         f"{max(1, args.bursts // args.rounds) * args.rounds} more); conn/s = 32 (or 1) clients in a closed loop "
         f"for {args.seconds:g} s; throughput = iperf3, 1 stream, {args.seconds:g} s, to an iperf3 server in the lab "
         f"namespace; skopeo = push then pull of a {args.skopeo_mib} MiB 3-layer image of random bytes to the lab "

@@ -1,0 +1,94 @@
+"""How fast can bytes cross one ``docker exec`` stream at all? The ceiling of any exec-based forwarder.
+
+Run from the repository root with the lab up (``python3 -m tests.lab up``), as root:
+
+    python3 bench/exec_ceiling.py            # Docker over TCP+TLS and over the unix socket
+
+A throwaway container (the lab's socat image, sleeping) gets two execs per transport, driven by
+kci-tunneld's own Docker client (tunneld/docker_api.py, aiodocker under uvloop), with no relay,
+framing or target in the way:
+
+- up: 1 GiB written to the stdin of ``cat >/dev/null`` (timed until the write side is done);
+- down: 1 GiB read from the stdout of ``dd if=/dev/zero bs=256k`` (timed to the end of the stream).
+
+It also times the docker CLI doing the same down-transfer (``docker exec ... dd ... | cat``), the
+tool the socat jujitsu runs per connection. Nothing here gates anything: it explains where the
+Docker transport's throughput stops (docs/docker-transport.md, "What bounds them").
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import anyio
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.lab.lab import docker, info  # noqa: E402
+from tunneld.config import DockerSettings  # noqa: E402
+from tunneld.docker_api import DockerClient, resolve_endpoint  # noqa: E402
+
+BLOCK = 256 * 1024
+
+
+async def exec_rates(settings: DockerSettings, container: str, total: int) -> tuple[float, float]:
+    """(up, down) in MB/s through one exec stream each."""
+    async with DockerClient(resolve_endpoint(settings, {}), timeout=10) as client:
+        async with client.exec_stream(container, ["sh", "-c", "cat >/dev/null"]) as stream:
+            block = bytes(BLOCK)
+            t0 = time.perf_counter()
+            for _ in range(total // BLOCK):
+                await stream.write(block)
+            up = total / (time.perf_counter() - t0) / 1e6
+        async with client.exec_stream(container, ["dd", "if=/dev/zero", f"bs={BLOCK}",
+                                                  f"count={total // BLOCK}"]) as stream:
+            got = 0
+            t0 = time.perf_counter()
+            while (frame := await stream.read()) is not None:
+                if frame[0] == stream.STDOUT:
+                    got += len(frame[1])
+            down = got / (time.perf_counter() - t0) / 1e6
+    return up, down
+
+
+def cli_down(env: dict[str, str], container: str, total: int) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(f"docker exec {container} dd if=/dev/zero bs={BLOCK} count={total // BLOCK} 2>/dev/null "
+                   "| cat >/dev/null", shell=True, check=True, env={**os.environ, **env})
+    return total / (time.perf_counter() - t0) / 1e6
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mib", type=int, default=1024, help="bytes per transfer, in MiB (default 1024)")
+    args = parser.parse_args()
+    lab = info()
+    total = args.mib * 1024 * 1024
+    name = f"kci-bench-ceiling-{uuid.uuid4().hex[:6]}"
+    docker("run", "-d", "--name", name, "--net=host", "--entrypoint", "/bin/sh", lab.socat_image, "-c", "sleep 3600")
+    try:
+        print("| Docker API | exec stdin (up) MB/s | exec stdout (down) MB/s | docker CLI stdout MB/s |")
+        print("|---|---:|---:|---:|")
+        for label, tls in (("TCP+TLS", True), ("unix socket", False)):
+            if tls:
+                s = DockerSettings(host=lab.docker_host_tcp, tls_verify=True, cert_path=str(lab.client_cert_dir))
+            else:
+                s = DockerSettings(host=lab.docker_host_unix)
+            up, down = anyio.run(exec_rates, s, name, total, backend_options={"use_uvloop": True})
+            cli = cli_down(lab.docker_env(tls=tls), name, total)
+            print(f"| {label} | {up:.0f} | {down:.0f} | {cli:.0f} |", flush=True)
+    finally:
+        docker("rm", "-f", name, check=False)
+    print(f"\n{args.mib} MiB per transfer; load average after: {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
