@@ -10,6 +10,7 @@ import pytest
 
 from tests.helpers import FAST, echo_roundtrip, running_forward
 from tests.servers import EchoServer, free_port_holder
+from tests.transports import PipeliningTransport
 from tunneld.config import TransportSpec
 from tunneld.errors import BindError
 from tunneld.listener import bind_listeners
@@ -80,6 +81,32 @@ async def test_connection_limit_queues_extra_clients(echo_server: EchoServer) ->
             assert await third.receive() == b"y"
         for s in (second, third):
             await s.aclose()
+
+
+async def test_first_bytes_go_with_the_connection_request_exactly_once(echo_server: EchoServer) -> None:
+    """A transport that pipelines gets what the client sent before its upstream existed, and the
+    relay neither repeats nor drops those bytes. A client held in the backlog at the connection
+    limit has surely sent its request before it is accepted."""
+    transport = PipeliningTransport(TransportSpec(), FAST)
+    async with running_forward(transport, echo_server.port, max_connections=1) as fwd:
+        holder = await anyio.connect_tcp("127.0.0.1", fwd.port)
+        await holder.send(b"x")
+        assert await holder.receive() == b"x"
+        waiting = await anyio.connect_tcp("127.0.0.1", fwd.port)
+        request = b"GET /v2/ HTTP/1.1\r\n\r\n" + os.urandom(100_000)  # more than one read takes
+        await waiting.send(request)
+        await holder.aclose()
+        got = b""
+        with anyio.fail_after(5):
+            while len(got) < len(request):
+                got += await waiting.receive()
+        assert got == request
+        assert transport.firsts[-1] and request.startswith(transport.firsts[-1])
+        await waiting.aclose()
+        with anyio.fail_after(5):
+            while fwd.stats.active:
+                await anyio.sleep(0.01)
+        assert fwd.stats.traffic.up == 1 + len(request)
 
 
 async def test_counters_follow_traffic(echo_server: EchoServer) -> None:

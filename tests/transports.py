@@ -16,6 +16,7 @@ class GatedTransport:
     """The direct transport, but every connect waits until ``gate`` is set (to test early bytes)."""
 
     name = "gated"
+    pipelines_first_bytes = False
 
     def __init__(self, gate: anyio.Event | None = None) -> None:
         self.gate = gate or anyio.Event()
@@ -30,10 +31,10 @@ class GatedTransport:
     ) -> None:
         return None
 
-    async def connect(self, host: str, port: int) -> RawSocketStream:
+    async def connect(self, host: str, port: int, first: bytes = b"") -> RawSocketStream:
         self.connects += 1
         await self.gate.wait()
-        return await self.inner.connect(host, port)
+        return await self.inner.connect(host, port, first)
 
     def info(self) -> dict[str, object]:
         return {"kind": self.name}
@@ -67,5 +68,21 @@ class StreamOnlyTransport(DirectTransport):
 
     name = "stream-only"
 
-    async def connect(self, host: str, port: int) -> OpaqueStream:  # type: ignore[override]
-        return OpaqueStream(await super().connect(host, port))
+    async def connect(self, host: str, port: int, first: bytes = b"") -> OpaqueStream:  # type: ignore[override]
+        return OpaqueStream(await super().connect(host, port, first))
+
+
+class PipeliningTransport(StreamOnlyTransport):
+    """Takes a client's first bytes with the connection request, as the docker transport does, and
+    records them."""
+
+    name = "pipelining"
+    pipelines_first_bytes = True
+
+    def __init__(self, spec: TransportSpec, timeouts: Timeouts) -> None:
+        super().__init__(spec, timeouts)
+        self.firsts: list[bytes] = []
+
+    async def connect(self, host: str, port: int, first: bytes = b"") -> OpaqueStream:  # type: ignore[override]
+        self.firsts.append(first)
+        return await super().connect(host, port, first)

@@ -283,7 +283,14 @@ class Forward:
         log.debug("accepted from %s", peer)
         try:
             try:
-                upstream = await self.transport.connect(self.spec.host, self.spec.host_port)
+                first = _already_sent(client_sock) if self.transport.pipelines_first_bytes else b""
+            except OSError as e:
+                log.debug("client gone before its upstream was opened: %s", e)
+                await client.aclose()
+                return
+            self.stats.traffic.up += len(first)
+            try:
+                upstream = await self.transport.connect(self.spec.host, self.spec.host_port, first)
             except TransportError as e:
                 self.stats.errors += 1
                 self.last_error = str(e)
@@ -415,6 +422,23 @@ class _Acceptor:
                     self._pause()
                 return
             self.conns.start_soon(self.forward._serve, client, peer)
+
+
+# What a client sent before its upstream exists, handed to a transport that can send it along with
+# the connection request (most clients speak first: an HTTP request, a TLS ClientHello).
+FIRST_BYTES = 64 * 1024
+
+
+def _already_sent(sock: socket.socket) -> bytes:
+    """The bytes waiting on a new client socket, without waiting (b"" when none, or at its EOF,
+    which the relay then reads again).
+
+    :raises OSError: when the client is gone already (reset).
+    """
+    try:
+        return sock.recv(FIRST_BYTES)
+    except (BlockingIOError, InterruptedError):
+        return b""
 
 
 async def _refuse(client: RawSocketStream) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from types import TracebackType
 
+import anyio
+
 from tunneld.config import Timeouts, TransportSpec, format_host
 from tunneld.errors import TransportError
 from tunneld.streams import RawSocketStream, connect_tcp
@@ -14,6 +16,7 @@ class DirectTransport:
     """Opens a TCP connection per client; the relay then runs on its fast socket path."""
 
     name = "direct"
+    pipelines_first_bytes = False
 
     def __init__(self, spec: TransportSpec, timeouts: Timeouts) -> None:
         self.timeouts = timeouts
@@ -26,13 +29,13 @@ class DirectTransport:
     ) -> None:
         return None
 
-    async def connect(self, host: str, port: int) -> RawSocketStream:
-        """Connect to host:port.
+    async def connect(self, host: str, port: int, first: bytes = b"") -> RawSocketStream:
+        """Connect to host:port, then send ``first``.
 
         :raises TransportError: naming the target and the OS reason.
         """
         try:
-            return await connect_tcp(host, port, timeout=self.timeouts.connect)
+            stream = await connect_tcp(host, port, timeout=self.timeouts.connect)
         except TimeoutError:
             raise TransportError(
                 f"could not connect to {format_host(host)}:{port}: no answer within {self.timeouts.connect:g}s"
@@ -41,6 +44,13 @@ class DirectTransport:
             # asyncio puts "Connect call failed (...)" in strerror; the errno's own text is what people know.
             reason = os.strerror(e.errno) if e.errno else str(e)
             raise TransportError(f"could not connect to {format_host(host)}:{port}: {reason}") from None
+        if first:
+            try:
+                await stream.send(first)
+            except anyio.BrokenResourceError as e:
+                await stream.aclose()
+                raise TransportError(f"{format_host(host)}:{port} closed the connection at once: {e}") from None
+        return stream
 
     def info(self) -> dict[str, object]:
         return {"kind": self.name}

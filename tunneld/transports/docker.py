@@ -51,6 +51,9 @@ MAX_FRAME = 4 * 1024 * 1024  # upstream bytes per frame: one dd in the relay eac
 OUT_HIGH_WATER = 2 * 1024 * 1024  # upstream bytes queued per connection before send() waits
 DOWN_HIGH_WATER = 1024 * 1024  # downstream bytes waiting for the client before we stop reading the exec
 PULL_TIMEOUT = 600.0
+# A client's first bytes go out right behind the connection request, before the relay has reached
+# the target: if it never does, they sit in the FIFO (64 KiB) until the exec moves on, so no more.
+FIRST_LIMIT = 32 * 1024
 
 # One connection at a time over this exec. stdin: "C HOST PORT NONCE KEY", then frames: "LEN" + LEN
 # bytes, "0" (upstream EOF), "F" (print NONCE on stdout: downstream is over), "Q" (connection over),
@@ -359,11 +362,16 @@ class _Slot:
                 if item == b"0\n" and self.conn is not None:
                     self.conn.up_eof_written = True
 
-    def open(self, host: str, port: int) -> DockerStream:
+    def open(self, host: str, port: int, first: bytes = b"") -> DockerStream:
+        """Ask the relay for host:port, with the client's ``first`` bytes (at most FIRST_LIMIT) right
+        behind the request: they reach the target one Docker round trip sooner than if we waited."""
         conn = DockerStream(self, host, port)
         self.conn = conn
         self.waiting.discard(_key(host, port))  # this request consumes it
         self.control(b"C %s %d %s %s\n" % (host.encode(), port, conn.nonce, _key(host, port).encode()))
+        if first:
+            self._out.append(_Frame([first], len(first)))
+            self._out_size += len(first)
         return conn
 
     async def run(self) -> None:
@@ -518,6 +526,7 @@ class DockerTransport:
     """Opens streams to host:port as seen from a helper container on the Docker host."""
 
     name = "docker"
+    pipelines_first_bytes = True
 
     def __init__(self, spec: TransportSpec, timeouts: Timeouts) -> None:
         self.settings = spec.docker
@@ -839,8 +848,9 @@ class DockerTransport:
 
     # ---------------------------------------------------------------- connections
 
-    async def connect(self, host: str, port: int) -> DockerStream:
-        """Open a stream to host:port as the helper container sees it; returns once the relay reached it.
+    async def connect(self, host: str, port: int, first: bytes = b"") -> DockerStream:
+        """Open a stream to host:port as the helper container sees it, with ``first`` sent first;
+        returns once the relay reached it.
 
         :raises TransportError: naming the target and the reason (refused, unreachable, no relay).
         """
@@ -854,11 +864,16 @@ class DockerTransport:
             with anyio.fail_after(self.timeouts.connect):
                 for _ in range(3):
                     slot = await self._acquire(_key(host, port))
-                    conn = slot.open(host, port)
+                    conn = slot.open(host, port, first[:FIRST_LIMIT])
                     await conn.settled.wait()
                     if conn.ok:
                         self.connections += 1
                         self._hint = (host, port)
+                        if len(first) > FIRST_LIMIT:
+                            try:
+                                await conn.send(first[FIRST_LIMIT:])
+                            except (anyio.BrokenResourceError, anyio.ClosedResourceError) as e:
+                                raise TransportError(f"could not connect to {target}: {e}") from None
                         return conn
                     await conn.aclose()
                     if conn.relay_status is None and not conn.errors:

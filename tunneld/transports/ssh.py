@@ -52,6 +52,7 @@ class SshTransport:
     """One resilient SSH connection; ``connect`` opens a channel on it per client."""
 
     name = "ssh"
+    pipelines_first_bytes = False  # a channel takes data only once the server confirmed it
 
     def __init__(self, spec: TransportSpec, timeouts: Timeouts) -> None:
         self.settings = spec.ssh
@@ -87,8 +88,8 @@ class SshTransport:
                 await self._conn.aclose()
                 self._conn = None
 
-    async def connect(self, host: str, port: int) -> ChannelStream:
-        """Open a channel to host:port as the SSH server sees it.
+    async def connect(self, host: str, port: int, first: bytes = b"") -> ChannelStream:
+        """Open a channel to host:port as the SSH server sees it, then send ``first``.
 
         :raises TransportError: naming the target and the reason (refused, or the SSH connection is
             down and did not come back within timeouts.reconnect_wait).
@@ -103,6 +104,12 @@ class SshTransport:
             # The link died under this open: wait for the reconnect like any client arriving now.
             stream = await (await self._connection(what)).open_tcp(host, port)
         self.channels_opened += 1
+        if first:
+            try:
+                await stream.send(first)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError) as e:
+                await stream.aclose()
+                raise TransportError(f"{what} closed the channel at once: {e}") from None
         return stream
 
     async def open_docker_socket(self, path: str | None = None) -> ChannelStream:
