@@ -126,3 +126,12 @@ def pull(registry: str, repo: str, tag: str, dest: Path) -> Layout:
     skopeo("copy", "--quiet", "--preserve-digests", "--src-tls-verify=false",
            f"docker://{registry}/{repo}:{tag}", f"oci:{dest}:{tag}")
     return read_layout(dest, tag)
+
+
+def roundtrip(layout: Layout, registry: str, repo: str, workdir: Path) -> None:
+    """Push, then pull back into ``workdir``: the registry's manifest digest and every layer digest
+    identical to what was pushed."""
+    assert push(layout, registry, repo) == layout.manifest_digest
+    back = pull(registry, repo, layout.tag, workdir / "back")
+    assert back.manifest_digest == layout.manifest_digest
+    assert back.layer_digests == layout.layer_digests

@@ -23,7 +23,7 @@ import pytest
 from tests.cli import Cli
 from tests.helpers import echo_roundtrip, running_forward
 from tests.lab.lab import LabInfo, start_sshd, stop_sshd
-from tests.oci import build_layout, pull, push
+from tests.oci import build_layout, roundtrip
 from tunneld.config import SshSettings, Timeouts, TransportSpec
 from tunneld.errors import ExitCode, TransportError
 from tunneld.relay import RelayBroken, Traffic, relay
@@ -218,11 +218,7 @@ async def test_skopeo_push_and_pull_digests_identical(lab: LabInfo, tmp_path: Pa
                 running_forward(transport, lab.registry_port, timeouts=TIMEOUTS) as fwd:
             registry = f"127.0.0.1:{fwd.port}"
             repo = f"kci/ssh-{os.getpid()}-{time.monotonic_ns()}"
-            pushed = await anyio.to_thread.run_sync(push, layout, registry, repo)
-            assert pushed == layout.manifest_digest
-            back = await anyio.to_thread.run_sync(pull, registry, repo, layout.tag, tmp_path / "back")
-            assert back.manifest_digest == layout.manifest_digest
-            assert back.layer_digests == layout.layer_digests
+            await anyio.to_thread.run_sync(roundtrip, layout, registry, repo, tmp_path)
             assert fwd.stats.traffic.up >= layout.size and fwd.stats.traffic.down >= layout.size
 
 
