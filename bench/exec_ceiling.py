@@ -33,7 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 from tests.lab.lab import docker, info  # noqa: E402
 from tunneld.config import DockerSettings  # noqa: E402
-from tunneld.docker_api import DockerClient, resolve_endpoint  # noqa: E402
+from tunneld.docker_api import DockerClient  # noqa: E402
+from tunneld.docker_host import resolve_endpoint  # noqa: E402
 
 BLOCK = 256 * 1024
 

@@ -33,7 +33,8 @@ from provision.spec import (
     ProvisionTimeouts,
     RegistrySpec,
 )
-from tunneld.docker_api import ContainerInfo, DockerClient, Endpoint
+from tunneld.docker_api import ContainerInfo, DockerClient
+from tunneld.docker_host import Endpoint
 
 logger = logging.getLogger(__name__)
 

@@ -31,7 +31,8 @@ import anyio
 import anyio.abc
 
 from tunneld.config import AutoSettings, DockerSettings, ForwardSpec, Timeouts
-from tunneld.docker_api import DockerClient, PublishedPort, resolve_endpoint
+from tunneld.docker_api import DockerClient, PublishedPort
+from tunneld.docker_host import resolve_endpoint
 from tunneld.errors import TransportError
 from tunneld.forward import backoff
 

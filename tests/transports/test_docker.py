@@ -31,7 +31,8 @@ from tests.helpers import echo_roundtrip, running_forward
 from tests.lab.lab import LabInfo
 from tests.oci import build_layout, roundtrip
 from tunneld.config import DockerSettings, Timeouts, TransportSpec
-from tunneld.docker_api import DockerClient, resolve_endpoint
+from tunneld.docker_api import DockerClient
+from tunneld.docker_host import resolve_endpoint
 from tunneld.errors import ExitCode, TransportError
 from tunneld.transports.docker import FIRST_LIMIT, DockerTransport
 

@@ -32,7 +32,8 @@ import anyio
 import anyio.abc
 
 from tunneld.config import Timeouts, TransportSpec, format_host
-from tunneld.docker_api import DockerAPIError, DockerClient, Endpoint, ExecStream, resolve_endpoint
+from tunneld.docker_api import DockerAPIError, DockerClient, ExecStream
+from tunneld.docker_host import Endpoint, resolve_endpoint
 from tunneld.errors import TransportError
 from tunneld.transports.docker_relay import FIRST_LIMIT, RELAY_SCRIPT, DockerStream, Slot, relay_key, short_reason
 
