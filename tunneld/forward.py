@@ -257,7 +257,10 @@ class Forward:
         two epoll_ctl calls and a loop round trip (docs/performance.md). At the connection limit, or
         after an accept error (EMFILE and kin), the callback is unhooked; new clients wait in the
         kernel's backlog until a connection ends, or 0.1 s has passed."""
-        acceptor = _Acceptor(sock, self, conns)
+        def serve(client: socket.socket, peer: object) -> None:
+            conns.start_soon(self._serve, client, peer)
+
+        acceptor = _Acceptor(sock, self._slots, serve, self.log)
         self._acceptors.append(acceptor)
         try:
             acceptor.hook()
@@ -377,10 +380,12 @@ class Forward:
 class _Acceptor:
     """The listening socket's reader callback: accepts every pending client, each into its own task."""
 
-    def __init__(self, sock: socket.socket, forward: Forward, conns: anyio.abc.TaskGroup) -> None:
+    def __init__(self, sock: socket.socket, slots: anyio.Semaphore,
+                 serve: Callable[[socket.socket, object], None], log: _Log) -> None:
         self.sock = sock
-        self.forward = forward
-        self.conns = conns
+        self.slots = slots  # the forward's connection limit: one taken per client, given back when it ends
+        self.serve = serve
+        self.log = log
         self.loop = asyncio.get_running_loop()
         self.hooked = False
         self.paused = anyio.Event()  # set when the callback unhooked itself
@@ -402,7 +407,7 @@ class _Acceptor:
         self.paused.set()
 
     def _acceptable(self) -> None:
-        slots = self.forward._slots
+        slots = self.slots
         while True:
             try:
                 slots.acquire_nowait()
@@ -417,11 +422,11 @@ class _Acceptor:
             except OSError as e:
                 slots.release()
                 if self.sock.fileno() != -1:
-                    self.forward.log.warning("accept failed: %s; retrying", e.strerror or e)
+                    self.log.warning("accept failed: %s; retrying", e.strerror or e)
                     self.failed = True
                     self._pause()
                 return
-            self.conns.start_soon(self.forward._serve, client, peer)
+            self.serve(client, peer)
 
 
 # What a client sent before its upstream exists, handed to a transport that can send it along with

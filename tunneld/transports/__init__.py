@@ -11,9 +11,11 @@ import importlib
 from types import TracebackType
 from typing import Protocol
 
+import anyio
 import anyio.abc
 
 from tunneld.config import Timeouts, TransportSpec
+from tunneld.errors import TransportError
 
 
 class Transport(Protocol):
@@ -44,6 +46,20 @@ class Transport(Protocol):
     async def cleanup(self) -> None:
         """Remove what the transport created on the far side (``stop --cleanup``)."""
         ...
+
+
+async def send_first(stream: anyio.abc.ByteStream, first: bytes, broken: str) -> None:
+    """Send a client's ``first`` bytes on a stream just opened for it.
+
+    :raises TransportError: ``broken`` and the reason, when the stream breaks at once (it is closed).
+    """
+    if not first:
+        return
+    try:
+        await stream.send(first)
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError) as e:
+        await stream.aclose()
+        raise TransportError(f"{broken}: {e}") from None
 
 
 class TransportFactory(Protocol):

@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 from types import TracebackType
 
-import anyio
-
 from tunneld.config import Timeouts, TransportSpec, format_host
 from tunneld.errors import TransportError
 from tunneld.streams import RawSocketStream, connect_tcp
+from tunneld.transports import send_first
 
 
 class DirectTransport:
@@ -44,12 +43,7 @@ class DirectTransport:
             # asyncio puts "Connect call failed (...)" in strerror; the errno's own text is what people know.
             reason = os.strerror(e.errno) if e.errno else str(e)
             raise TransportError(f"could not connect to {format_host(host)}:{port}: {reason}") from None
-        if first:
-            try:
-                await stream.send(first)
-            except anyio.BrokenResourceError as e:
-                await stream.aclose()
-                raise TransportError(f"{format_host(host)}:{port} closed the connection at once: {e}") from None
+        await send_first(stream, first, f"{format_host(host)}:{port} closed the connection at once")
         return stream
 
     def info(self) -> dict[str, object]:

@@ -35,6 +35,7 @@ from tunneld.config import Timeouts, TransportSpec, format_host
 from tunneld.docker_api import DockerAPIError, DockerClient, ExecStream
 from tunneld.docker_host import Endpoint, resolve_endpoint
 from tunneld.errors import TransportError
+from tunneld.transports import send_first
 from tunneld.transports.docker_relay import FIRST_LIMIT, RELAY_SCRIPT, DockerStream, Slot, relay_key, short_reason
 
 logger = logging.getLogger(__name__)
@@ -404,11 +405,7 @@ class DockerTransport:
                     if conn.ok:
                         self.connections += 1
                         self._hint = (host, port)
-                        if len(first) > FIRST_LIMIT:
-                            try:
-                                await conn.send(first[FIRST_LIMIT:])
-                            except (anyio.BrokenResourceError, anyio.ClosedResourceError) as e:
-                                raise TransportError(f"could not connect to {target}: {e}") from None
+                        await send_first(conn, first[FIRST_LIMIT:], f"could not connect to {target}")
                         return conn
                     await conn.aclose()
                     if conn.relay_status is None and not conn.errors:

@@ -318,6 +318,9 @@ class Slot:
             await self._space.wait()
         if self.dead is not None:
             raise anyio.BrokenResourceError(self.dead)
+        self._queue(data)
+
+    def _queue(self, data: bytes) -> None:
         last = self._out[-1] if self._out else None
         if isinstance(last, _Frame) and last.size + len(data) <= MAX_FRAME:
             last.chunks.append(data)
@@ -365,8 +368,7 @@ class Slot:
         self.waiting.discard(relay_key(host, port))  # this request consumes it
         self.control(b"C %s %d %s %s\n" % (host.encode(), port, conn.nonce, relay_key(host, port).encode()))
         if first:
-            self._out.append(_Frame([first], len(first)))
-            self._out_size += len(first)
+            self._queue(first)
         return conn
 
     async def run(self) -> None:

@@ -24,6 +24,7 @@ import anyio.abc
 from tunneld.config import Timeouts, TransportSpec, format_host
 from tunneld.errors import TransportError
 from tunneld.ssh_client import ChannelStream, SshConnection, SshError, open_connection, open_docker_socket_stream
+from tunneld.transports import send_first
 
 logger = logging.getLogger(__name__)
 
@@ -104,12 +105,7 @@ class SshTransport:
             # The link died under this open: wait for the reconnect like any client arriving now.
             stream = await (await self._connection(what)).open_tcp(host, port)
         self.channels_opened += 1
-        if first:
-            try:
-                await stream.send(first)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError) as e:
-                await stream.aclose()
-                raise TransportError(f"{what} closed the channel at once: {e}") from None
+        await send_first(stream, first, f"{what} closed the channel at once")
         return stream
 
     async def open_docker_socket(self, path: str | None = None) -> ChannelStream:
