@@ -33,6 +33,20 @@ async def echo_roundtrip(port: int, data: bytes, *, host: str = "127.0.0.1") -> 
         return bytes(got)
 
 
+async def parallel_echoes(port: int, data: bytes, count: int = 8) -> None:
+    """``count`` echoes at once through a forward, each of a distinct payload; every one comes back whole."""
+    payloads = [data + bytes([i]) for i in range(count)]
+    results: list[bytes] = []
+
+    async def one(payload: bytes) -> None:
+        results.append(await echo_roundtrip(port, payload))
+
+    async with anyio.create_task_group() as tg:
+        for payload in payloads:
+            tg.start_soon(one, payload)
+    assert sorted(results) == sorted(payloads)
+
+
 @asynccontextmanager
 async def running_forward(
     transport: Transport, target_port: int, *, bind: str = "127.0.0.1", port: int = 0,

@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from tests.cli import Cli
 from tests.lab.lab import LabInfo
@@ -133,60 +133,58 @@ def wait_until(what: str, check: Callable[[], bool], timeout: float, step: float
     return time.monotonic() - started
 
 
+class _Poller:
+    """Calls ``_sample()`` every ``INTERVAL`` seconds in a thread, between ``with`` and its end."""
+
+    INTERVAL = 0.1
+
+    def __enter__(self) -> Self:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=15)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.INTERVAL)
+
+    def _sample(self) -> None:
+        raise NotImplementedError
+
+
 @dataclass
-class Bystander:
+class Bystander(_Poller):
     """Round trips through a forward the fault must not touch, every 100 ms, in a thread."""
 
     port: int
     ok: int = 0
     failed: int = 0
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
 
-    def __enter__(self) -> Bystander:
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        assert self._thread is not None
-        self._thread.join(timeout=15)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            if echo_ok(self.port, 1024):
-                self.ok += 1
-            else:
-                self.failed += 1
-            self._stop.wait(0.1)
+    def _sample(self) -> None:
+        if echo_ok(self.port, 1024):
+            self.ok += 1
+        else:
+            self.failed += 1
 
 
 @dataclass
-class StateWatch:
+class StateWatch(_Poller):
     """Records the states a daemon's forward goes through (status polled every 200 ms)."""
+
+    INTERVAL = 0.2
 
     daemon: Daemon
     name: str
     seen: list[str] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def __enter__(self) -> StateWatch:
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        assert self._thread is not None
-        self._thread.join(timeout=15)
+        super().__exit__(*exc)
         self._sample()  # the state at the end, which the last poll may have come too early for
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._sample()
-            self._stop.wait(0.2)
 
     def _sample(self) -> None:
         try:
