@@ -21,6 +21,7 @@ from typing import Any, Self
 
 from tests.cli import Cli
 from tests.lab.lab import LabInfo
+from tunneld.forward import HISTORY
 
 LEAK_SETTLE = 90.0  # the docker transport trims idle relay streams beyond its pool size after 60-75 s
 
@@ -133,10 +134,13 @@ def wait_until(what: str, check: Callable[[], bool], timeout: float, step: float
     return time.monotonic() - started
 
 
-class _Poller:
-    """Calls ``_sample()`` every ``INTERVAL`` seconds in a thread, between ``with`` and its end."""
+@dataclass
+class Bystander:
+    """Round trips through a forward the fault must not touch, every 100 ms, in a thread."""
 
-    INTERVAL = 0.1
+    port: int
+    ok: int = 0
+    failed: int = 0
 
     def __enter__(self) -> Self:
         self._stop = threading.Event()
@@ -150,49 +154,36 @@ class _Poller:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._sample()
-            self._stop.wait(self.INTERVAL)
-
-    def _sample(self) -> None:
-        raise NotImplementedError
-
-
-@dataclass
-class Bystander(_Poller):
-    """Round trips through a forward the fault must not touch, every 100 ms, in a thread."""
-
-    port: int
-    ok: int = 0
-    failed: int = 0
-
-    def _sample(self) -> None:
-        if echo_ok(self.port, 1024):
-            self.ok += 1
-        else:
-            self.failed += 1
+            if echo_ok(self.port, 1024):
+                self.ok += 1
+            else:
+                self.failed += 1
+            self._stop.wait(0.1)
 
 
 @dataclass
-class StateWatch(_Poller):
-    """Records the states a daemon's forward goes through (status polled every 200 ms)."""
+class StateWatch:
+    """The states a daemon's forward went through between ``with`` and its end.
 
-    INTERVAL = 0.2
+    Read from the forward's own transition history (``status --json``), not by polling: a poll
+    through the CLI takes a few hundred ms under load and can miss a short ``degraded``.
+    """
 
     daemon: Daemon
     name: str
     seen: list[str] = field(default_factory=list)
 
-    def __exit__(self, *exc: object) -> None:
-        super().__exit__(*exc)
-        self._sample()  # the state at the end, which the last poll may have come too early for
+    def __enter__(self) -> Self:
+        fwd = self.daemon.forward(self.name)
+        self._start = time.time()
+        self.seen = [fwd["state"]]
+        return self
 
-    def _sample(self) -> None:
-        try:
-            state = self.daemon.forward(self.name)["state"]
-        except (AssertionError, StopIteration, subprocess.TimeoutExpired):
-            return
-        if not self.seen or self.seen[-1] != state:
-            self.seen.append(state)
+    def __exit__(self, *exc: object) -> None:
+        fwd = self.daemon.forward(self.name)
+        moves = [h for h in fwd["history"] if h["at"] >= self._start]
+        assert len(moves) < HISTORY, f"{self.name}: more transitions than the history keeps: {moves}"
+        self.seen += [h["to"] for h in moves]
 
 
 @dataclass(frozen=True)
