@@ -67,10 +67,11 @@ if [ $mode = socat ]; then
   rm -f "$f"-* 2>/dev/null
   if mkfifo "$f-probe" 2>/dev/null || busybox mkfifo "$f-probe" 2>/dev/null; then fifo=1; rm -f "$f-probe"; fi
 fi
-addr() { case $1 in *:*) echo "[$1]:$2" ;; *) echo "$1:$2" ;; esac; }
+addr() { case $1 in *:*) a="[$1]:$2" ;; *) a="$1:$2" ;; esac; }  # sets $a (no subshell: no fork)
 prime() {  # HOST PORT KEY (KEY: the target in hex, safe in a file name and in a socat address)
   [ -p "$f-$3" ] || mkfifo "$f-$3" 2>/dev/null || busybox mkfifo "$f-$3" || die
-  socat -d -d -t 86400 -b 262144 "GOPEN:$f-$3,rdonly!!STDOUT" "TCP:$(addr "$1" "$2"),connect-timeout=$T" </dev/null &
+  addr "$1" "$2"
+  socat -d -d -t 86400 -b 262144 "GOPEN:$f-$3,rdonly!!STDOUT" "TCP:$a,connect-timeout=$T" </dev/null &
   echo $! >"$f-$3.pid"
 }
 watch() {
@@ -102,8 +103,9 @@ frames() {
 relay() {
   exec 3>&-
   if [ $mode = socat ]; then
+    addr "$1" "$2"
     (read -r pid _ </proc/self/stat; echo "P $pid" >&2
-     exec socat -d -d -t 86400 -b 262144 STDIO "TCP:$(addr "$1" "$2"),connect-timeout=$T")
+     exec socat -d -d -t 86400 -b 262144 STDIO "TCP:$a,connect-timeout=$T")
   else
     exec 4<&0
     nc -w "$T" "$1" "$2" <&4 4<&- &
