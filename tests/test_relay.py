@@ -192,6 +192,39 @@ async def test_backpressure_bounds_memory(transport: Transport) -> None:
         sink.close()
 
 
+async def test_a_client_resetting_its_own_connection_is_not_a_forward_error(transport: Transport) -> None:
+    """A client that aborts (RST) ends the connection on both legs, but the forward did nothing
+    wrong: the error counter and last_error stay for the far side's failures."""
+    sink = Sink()
+    try:
+        async with running_forward(transport, sink.port, wait_ready=False) as fwd:
+            client = await anyio.connect_tcp("127.0.0.1", fwd.port)
+            await client.send(b"ping")
+            conn = await anyio.to_thread.run_sync(sink.relayed)
+            raw = client.extra(anyio.abc.SocketAttribute.raw_socket)
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            await client.aclose()
+            conn.settimeout(5)
+
+            def reset() -> bool:
+                try:
+                    while conn.recv(65536):
+                        pass
+                except ConnectionResetError:
+                    return True
+                return False
+
+            # The far leg ends too; between sockets it is aborted (RST), not finished. An opaque
+            # stream (SSH channel, Docker exec) closes as its transport closes it.
+            assert await anyio.to_thread.run_sync(reset) or isinstance(transport, StreamOnlyTransport)
+            with anyio.fail_after(5):
+                while fwd.stats.active:
+                    await anyio.sleep(0.01)
+            assert fwd.stats.errors == 0 and "mid-stream" not in (fwd.last_error or ""), fwd.last_error
+    finally:
+        sink.close()
+
+
 async def test_cancellation_closes_both_sides(transport: Transport) -> None:
     sink = Sink()
     try:

@@ -9,6 +9,7 @@ already done, a deadline when it is not) is here too.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -28,7 +29,12 @@ from tunneld.streams import RawSocketStream, connect_tcp
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
 Path = Callable[[socket.socket, socket.socket, Traffic], Awaitable[None]]
-PATHS: dict[str, Path] = {"protocol": relay_mod._relay_sockets}
+async def _relay_streams(client: socket.socket, upstream: socket.socket, traffic: Traffic) -> None:
+    """The path for transports that are not sockets (SSH channels, Docker exec streams), on sockets."""
+    await relay_mod._relay_streams(RawSocketStream(client), RawSocketStream(upstream), traffic)
+
+
+PATHS: dict[str, Path] = {"protocol": relay_mod._relay_sockets, "streams": _relay_streams}
 if hasattr(os, "splice"):
     PATHS["splice"] = relay_mod._relay_splice
 
@@ -169,20 +175,25 @@ async def test_small_writes_into_a_stalled_reader_keep_order(path: str) -> None:
             assert await read_to_eof(r.client) == b""
 
 
-async def test_reset_aborts_both(path: str) -> None:
+@pytest.mark.parametrize("by", ["client", "server"])
+async def test_reset_aborts_both_and_says_whose_socket_failed(path: str, by: str) -> None:
+    """A reset on either side ends both; RelayBroken.by_client tells a client's own reset (not the
+    forward's fault) from the far side's."""
     async with relayed(path) as r:
         await r.client.send(b"ping")
         with anyio.fail_after(5):
             assert await r.server.receive() == b"ping"
-        raw = r.server.extra(anyio.abc.SocketAttribute.raw_socket)
+        resetter, other = (r.client, r.server) if by == "client" else (r.server, r.client)
+        raw = resetter.extra(anyio.abc.SocketAttribute.raw_socket)
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        await r.server.aclose()  # with SO_LINGER 0: a reset, not a FIN
+        await resetter.aclose()  # with SO_LINGER 0: a reset, not a FIN
         with anyio.fail_after(5):
-            with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+            with pytest.raises(anyio.BrokenResourceError):  # passed on as a reset: a FIN would read as a clean end
                 while True:
-                    await r.client.receive()
+                    await other.receive()
             await r.finished.wait()
     assert r.error, "a reset must surface as RelayBroken"
+    assert isinstance(r.error[0], RelayBroken) and r.error[0].by_client is (by == "client"), r.error
     assert r.client_sock.fileno() == -1 and r.upstream_sock.fileno() == -1
 
 
@@ -194,10 +205,12 @@ async def test_cancellation_closes_both(path: str) -> None:
             await PATHS[path](RawSocketStream(client_sock).detach(), RawSocketStream(upstream_sock).detach(),
                               Traffic())
         with anyio.fail_after(5):
-            # The peers see EOF: both relay ends were closed (asyncio's transports close on the next
-            # loop iteration, so the sockets may still look open right here).
-            assert await read_to_eof(client) == b""
-            assert await read_to_eof(server) == b""
+            # The peers see both relay ends closed: a FIN (the socket paths) or a reset (the streams
+            # path resets what it did not finish). asyncio's transports close on the next loop
+            # iteration, so the sockets may still look open right here.
+            for peer in (client, server):
+                with contextlib.suppress(anyio.BrokenResourceError):
+                    assert await read_to_eof(peer) == b""
 
 
 async def test_many_connections_in_parallel(path: str) -> None:

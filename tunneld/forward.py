@@ -310,9 +310,12 @@ class Forward:
             try:
                 await relay(client, upstream, self.stats.traffic)
             except RelayBroken as e:
-                self.stats.errors += 1
-                self.last_error = f"a connection broke mid-stream: {e}"
-                log.debug("connection broken: %s", e)
+                if e.by_client:  # the client reset or vanished: its business, not the forward's
+                    log.debug("client broke off mid-stream: %s", e)
+                else:
+                    self.stats.errors += 1
+                    self.last_error = f"a connection to {self.spec.target} broke mid-stream: {e}"
+                    log.debug("connection to the far side broken: %s", e)
             else:
                 log.debug("closed")
         except Exception:

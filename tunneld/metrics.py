@@ -65,7 +65,7 @@ def render(status: Mapping[str, Any]) -> str:
         "bytes": _Family(f"{p}forward_bytes_total", "counter",
                          "Bytes relayed; direction up is client to far side, down is far side to client"),
         "errors": _Family(f"{p}forward_errors_total", "counter",
-                          "Connections that could not reach the far side or broke mid-stream"),
+                          "Connections that could not reach the far side or whose far side broke mid-stream"),
         "reconnects": _Family(f"{p}forward_reconnects_total", "counter",
                               "Times the forward became ready again after losing readiness"),
         "probe_ok": _Family(f"{p}forward_probe_success", "gauge", "1 when the last probe succeeded"),

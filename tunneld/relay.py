@@ -61,7 +61,15 @@ class Traffic:
 
 
 class RelayBroken(Exception):
-    """One side of a relayed connection failed mid-stream (reset, broken pipe, lost transport)."""
+    """One side of a relayed connection failed mid-stream (reset, broken pipe, lost transport).
+
+    ``by_client`` tells whose socket failed: the client's (it reset or vanished: its own business,
+    not the forward's) or the far side's (the target, the transport, or the relay itself).
+    """
+
+    def __init__(self, error: BaseException, *, by_client: bool) -> None:
+        super().__init__(str(error) or type(error).__name__)
+        self.by_client = by_client
 
 
 async def relay(client: anyio.abc.ByteStream, upstream: anyio.abc.ByteStream, traffic: Traffic) -> None:
@@ -80,9 +88,10 @@ async def relay(client: anyio.abc.ByteStream, upstream: anyio.abc.ByteStream, tr
 
 
 async def _relay_streams(client: anyio.abc.ByteStream, upstream: anyio.abc.ByteStream, traffic: Traffic) -> None:
-    failure: list[BaseException] = []
+    failure: list[tuple[BaseException, bool]] = []  # (error, by the client's side)
 
     async def pump(src: anyio.abc.ByteStream, dst: anyio.abc.ByteStream, up: bool) -> None:
+        reading = True  # up: the client is src
         try:
             while True:
                 try:
@@ -93,10 +102,13 @@ async def _relay_streams(client: anyio.abc.ByteStream, upstream: anyio.abc.ByteS
                     traffic.up += len(data)
                 else:
                     traffic.down += len(data)
+                reading = False
                 await dst.send(data)
+                reading = True
+            reading = False
             await dst.send_eof()
         except _BROKEN as e:
-            failure.append(e)
+            failure.append((e, reading == up))
             tg.cancel_scope.cancel()
 
     clean = False
@@ -115,14 +127,21 @@ async def _relay_streams(client: anyio.abc.ByteStream, upstream: anyio.abc.ByteS
                 except _BROKEN:
                     pass
     if failure:
-        raise RelayBroken(str(failure[0]) or type(failure[0]).__name__) from failure[0]
+        error, by_client = failure[0]
+        raise RelayBroken(error, by_client=by_client) from error
 
 
 def _reset_on_close(stream: anyio.abc.ByteStream) -> None:
     """Make the coming close of a socket stream a reset (RST), not a FIN that reads as a clean end."""
-    if isinstance(stream, RawSocketStream) and stream.sock.fileno() != -1:
+    if isinstance(stream, RawSocketStream):
+        _linger_zero(stream.sock)
+
+
+def _linger_zero(sock: socket.socket | None) -> None:
+    """SO_LINGER 0: closing ``sock`` sends a reset, so the peer cannot mistake lost bytes for an end."""
+    if sock is not None and sock.fileno() != -1:
         with contextlib.suppress(OSError):
-            stream.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 class _Side(asyncio.Protocol):
@@ -194,6 +213,7 @@ class _SocketPair:
         self.sides[0].peer, self.sides[1].peer = self.sides[1], self.sides[0]
         self.remaining = 2
         self.error: BaseException | None = None
+        self.error_by_client = False
         self.done = asyncio.get_running_loop().create_future()
 
     def close(self) -> None:
@@ -208,11 +228,13 @@ class _SocketPair:
 
     def lost(self, side: _Side, exc: BaseException | None) -> None:
         if exc is not None and self.error is None:
-            self.error = exc
+            self.error, self.error_by_client = exc, side.up  # the up side reads the client's socket
         peer = side.peer.transport
         if peer is not None and not peer.is_closing():
             # One socket went away before both directions finished: nothing more can be relayed.
             if exc is not None or not (side.read_eof and side.peer.read_eof):
+                if exc is not None:  # it failed: the other side must not read a clean end either
+                    _linger_zero(peer.get_extra_info("socket"))
                 peer.abort()
             else:
                 peer.close()
@@ -249,7 +271,7 @@ async def _relay_sockets(client: socket.socket, upstream: socket.socket, traffic
         pair.abort()
         raise
     if pair.error is not None:
-        raise RelayBroken(str(pair.error) or type(pair.error).__name__) from pair.error
+        raise RelayBroken(pair.error, by_client=pair.error_by_client) from pair.error
 
 
 def _can_splice(sock: socket.socket) -> bool:
@@ -333,7 +355,7 @@ class _Flow:
         except BlockingIOError:
             n = -1  # the pipe is full (its slots are pages, not bytes), or woken for nothing
         except OSError as e:
-            self.pair.fail(e)
+            self.pair.fail(e, by_client=self.up)
             return
         if n == 0:
             self.eof = True
@@ -359,7 +381,7 @@ class _Flow:
         except BlockingIOError:
             return
         except OSError as e:
-            self.pair.fail(e)
+            self.pair.fail(e, by_client=self.up)
             return
         n = len(data)
         if not n:
@@ -377,7 +399,7 @@ class _Flow:
         except BlockingIOError:
             sent = 0
         except OSError as e:
-            self.pair.fail(e)
+            self.pair.fail(e, by_client=not self.up)
             return
         if sent < n:
             try:
@@ -403,7 +425,7 @@ class _Flow:
             except BlockingIOError:
                 break
             except OSError as e:
-                self.pair.fail(e)
+                self.pair.fail(e, by_client=not self.up)
                 return
         if self.pending:
             if not self.writing:
@@ -452,15 +474,19 @@ class _SplicePair:
         self.traffic = traffic
         self.flows = (_Flow(self, client, upstream, up=True), _Flow(self, upstream, client, up=False))
         self.error: BaseException | None = None
+        self.error_by_client = False
         self.done: asyncio.Future[None] = self.loop.create_future()
 
     def check_done(self) -> None:
         if all(f.finished for f in self.flows):
             self.close()
 
-    def fail(self, exc: BaseException) -> None:
+    def fail(self, exc: BaseException, *, by_client: bool = False) -> None:
+        """Abort the pair; ``by_client``: the client's socket failed (else the far side's, or ours)."""
         if self.error is None:
-            self.error = exc
+            self.error, self.error_by_client = exc, by_client
+        for sock in self.socks:
+            _linger_zero(sock)  # a failed relay must not look like a finished one to either side
         self.close()
 
     def close(self) -> None:
@@ -486,4 +512,4 @@ async def _relay_splice(client: socket.socket, upstream: socket.socket, traffic:
         pair.close()  # cancelled (or the loop refused a socket): abort both ends
         raise
     if pair.error is not None:
-        raise RelayBroken(str(pair.error) or type(pair.error).__name__) from pair.error
+        raise RelayBroken(pair.error, by_client=pair.error_by_client) from pair.error
