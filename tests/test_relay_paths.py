@@ -22,8 +22,10 @@ import anyio.abc
 import anyio.lowlevel
 import pytest
 
-from tunneld import relay as relay_mod
 from tunneld.relay import RelayBroken, Traffic
+from tunneld.relay.sockets import _relay_sockets
+from tunneld.relay.splice import PIPES_KEPT, _relay_splice
+from tunneld.relay.streams import _relay_streams as relay_byte_streams
 from tunneld.streams import RawSocketStream, connect_tcp
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
@@ -31,12 +33,12 @@ pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 Path = Callable[[socket.socket, socket.socket, Traffic], Awaitable[None]]
 async def _relay_streams(client: socket.socket, upstream: socket.socket, traffic: Traffic) -> None:
     """The path for transports that are not sockets (SSH channels, Docker exec streams), on sockets."""
-    await relay_mod._relay_streams(RawSocketStream(client), RawSocketStream(upstream), traffic)
+    await relay_byte_streams(RawSocketStream(client), RawSocketStream(upstream), traffic)
 
 
-PATHS: dict[str, Path] = {"protocol": relay_mod._relay_sockets, "streams": _relay_streams}
+PATHS: dict[str, Path] = {"protocol": _relay_sockets, "streams": _relay_streams}
 if hasattr(os, "splice"):
-    PATHS["splice"] = relay_mod._relay_splice
+    PATHS["splice"] = _relay_splice
 
 
 @pytest.fixture(params=sorted(PATHS))
@@ -280,7 +282,7 @@ async def test_idle_spliced_connections_hold_no_pipes() -> None:
         # Four sockets per relayed connection (two apps, two relay ends); pipes only up to the pool's spares
         # (without the pool's give-back every connection would hold one: 2 more fds each).
         held = open_fds() - before - 4 * n
-        assert 0 <= held <= 2 * relay_mod.PIPES_KEPT < 2 * n, held
+        assert 0 <= held <= 2 * PIPES_KEPT < 2 * n, held
         for s in stops:
             s.set()
 
