@@ -3,8 +3,8 @@
 Which host, and with which TLS files, is tunneld/docker_host.py (``resolve_endpoint``, as the docker
 CLI chooses). Every aiodocker, aiohttp and ssl exception is translated here into a
 ``TransportError`` that names the Docker host and says what to check; nothing foreign leaves this
-module. ``ssh://`` hosts go through the SSH transport (``tunneld.ssh_client`` holds asyncssh) and
-``docker system dial-stdio``.
+module. ``ssh://`` hosts go through the SSH transport (``tunneld.ssh_client`` and
+``tunneld.ssh_target`` hold asyncssh) and ``docker system dial-stdio`` (``tunneld.ssh_bridge``).
 """
 
 from __future__ import annotations
@@ -165,8 +165,8 @@ class DockerClient:
         all as channels of one SSH connection (~/.ssh/config applies, host key verified, reconnects).
         aiohttp only speaks to sockets, so they are served on a private unix socket; returns its path.
         """
-        # Imported here: only ssh:// hosts pay for asyncssh. The SSH seam stays in tunneld.ssh_client.
-        from tunneld.ssh_client import serve_unix_bridge
+        # Imported here: only ssh:// hosts pay for asyncssh. The SSH seam stays in the tunneld.ssh_* modules.
+        from tunneld.ssh_bridge import serve_unix_bridge
         from tunneld.transports.ssh import SshTransport
 
         ep = self.endpoint

@@ -1,13 +1,17 @@
-"""The one adapter around asyncssh: settings -> options (with ~/.ssh/config), connections, channels
-as anyio byte streams, and asyncssh's exceptions translated into messages a person can act on.
+"""The SSH connection and its channels, over asyncssh: connect (``open_connection``), open
+channels, and carry them as anyio byte streams, with asyncssh's exceptions translated into
+messages a person can act on.
 
-Nothing outside this module imports asyncssh or holds its objects. What it offers:
+Nothing outside this module and tunneld/ssh_target.py imports asyncssh or holds its objects.
+What it offers:
 
 - ``open_connection(settings, timeouts) -> SshConnection``: resolve the settings through the ssh
   config (HostName, User, Port, IdentityFile, UserKnownHostsFile, Ciphers, ProxyJump...), verify
   the host key against known_hosts, authenticate with key files and ssh-agent;
-- ``SshConnection.open_tcp/open_unix/open_exec``: one channel each, as a ``ChannelStream``;
-- ``open_docker_socket_stream`` and ``serve_unix_bridge``: the Docker API over SSH.
+- ``SshConnection.open_tcp/open_unix/open_exec``: one channel each, as a ``ChannelStream``.
+
+Not here: how the settings become asyncssh options and what a refusal says (tunneld/ssh_target.py,
+``SshError`` is re-exported from here), and the Docker API over SSH (tunneld/ssh_bridge.py).
 """
 
 from __future__ import annotations
@@ -15,14 +19,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import logging
-import os
-import shutil
 import socket
-import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -31,15 +29,7 @@ import asyncssh
 
 from tunneld.config import SshSettings, Timeouts, format_host
 from tunneld.errors import TransportError
-from tunneld.relay import RelayBroken, Traffic, relay
-from tunneld.streams import RawSocketStream
-
-logger = logging.getLogger(__name__)
-
-DEFAULT_DOCKER_SOCKET = "/var/run/docker.sock"
-# What the docker CLI runs on the far side for DOCKER_HOST=ssh://...; it honours the remote's own
-# DOCKER_HOST, so it finds a daemon that does not listen on the default socket.
-DOCKER_DIAL_STDIO = "docker system dial-stdio"
+from tunneld.ssh_target import SshError, SshTarget, auth_error, host_key_error, make_plan
 
 # Flow control per channel (bench/ssh_vs_openssh.py measured these against asyncssh's defaults of a
 # 2 MiB window and 32 KiB packets). The window is what the server may send before we acknowledge;
@@ -52,156 +42,6 @@ RECV_LOW_WATER = 512 * 1024
 SEND_HIGH_WATER = 1024 * 1024
 SEND_LOW_WATER = 256 * 1024
 _STDERR_KEEP = 4096
-
-# Known-hosts files OpenSSH reads when neither the settings nor the ssh config name any.
-_DEFAULT_KNOWN_HOSTS = ("~/.ssh/known_hosts", "~/.ssh/known_hosts2", "/etc/ssh/ssh_known_hosts")
-_DEFAULT_KEY_NAMES = ("id_ed25519", "id_ecdsa", "id_rsa", "id_ed25519_sk", "id_ecdsa_sk", "id_dsa")
-# Cipher preference when the ssh config names none. asyncssh (like OpenSSH) puts chacha20-poly1305
-# first, but its chacha20 shim costs about twice the CPU per byte of AES-GCM here, which OpenSSL runs
-# on AES-NI (bench/ssh_vs_openssh.py: ~2.5 vs ~1.4 ms of CPU per MB sent).
-_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com",
-            "aes256-ctr", "aes192-ctr", "aes128-ctr")
-
-
-class SshError(TransportError):
-    """The SSH connection could not be made; ``definitive`` errors will not heal by retrying."""
-
-    def __init__(self, message: str, *, definitive: bool) -> None:
-        super().__init__(message)
-        self.definitive = definitive
-
-
-@dataclass(frozen=True)
-class SshTarget:
-    """Where the settings lead once the ssh config applied: for messages and status (no secrets)."""
-
-    alias: str  # what the user wrote after ssh://
-    host: str  # HostName
-    port: int
-    user: str
-    identities: tuple[str, ...]  # key files offered, in order
-    agent: bool  # an ssh-agent is offered too
-    known_hosts: tuple[str, ...] | None  # files the host key is checked against; None: not checked
-
-    def __str__(self) -> str:
-        where = f"{self.user}@{format_host(self.host)}:{self.port}"
-        return where if self.alias == self.host else f"{where} ({self.alias})"
-
-
-@dataclass(frozen=True)
-class _Plan:
-    target: SshTarget
-    kwargs: dict[str, Any]
-
-
-def _expand(path: str) -> str:
-    return os.path.expanduser(os.path.expandvars(path))
-
-
-def _plan(settings: SshSettings, timeouts: Timeouts) -> _Plan:
-    """Turn settings into asyncssh keyword arguments; blocking (reads the config and key files).
-
-    :raises SshError: for a missing config file or an unusable key file (definitive).
-    """
-    kwargs: dict[str, Any] = {
-        "host": settings.host,
-        # asyncssh bounds TCP connect + key exchange + authentication together by connect_timeout.
-        "connect_timeout": timeouts.connect,
-        "login_timeout": timeouts.connect,
-        "keepalive_interval": settings.keepalive_interval,
-        "keepalive_count_max": settings.keepalive_count_max,
-        # Never hand the agent or an X display to the far side: we only open channels.
-        "agent_forwarding": False,
-        "x11_forwarding": False,
-        "request_pty": False,
-    }
-    if settings.config_file:
-        config_file = _expand(settings.config_file)
-        if not os.access(config_file, os.R_OK):
-            raise SshError(f"ssh config file {config_file} does not exist or is not readable "
-                           "(transport.ssh.config_file)", definitive=True)
-        kwargs["config"] = [config_file]
-    else:
-        # As ssh does; spelled out because asyncssh only defaults to it inside connect().
-        default = os.path.expanduser("~/.ssh/config")
-        kwargs["config"] = [default] if os.access(default, os.R_OK) else []
-    if settings.user:
-        kwargs["username"] = settings.user
-    if settings.port:
-        kwargs["port"] = settings.port
-    if settings.identity_files:
-        keys = [_expand(f) for f in settings.identity_files]
-        for key in keys:
-            if not os.access(key, os.R_OK):
-                raise SshError(f"identity file {key} does not exist or is not readable (-i / identity_files)",
-                               definitive=True)
-        kwargs["client_keys"] = keys
-    try:
-        options = asyncssh.SSHClientConnectionOptions(**kwargs)
-    except asyncssh.KeyImportError as e:
-        raise SshError(f"cannot use an identity file for {settings.host}: {e}; an encrypted key must be loaded "
-                       "into ssh-agent (ssh-add) instead", definitive=True) from None
-    except (OSError, ValueError) as e:
-        raise SshError(f"cannot read the ssh configuration for {settings.host}: {e}", definitive=True) from None
-    config = options.config
-    if not config.get("Ciphers"):
-        kwargs["encryption_algs"] = list(_CIPHERS)
-    if settings.identity_files:
-        identities = tuple(kwargs["client_keys"])
-    else:
-        configured = [_expand(str(p)) for p in _as_list(config.get("IdentityFile"))]
-        defaults = [str(Path("~/.ssh", n).expanduser()) for n in _DEFAULT_KEY_NAMES]
-        identities = tuple(p for p in (configured or defaults) if os.path.exists(p))
-    known: tuple[str, ...] | None = None
-    if settings.check_host_key:
-        known = _known_hosts_files(settings, config)
-        kwargs["known_hosts"] = _load_known_hosts(known)
-    else:
-        kwargs["known_hosts"] = None
-    target = SshTarget(
-        alias=settings.host, host=options.host, port=options.port, user=options.username,
-        identities=identities, agent=bool(options.agent_path), known_hosts=known,
-    )
-    return _Plan(target=target, kwargs=kwargs)
-
-
-def _as_list(value: object) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    return [str(v) for v in value]  # type: ignore[attr-defined]
-
-
-def _known_hosts_files(settings: SshSettings, config: Any) -> tuple[str, ...]:
-    """The files that decide trust, as OpenSSH would pick them (settings > ssh config > defaults)."""
-    if settings.known_hosts:
-        return (_expand(settings.known_hosts),)
-    user = config.get("UserKnownHostsFile")
-    glob = config.get("GlobalKnownHostsFile")
-    if user is None and glob is None:
-        return tuple(_expand(p) for p in _DEFAULT_KNOWN_HOSTS)
-    return tuple(_expand(p) for p in _as_list(user) + _as_list(glob))
-
-
-def _load_known_hosts(files: tuple[str, ...]) -> Any:
-    """Read the files that exist into one trust list (none at all means nothing is trusted).
-
-    Passing asyncssh the parsed object rather than paths keeps it from falling back to
-    ~/.ssh/known_hosts when the configured file is missing.
-    """
-    text = []
-    for f in files:
-        try:
-            text.append(Path(f).read_text(encoding="utf-8", errors="replace"))
-        except FileNotFoundError:
-            continue
-        except OSError as e:
-            raise SshError(f"cannot read known_hosts file {f}: {e.strerror or e}", definitive=True) from None
-    try:
-        return asyncssh.import_known_hosts("\n".join(text))
-    except ValueError as e:
-        raise SshError(f"cannot parse known_hosts ({', '.join(files)}): {e}", definitive=True) from None
 
 
 class _Client(asyncssh.SSHClient):
@@ -227,7 +67,7 @@ async def open_connection(settings: SshSettings, timeouts: Timeouts) -> SshConne
     :raises SshError: naming the server and the reason; ``definitive`` for host key, authentication,
         name resolution and configuration errors.
     """
-    plan = await anyio.to_thread.run_sync(_plan, settings, timeouts)
+    plan = await anyio.to_thread.run_sync(make_plan, settings, timeouts)
     target = plan.target
     clients: list[_Client] = []
 
@@ -240,9 +80,9 @@ async def open_connection(settings: SshSettings, timeouts: Timeouts) -> SshConne
         with anyio.fail_after(timeouts.connect + 5):
             conn = await asyncssh.connect(**plan.kwargs, client_factory=client_factory)
     except asyncssh.HostKeyNotVerifiable:
-        raise _host_key_error(target, clients[-1].offered_key if clients else None) from None
+        raise host_key_error(target, clients[-1].offered_key if clients else None) from None
     except asyncssh.PermissionDenied:
-        raise _auth_error(target) from None
+        raise auth_error(target) from None
     except asyncssh.KeyExchangeFailed as e:
         raise SshError(f"ssh to {target}: no common algorithm with the server ({e.reason}); check Ciphers / "
                        "KexAlgorithms in the ssh config", definitive=True) from None
@@ -262,51 +102,6 @@ async def open_connection(settings: SshSettings, timeouts: Timeouts) -> SshConne
     except (asyncssh.Error, ValueError) as e:
         raise SshError(f"ssh to {target}: {e}", definitive=True) from None
     return SshConnection(conn, clients[-1], target, open_timeout=timeouts.connect)
-
-
-def _host_key_error(target: SshTarget, offered: str | None) -> SshError:
-    files = target.known_hosts or ()
-    existing = [f for f in files if os.path.exists(f)]
-    key = f" ({offered})" if offered else ""
-    where = format_host(target.host) if target.port == 22 else f"[{target.host}]:{target.port}"
-    add_to = existing[0] if existing else (files[0] if files else "~/.ssh/known_hosts")
-    changed = _has_other_key(target, existing)
-    if changed:
-        what = (f"the host key of {target}{key} does NOT match the one known_hosts ({', '.join(existing)}) has "
-                f"for {where}: the server was reinstalled, or someone is intercepting the connection. Refusing "
-                f"to connect. If you know the server changed, remove the old entry with `ssh-keygen -R '{where}' "
-                f"-f {add_to}` and add the new one after checking its fingerprint")
-    else:
-        checked = ", ".join(files) if files else "no known_hosts file"
-        what = (f"the host key of {target}{key} is not in known_hosts (checked: {checked}). Refusing to "
-                f"connect. Check the fingerprint out of band, then add it with `ssh-keyscan -p {target.port} "
-                f"{target.host} >> {add_to}`, or point known_hosts (transport.ssh.known_hosts, or "
-                "UserKnownHostsFile in the ssh config) at a file that has it")
-    return SshError(what, definitive=True)
-
-
-def _has_other_key(target: SshTarget, files: list[str]) -> bool:
-    if not files:
-        return False
-    try:
-        port = None if target.port == 22 else target.port
-        trusted = asyncssh.match_known_hosts(files, target.host, target.host, port)[0]
-    except (OSError, ValueError):
-        return False
-    return bool(trusted)
-
-
-def _auth_error(target: SshTarget) -> SshError:
-    tried = list(target.identities)
-    if target.agent:
-        tried.append("the keys in ssh-agent (SSH_AUTH_SOCK)")
-    offered = ", ".join(tried) if tried else "no keys at all (no -i, no IdentityFile, no ~/.ssh/id_*, no ssh-agent)"
-    return SshError(
-        f"authentication failed for {target.user}@{format_host(target.host)}:{target.port}: tried {offered}. "
-        f"Add the matching public key to ~{target.user}/.ssh/authorized_keys on the server, or pass the right "
-        "key with -i FILE (transport.ssh.identity_files) or an IdentityFile in the ssh config",
-        definitive=True,
-    )
 
 
 class SshConnection:
@@ -560,81 +355,9 @@ class ChannelStream(anyio.abc.ByteStream):
         return self._s.stderr.decode(errors="replace")
 
 
-async def open_docker_socket_stream(conn: SshConnection, path: str | None = DEFAULT_DOCKER_SOCKET) -> ChannelStream:
-    """A stream to the Docker Engine API on the SSH server: the unix socket at ``path``
-    (direct-streamlocal, as ``ssh -L`` to a socket), or with ``path=None`` the output of
-    ``docker system dial-stdio`` run there (what the docker CLI does for DOCKER_HOST=ssh://).
-
-    :raises TransportError: naming the socket or command and the reason.
-    """
-    if path is None:
-        return await conn.open_exec(DOCKER_DIAL_STDIO)
-    return await conn.open_unix(path)
-
-
-@contextlib.asynccontextmanager
-async def serve_unix_bridge(
-    open_stream: Callable[[], Awaitable[anyio.abc.ByteStream]], *, name: str = "docker"
-) -> AsyncIterator[str]:
-    """Listen on a private local unix socket; relay each client to a fresh ``open_stream()``.
-
-    Yields the socket path, for clients that only speak to sockets (aiohttp's UnixConnector,
-    ``aiodocker.Docker(url="unix://" + path)``). The directory is mode 0700 and removed on exit;
-    relays still running then are cancelled.
-    """
-    directory = tempfile.mkdtemp(prefix=f"kci-tunneld-{name}-")  # mode 0700: only this user gets in
-    path = os.path.join(directory, f"{name}.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        listener.bind(path)
-        listener.listen(128)
-        listener.setblocking(False)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_accept_bridge_clients, listener, open_stream, name, tg)
-            try:
-                yield path
-            finally:
-                tg.cancel_scope.cancel()
-    finally:
-        listener.close()
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-async def _accept_bridge_clients(listener: socket.socket, open_stream: Callable[[], Awaitable[anyio.abc.ByteStream]],
-                                 name: str, tg: anyio.abc.TaskGroup) -> None:
-    while True:
-        await anyio.wait_readable(listener)
-        try:
-            sock, _ = listener.accept()
-        except (BlockingIOError, InterruptedError):
-            continue
-        tg.start_soon(_bridge_one, RawSocketStream(sock), open_stream, name)
-
-
-async def _bridge_one(client: RawSocketStream, open_stream: Callable[[], Awaitable[anyio.abc.ByteStream]],
-                      name: str) -> None:
-    try:
-        upstream = await open_stream()
-    except TransportError as e:
-        logger.warning("[%s bridge] closing client: %s", name, e)
-        await client.aclose()
-        return
-    except BaseException:
-        await client.aclose()
-        raise
-    try:
-        await relay(client, upstream, Traffic())
-    except RelayBroken as e:
-        logger.debug("[%s bridge] connection broken: %s", name, e)
-
-
 __all__ = [
-    "DEFAULT_DOCKER_SOCKET",
     "ChannelStream",
     "SshConnection",
     "SshError",
-    "SshTarget",
     "open_connection",
-    "open_docker_socket_stream",
-    "serve_unix_bridge",
 ]

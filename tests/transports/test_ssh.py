@@ -27,7 +27,8 @@ from tests.oci import build_layout, roundtrip
 from tunneld.config import SshSettings, Timeouts, TransportSpec
 from tunneld.errors import ExitCode, TransportError
 from tunneld.relay import RelayBroken, Traffic, relay
-from tunneld.ssh_client import open_connection, open_docker_socket_stream, serve_unix_bridge
+from tunneld.ssh_bridge import open_docker_socket_stream, serve_unix_bridge
+from tunneld.ssh_client import open_connection
 from tunneld.streams import RawSocketStream
 from tunneld.transports.ssh import SshTransport, backoff_delays, jittered
 

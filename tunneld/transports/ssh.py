@@ -23,7 +23,8 @@ import anyio.abc
 
 from tunneld.config import Timeouts, TransportSpec, format_host
 from tunneld.errors import TransportError
-from tunneld.ssh_client import ChannelStream, SshConnection, SshError, open_connection, open_docker_socket_stream
+from tunneld.ssh_bridge import open_docker_socket_stream
+from tunneld.ssh_client import ChannelStream, SshConnection, SshError, open_connection
 from tunneld.transports import send_first
 
 logger = logging.getLogger(__name__)
