@@ -33,8 +33,9 @@ from provision.spec import (
     ProvisionTimeouts,
     RegistrySpec,
 )
-from tunneld.docker_api import ContainerInfo, DockerClient
+from tunneld.docker_api import DockerClient
 from tunneld.docker_host import Endpoint
+from tunneld.docker_models import ContainerInfo
 
 logger = logging.getLogger(__name__)
 

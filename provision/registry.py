@@ -24,7 +24,8 @@ from provision.spec import (
     RegistrySpec,
 )
 from provision.waits import poll_until
-from tunneld.docker_api import ContainerDetails, DockerAPIError, DockerClient
+from tunneld.docker_api import DockerAPIError, DockerClient
+from tunneld.docker_models import ContainerDetails
 
 logger = logging.getLogger(__name__)
 

@@ -31,8 +31,9 @@ import anyio
 import anyio.abc
 
 from tunneld.config import AutoSettings, DockerSettings, ForwardSpec, Timeouts
-from tunneld.docker_api import DockerClient, PublishedPort
+from tunneld.docker_api import DockerClient
 from tunneld.docker_host import resolve_endpoint
+from tunneld.docker_models import PublishedPort
 from tunneld.errors import TransportError
 from tunneld.forward import backoff
 

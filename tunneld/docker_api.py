@@ -15,7 +15,6 @@ import json
 import ssl
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -25,6 +24,7 @@ import anyio
 
 from tunneld.config import Timeouts, TransportSpec, parse_via
 from tunneld.docker_host import Endpoint, ssl_context
+from tunneld.docker_models import ContainerDetails, ContainerInfo, ExecResult, PublishedPort, details
 from tunneld.errors import ConfigError, TransportError
 from tunneld.tls import ssl_reason
 
@@ -35,19 +35,6 @@ class DockerAPIError(TransportError):
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
-
-
-@dataclass(frozen=True)
-class ContainerInfo:
-    """What we need to know about a container."""
-
-    id: str
-    name: str
-    image: str  # as configured (alpine/socat)
-    image_id: str  # sha256:...
-    running: bool
-    state: str
-    labels: dict[str, str]
 
 
 class ExecStream:
@@ -383,7 +370,7 @@ class DockerClient:
     async def container_details(self, ref: str) -> ContainerDetails | None:
         """What ``docker inspect`` says about ``ref`` (env, published ports, networks...), or None."""
         data = await self._inspect(ref)
-        return None if data is None else _details(data, ref)
+        return None if data is None else details(data, ref)
 
     async def published_ports(self) -> list[PublishedPort]:
         """Every port a running container publishes on the Docker host (``docker ps`` PORTS)."""
@@ -470,57 +457,6 @@ class DockerClient:
         finally:
             with anyio.CancelScope(shield=True):
                 await query.__aexit__(None, None, None)
-
-@dataclass(frozen=True)
-class PublishedPort:
-    """One ``HOST_IP:HOST_PORT->CONTAINER_PORT/PROTO`` of a running container."""
-
-    container: str
-    host_ip: str
-    host_port: int
-    container_port: int
-    proto: str
-
-
-@dataclass(frozen=True)
-class ContainerDetails:
-    """The parts of ``docker inspect`` provisioning compares and reports."""
-
-    id: str
-    name: str
-    image: str  # as configured (registry:2)
-    running: bool
-    state: str
-    labels: dict[str, str]
-    env: tuple[str, ...]
-    port_bindings: tuple[tuple[str, str, int], ...]  # ("5000/tcp", "127.0.0.1", 5555), from HostConfig
-    restart_policy: str
-    networks: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class ExecResult:
-    exit_code: int
-    stdout: bytes
-    stderr: bytes
-
-
-def _details(data: Mapping[str, Any], ref: str) -> ContainerDetails:
-    cfg = data.get("Config") or {}
-    host = data.get("HostConfig") or {}
-    state = data.get("State") or {}
-    bindings = tuple(
-        (str(port), str(b.get("HostIp") or ""), int(b.get("HostPort") or 0))
-        for port, binds in sorted((host.get("PortBindings") or {}).items()) for b in (binds or [])
-    )
-    return ContainerDetails(
-        id=str(data.get("Id", "")), name=str(data.get("Name", ref)).lstrip("/"), image=str(cfg.get("Image", "")),
-        running=bool(state.get("Running")), state=str(state.get("Status", "")),
-        labels=dict(cfg.get("Labels") or {}), env=tuple(cfg.get("Env") or ()), port_bindings=bindings,
-        restart_policy=str((host.get("RestartPolicy") or {}).get("Name") or ""),
-        networks=tuple(sorted(((data.get("NetworkSettings") or {}).get("Networks") or {}).keys())),
-    )
-
 
 class _Abortable(Protocol):
     def abort(self) -> None: ...
