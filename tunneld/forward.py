@@ -11,7 +11,6 @@ reports, it never gates a connection.
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import itertools
 import logging
@@ -27,7 +26,7 @@ import anyio.abc
 
 from tunneld.config import ForwardSpec, Timeouts, format_host
 from tunneld.errors import BindError, TransportError
-from tunneld.listener import bind_listeners
+from tunneld.listener import Acceptor, bind_listeners
 from tunneld.probe import ProbeResult, probe
 from tunneld.relay import RelayBroken, Traffic, relay
 from tunneld.streams import RawSocketStream
@@ -112,7 +111,7 @@ class Forward:
         self.log = _Log(logger, {"ctx": f"forward={spec.name}"})
         self._slots = anyio.Semaphore(spec.max_connections)
         self._accept_scope: anyio.CancelScope | None = None
-        self._acceptors: list[_Acceptor] = []
+        self._acceptors: list[Acceptor] = []
         self._drained = anyio.Event()
         self._changed = anyio.Event()
         self._grace = timeouts.drain
@@ -253,28 +252,14 @@ class Forward:
                 s.close()
 
     async def _accept_loop(self, sock: socket.socket, conns: anyio.abc.TaskGroup) -> None:
-        """Accept from a callback that stays registered with the loop: a wait per connection cost
-        two epoll_ctl calls and a loop round trip (docs/performance.md). At the connection limit, or
-        after an accept error (EMFILE and kin), the callback is unhooked; new clients wait in the
-        kernel's backlog until a connection ends, or 0.1 s has passed."""
         def serve(client: socket.socket, peer: object) -> None:
             conns.start_soon(self._serve, client, peer)
 
-        acceptor = _Acceptor(sock, self._slots, serve, self.log)
+        acceptor = Acceptor(sock, self._slots, serve, self.log)
         self._acceptors.append(acceptor)
         try:
-            acceptor.hook()
-            while sock.fileno() != -1:
-                await acceptor.paused.wait()
-                acceptor.paused = anyio.Event()
-                if acceptor.failed:
-                    acceptor.failed = False
-                    await anyio.sleep(0.1)
-                async with self._slots:
-                    pass  # a free slot (at once, unless at the limit)
-                acceptor.hook()
+            await acceptor.run()
         finally:
-            acceptor.unhook()
             self._acceptors.remove(acceptor)
 
     async def _serve(self, client_sock: socket.socket, peer: object) -> None:
@@ -378,58 +363,6 @@ class Forward:
                     self._kick = anyio.Event()
                     await anyio.sleep(max(0.0, _MIN_PROBE_GAP - (time.monotonic() - started)))
                     return
-
-
-class _Acceptor:
-    """The listening socket's reader callback: accepts every pending client, each into its own task."""
-
-    def __init__(self, sock: socket.socket, slots: anyio.Semaphore,
-                 serve: Callable[[socket.socket, object], None], log: _Log) -> None:
-        self.sock = sock
-        self.slots = slots  # the forward's connection limit: one taken per client, given back when it ends
-        self.serve = serve
-        self.log = log
-        self.loop = asyncio.get_running_loop()
-        self.hooked = False
-        self.paused = anyio.Event()  # set when the callback unhooked itself
-        self.failed = False
-
-    def hook(self) -> None:
-        if not self.hooked and self.sock.fileno() != -1:
-            self.loop.add_reader(self.sock, self._acceptable)
-            self.hooked = True
-
-    def unhook(self) -> None:
-        if self.hooked:
-            self.hooked = False
-            if self.sock.fileno() != -1:
-                self.loop.remove_reader(self.sock)
-
-    def _pause(self) -> None:
-        self.unhook()
-        self.paused.set()
-
-    def _acceptable(self) -> None:
-        slots = self.slots
-        while True:
-            try:
-                slots.acquire_nowait()
-            except anyio.WouldBlock:
-                self._pause()
-                return
-            try:
-                client, peer = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                slots.release()
-                return
-            except OSError as e:
-                slots.release()
-                if self.sock.fileno() != -1:
-                    self.log.warning("accept failed: %s; retrying", e.strerror or e)
-                    self.failed = True
-                    self._pause()
-                return
-            self.serve(client, peer)
 
 
 # What a client sent before its upstream exists, handed to a transport that can send it along with
