@@ -113,6 +113,22 @@ def test_port_in_use_fails_naming_the_address(cli: Cli, echo_server: EchoServer)
     assert f"cannot listen on 127.0.0.1:{port}: address already in use" in result.stderr
 
 
+def test_a_failed_start_shows_only_its_own_log_lines(cli: Cli, echo_server: EchoServer) -> None:
+    """The log file is appended to by every daemon on the same control socket: what a failed start
+    prints must be that daemon's lines, not an earlier run's "ready" and "stopped"."""
+    first = cli.run("start", "--detach", "-L", f"127.0.0.1:0:127.0.0.1:{echo_server.port}")
+    assert first.returncode == 0, first.stderr
+    assert cli.run("stop").returncode == 0
+    holder = free_port_holder()
+    try:
+        failed = cli.run("start", "--detach", "-L", f"127.0.0.1:{holder.getsockname()[1]}:127.0.0.1:1")
+    finally:
+        holder.close()
+    assert failed.returncode == 5, failed.stderr
+    assert "before it was ready" in failed.stderr and "address already in use" in failed.stderr
+    assert "forward(s) ready" not in failed.stderr and "stopped" not in failed.stderr, failed.stderr
+
+
 def test_unreachable_target_is_not_ready(cli: Cli) -> None:
     refusing = refusing_socket()
     try:

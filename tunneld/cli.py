@@ -25,7 +25,7 @@ from tunneld.daemon import Daemon, not_ready_reason
 from tunneld.errors import AlreadyRunningError, ConfigError, ExitCode, NotReadyError, NotRunningError, TunneldError
 from tunneld.logs import setup_logging
 from tunneld.notify import Notifier
-from tunneld.processes import first_error, log_tail, pid_alive
+from tunneld.processes import first_error, log_size, log_tail, pid_alive
 
 logger = logging.getLogger("tunneld")
 
@@ -226,24 +226,25 @@ def _detach(args: argparse.Namespace, argv: list[str], config: Config) -> int:
     log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     child_argv = [a for a in argv if a != "--detach"]
     child_argv += ["--control", str(args.control), "--log-file", str(log_file)]
+    log_start = log_size(log_file)
     with open(log_file, "ab") as log:
         # A new session, and no inherited stdin/stdout/stderr: a CI step must never hang on us.
         child = subprocess.Popen(
             [sys.executable, "-m", "tunneld", *child_argv],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True,
         )
-    return _await_ready(args, config, child=child, log_file=str(log_file))
+    return _await_ready(args, config, child=child, log_file=str(log_file), log_start=log_start)
 
 
 def _await_ready(args: argparse.Namespace, config: Config, *, child: subprocess.Popen[bytes] | None,
-                 log_file: str | None) -> int:
+                 log_file: str | None, log_start: int = 0) -> int:
     timeout = args.ready_timeout or config.timeouts.ready
     deadline = time.monotonic() + timeout
     reply: dict[str, Any] | None = None
     while time.monotonic() < deadline:
         if child is not None and child.poll() is not None:
             print(f"kci-tunneld: the daemon exited with code {child.returncode} before it was ready:", file=sys.stderr)
-            print(log_tail(log_file), file=sys.stderr)
+            print(log_tail(log_file, start=log_start), file=sys.stderr)
             return child.returncode or int(ExitCode.ERROR)
         try:
             step = min(1.0, max(0.05, deadline - time.monotonic()))

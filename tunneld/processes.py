@@ -24,12 +24,23 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def log_tail(log_file: str | None, lines: int = 15) -> str:
-    """The last lines of a daemon's log, indented, naming the file."""
+def log_size(log_file: str | Path) -> int:
+    """Where a log ends now (0 when it does not exist yet): a new daemon's lines start there."""
+    try:
+        return os.path.getsize(log_file)
+    except OSError:
+        return 0
+
+
+def log_tail(log_file: str | None, lines: int = 15, *, start: int = 0) -> str:
+    """The last lines of a daemon's log from byte ``start`` on (the log is appended to by every
+    daemon that used it: an earlier daemon's lines would only mislead), indented, naming the file."""
     if not log_file:
         return ""
     try:
-        text = Path(log_file).read_text(errors="replace").splitlines()
+        with open(log_file, "rb") as f:
+            f.seek(start)
+            text = f.read().decode(errors="replace").splitlines()
     except OSError:
         return f"  (log {log_file} unreadable)"
     return "\n".join("  " + line for line in text[-lines:]) + f"\n  (log: {log_file})"

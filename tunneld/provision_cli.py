@@ -47,7 +47,7 @@ from tunneld.daemon import Daemon, not_ready_reason
 from tunneld.errors import AlreadyRunningError, ConfigError, ExitCode, NotReadyError, NotRunningError, TunneldError
 from tunneld.logs import setup_logging
 from tunneld.notify import Notifier
-from tunneld.processes import first_error, log_tail, pid_alive
+from tunneld.processes import first_error, log_size, log_tail, pid_alive
 
 UP_EXAMPLES = """\
 examples:
@@ -268,12 +268,13 @@ def run_up(args: argparse.Namespace) -> int:
         return _foreground(args, control, config_path, done, provisioner, ready_timeout)
     if existing is None:
         log_file = args.log_file or control.with_suffix(".log")
+        log_start = log_size(log_file)
         child = _spawn(args, control, config_path, spec_path, log_file, done.spec)
         _say(f"daemon started (pid {child.pid}); log: {log_file}")
     else:
-        child, log_file = None, existing.get("log_file")
+        child, log_file, log_start = None, existing.get("log_file"), 0
         _say(f"daemon already running with these forwards (pid {existing.get('pid')})")
-    reply = _await_ready(control, child, ready_timeout, str(log_file))
+    reply = _await_ready(control, child, ready_timeout, str(log_file), log_start)
     loop.run(functools.partial(provisioner.configure_cluster, done))
     _print_ready(reply, done)
     return int(ExitCode.OK)
@@ -303,7 +304,7 @@ def _spawn(args: argparse.Namespace, control: Path, config_path: Path, spec_path
 
 
 def _await_ready(control: Path, child: subprocess.Popen[bytes] | None, timeout: float,
-                 log_file: str) -> dict[str, Any]:
+                 log_file: str, log_start: int = 0) -> dict[str, Any]:
     """The daemon's status once every forward is ready.
 
     :raises NotReadyError: naming what is not ready (the daemon keeps running and retrying).
@@ -314,7 +315,7 @@ def _await_ready(control: Path, child: subprocess.Popen[bytes] | None, timeout: 
     while time.monotonic() < deadline:
         if child is not None and child.poll() is not None:
             raise TunneldError(f"the daemon exited with code {child.returncode} before it was ready; "
-                               f"see its log {log_file}:\n{log_tail(log_file)}")
+                               f"see its log {log_file}:\n{log_tail(log_file, start=log_start)}")
         try:
             step = min(1.0, max(0.05, deadline - time.monotonic()))
             reply = loop.run(functools.partial(request, control, "wait", timeout=step))
