@@ -65,6 +65,32 @@ async def test_open_forward_echoes_1mib_with_half_close_then_frees_port(echo_ser
     assert echo_server.half_closes >= 1  # the client's EOF reached the target as EOF
 
 
+@pytest.mark.parametrize("runner", ["asyncio.run", "uvloop.run"])
+def test_an_app_on_plain_asyncio_gets_its_connections_served(echo_server: EchoServer, runner: str) -> None:
+    """Apps embed us under asyncio.run or uvloop.run, not only anyio.run: the accept callback runs
+    outside any task and must still start each connection's task (it used to fail there with
+    anyio's "not currently running on any asynchronous event loop" whenever sniffio was installed,
+    and every client hung)."""
+    import asyncio
+
+    import sniffio  # the test extras install it: the failure needed it, as most real apps have it
+    import uvloop
+
+    async def app() -> bytes:
+        assert sniffio.current_async_library_cvar.get() is None  # not set up by anyio.run
+        async with tunneld.open_forward(f"127.0.0.1:0:127.0.0.1:{echo_server.port}", timeouts=FAST) as fwd:
+            await fwd.wait_ready(10)
+            reader, writer = await asyncio.open_connection("127.0.0.1", fwd.port)
+            writer.write(b"from a plain asyncio app")
+            writer.write_eof()
+            got = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            return got
+
+    run = asyncio.run if runner == "asyncio.run" else uvloop.run
+    assert run(app()) == b"from a plain asyncio app"
+
+
 async def test_states_follow_the_target_down_and_back(echo_server: EchoServer) -> None:
     timeouts = Timeouts(connect=1.0, probe=1.0, probe_interval=0.2, ready=10.0, drain=1.0)
     send, receive = anyio.create_memory_object_stream[ForwardState](100)

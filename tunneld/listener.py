@@ -11,6 +11,11 @@ from typing import Any
 
 import anyio
 
+try:
+    import sniffio
+except ImportError:  # without sniffio, anyio finds asyncio through get_running_loop(): callbacks work
+    sniffio = None  # type: ignore[assignment]
+
 from tunneld.config import format_host, is_loopback
 from tunneld.errors import BindError
 
@@ -123,6 +128,12 @@ class Acceptor:
 
     async def run(self) -> None:
         """Accept until the socket is closed (or this task is cancelled)."""
+        if sniffio is not None:
+            # The reader callback runs outside any task, and spawns one per client: there anyio
+            # finds its event loop only through sniffio's context variable, which anyio.run sets
+            # but asyncio.run and uvloop.run do not (an app embedding us). The loop runs each
+            # callback in a copy of the context add_reader was called in: this task's.
+            sniffio.current_async_library_cvar.set("asyncio")
         try:
             self.hook()
             while self.sock.fileno() != -1:
