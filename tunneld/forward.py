@@ -11,6 +11,7 @@ reports, it never gates a connection.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import itertools
 import logging
@@ -113,6 +114,7 @@ class Forward:
         self._accept_scope: anyio.CancelScope | None = None
         self._acceptors: list[Acceptor] = []
         self._drained = anyio.Event()
+        self._connections: set[asyncio.Task[None]] = set()
         self._changed = anyio.Event()
         self._grace = timeouts.drain
         self._retry_bind = retry_bind
@@ -142,29 +144,46 @@ class Forward:
         self._bound = [(str(s.getsockname()[0]), int(s.getsockname()[1])) for s in self.sockets]
         self.log.info("listening on %s -> %s via %s", ", ".join(self.addresses), self.spec.target, self.transport.name)
         try:
-            async with anyio.create_task_group() as conns:
-                async with anyio.create_task_group() as accepting:
-                    self._accept_scope = accepting.cancel_scope
-                    for sock in self.sockets:
-                        accepting.start_soon(self._accept_loop, sock, conns)
-                    accepting.start_soon(self._probe_loop)
-                    if self.state != ForwardState.FAILED:
-                        task_status.started(self)
-                    else:
-                        self._started_at = time.monotonic()  # bound at last: the start-up grace begins
-                        self._set_state(ForwardState.STARTING)
-                self._close_listeners()
-                self._set_state(ForwardState.STOPPING)
+            async with anyio.create_task_group() as accepting:
+                self._accept_scope = accepting.cancel_scope
+                for sock in self.sockets:
+                    accepting.start_soon(self._accept_loop, sock)
+                accepting.start_soon(self._probe_loop)
+                if self.state != ForwardState.FAILED:
+                    task_status.started(self)
+                else:
+                    self._started_at = time.monotonic()  # bound at last: the start-up grace begins
+                    self._set_state(ForwardState.STARTING)
+            self._close_listeners()
+            self._set_state(ForwardState.STOPPING)
+            if self.stats.active:
+                self.log.info("draining %d connection(s) for up to %gs", self.stats.active, self._grace)
+                with anyio.move_on_after(self._grace):
+                    await self._drained.wait()
                 if self.stats.active:
-                    self.log.info("draining %d connection(s) for up to %gs", self.stats.active, self._grace)
-                    with anyio.move_on_after(self._grace):
-                        await self._drained.wait()
-                    if self.stats.active:
-                        self.log.warning("grace period over: closing %d connection(s)", self.stats.active)
-                conns.cancel_scope.cancel()
+                    self.log.warning("grace period over: closing %d connection(s)", self.stats.active)
         finally:
             self._close_listeners()
+            await self._end_connections()
             self._set_state(ForwardState.STOPPED)
+
+    def _spawn_connection(self, client: socket.socket, peer: object) -> None:
+        # One asyncio task per connection, owned by this forward: _end_connections() cancels and
+        # awaits whatever is left, so none outlives it. Not an anyio task group: its start_soon
+        # costs ~28 us against create_task's ~5 us (uvloop, this machine), a tenth of what a
+        # connection costs through a direct forward (bench/: conn/s, 1 client).
+        task = asyncio.get_running_loop().create_task(self._serve(client, peer))
+        self._connections.add(task)
+        task.add_done_callback(self._connections.discard)
+
+    async def _end_connections(self) -> None:
+        """Cancel the connections still open and wait until each has closed its sockets."""
+        with anyio.CancelScope(shield=True):
+            while self._connections:
+                tasks = list(self._connections)
+                for task in tasks:
+                    task.cancel()
+                await asyncio.wait(tasks)
 
     async def _bind(self, task_status: anyio.abc.TaskStatus[Forward]) -> bool:
         """Bind the listeners; with ``retry_bind``, report ``failed`` and retry until bound or stopped.
@@ -251,11 +270,8 @@ class Forward:
             if s.fileno() != -1:
                 s.close()
 
-    async def _accept_loop(self, sock: socket.socket, conns: anyio.abc.TaskGroup) -> None:
-        def serve(client: socket.socket, peer: object) -> None:
-            conns.start_soon(self._serve, client, peer)
-
-        acceptor = Acceptor(sock, self._slots, serve, self.log)
+    async def _accept_loop(self, sock: socket.socket) -> None:
+        acceptor = Acceptor(sock, self._slots, self._spawn_connection, self.log)
         self._acceptors.append(acceptor)
         try:
             await acceptor.run()
