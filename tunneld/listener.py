@@ -11,11 +11,6 @@ from typing import Any
 
 import anyio
 
-try:
-    import sniffio
-except ImportError:  # without sniffio, anyio finds asyncio through get_running_loop(): callbacks work
-    sniffio = None  # type: ignore[assignment]
-
 from tunneld.config import format_host, is_loopback
 from tunneld.errors import BindError
 
@@ -113,7 +108,11 @@ class Acceptor:
     cost two epoll_ctl calls and a loop round trip: docs/performance.md); every pending client is
     accepted in one go and handed to ``serve``. At the connection limit (``slots``), or after an
     accept error (EMFILE and kin), the callback unhooks itself; new clients wait in the kernel's
-    backlog until a connection ends, or 0.1 s has passed."""
+    backlog until a connection ends, or 0.1 s has passed.
+
+    ``serve`` runs in that callback, outside any task: it must not start anyio tasks (anyio finds
+    its event loop there only when the app started with anyio.run, not asyncio.run or uvloop.run).
+    """
 
     def __init__(self, sock: socket.socket, slots: anyio.Semaphore,
                  serve: Callable[[socket.socket, object], None], log: logging.LoggerAdapter[Any]) -> None:
@@ -128,12 +127,6 @@ class Acceptor:
 
     async def run(self) -> None:
         """Accept until the socket is closed (or this task is cancelled)."""
-        if sniffio is not None:
-            # The reader callback runs outside any task, and spawns one per client: there anyio
-            # finds its event loop only through sniffio's context variable, which anyio.run sets
-            # but asyncio.run and uvloop.run do not (an app embedding us). The loop runs each
-            # callback in a copy of the context add_reader was called in: this task's.
-            sniffio.current_async_library_cvar.set("asyncio")
         try:
             self.hook()
             while self.sock.fileno() != -1:
