@@ -179,11 +179,10 @@ class Forward:
     async def _end_connections(self) -> None:
         """Cancel the connections still open and wait until each has closed its sockets."""
         with anyio.CancelScope(shield=True):
-            while self._connections:
-                tasks = list(self._connections)
-                for task in tasks:
+            while pending := [task for task in self._connections if not task.done()]:
+                for task in pending:
                     task.cancel()
-                await asyncio.wait(tasks)
+                await asyncio.wait(pending)
 
     async def _bind(self, task_status: anyio.abc.TaskStatus[Forward]) -> bool:
         """Bind the listeners; with ``retry_bind``, report ``failed`` and retry until bound or stopped.
