@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 
 from tests.lab.lab import LabInfo, docker
-from tests.oci import build_layout, pull, push
+from tests.oci import build_layout, roundtrip
 from tests.provision.support import REPO, cli_env, free_port, inspect, removed_after, run_cli, unique
 from tunneld.errors import ExitCode
+from tunneld.processes import pid_alive
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -47,15 +48,6 @@ def port_free(port: int) -> bool:
     return True
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-
-
 @pytest.fixture
 def control(tmp_path: Path) -> Iterator[Path]:
     """A private control socket; whatever daemon ends up on it is stopped at the end (by its pid)."""
@@ -64,7 +56,7 @@ def control(tmp_path: Path) -> Iterator[Path]:
     pid_file = tmp_path / "daemon.pid"
     if pid_file.exists():
         pid = int(pid_file.read_text())
-        if alive(pid):
+        if pid_alive(pid):
             os.kill(pid, signal.SIGTERM)
 
 
@@ -95,9 +87,7 @@ def test_up_no_cluster_push_reuse_recreate_down(lab: LabInfo, control: Path, tmp
         print(f"up --no-cluster --detach: {took:.2f}s")
 
         layout = build_layout(tmp_path / "img", layer_sizes=(2 << 20, 1 << 20, 512 << 10))
-        assert push(layout, f"localhost:{PORT}", "up/app") == layout.manifest_digest
-        assert pull(f"localhost:{PORT}", "up/app", layout.tag, tmp_path / "back").layer_digests == \
-            layout.layer_digests
+        roundtrip(layout, f"localhost:{PORT}", "up/app", tmp_path)
 
         again = run_cli("up", *args, "--detach", env=env)
         assert again.returncode == 0, again.stderr
@@ -118,7 +108,7 @@ def test_up_no_cluster_push_reuse_recreate_down(lab: LabInfo, control: Path, tmp
         down = run_cli("down", *args, env=env)
         assert down.returncode == 0, down.stderr
         assert f"daemon stopped (pid {pid})" in down.stderr and f"registry {NAME}: removed" in down.stderr
-        assert inspect(lab, NAME) is None and not alive(pid) and port_free(PORT)
+        assert inspect(lab, NAME) is None and not pid_alive(pid) and port_free(PORT)
         assert not control.with_suffix(".up.toml").exists() and not control.with_suffix(".provision.json").exists()
 
 

@@ -25,7 +25,7 @@ import anyio
 import pytest
 
 from tests.cli import Cli
-from tests.helpers import echo_roundtrip, running_forward
+from tests.helpers import echo_roundtrip, parallel_echoes, running_forward
 from tests.lab.lab import LabInfo
 from tunneld.config import DockerSettings, Timeouts, TransportSpec
 from tunneld.docker_api import DockerClient
@@ -125,15 +125,7 @@ async def test_forward_echo_1mib_with_half_close(lab: LabInfo, ssh_home: Path, m
             info = transport.info()
             assert info["docker_host"] == f"ssh://{lab.ssh_alias}"
             assert await echo_roundtrip(fwd.port, data) == data
-            results: list[bytes] = []
-
-            async def one(i: int) -> None:
-                results.append(await echo_roundtrip(fwd.port, data[: 128 * 1024] + bytes([i])))
-
-            async with anyio.create_task_group() as tg:  # more clients than idle slots: new execs over SSH
-                for i in range(8):
-                    tg.start_soon(one, i)
-            assert sorted(results) == sorted(data[: 128 * 1024] + bytes([i]) for i in range(8))
+            await parallel_echoes(fwd.port, data[: 128 * 1024])  # more clients than idle slots: new execs over SSH
 
 
 def test_cli_start_via_docker_over_ssh_and_stop_cleanup(lab: LabInfo, tmp_path: Path) -> None:
