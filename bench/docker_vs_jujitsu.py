@@ -54,7 +54,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.proxies import free_port, stop, targets, wait_port  # noqa: E402
+from bench.proxies import free_port, stop, targets, tunneld_argv, wait_port  # noqa: E402
 from tests.lab.lab import LabInfo  # noqa: E402
 from tests.lab.lab import info as lab_info  # noqa: E402
 from tests.oci import build_layout  # noqa: E402
@@ -118,7 +118,7 @@ def tunneld(lab: LabInfo, targets_: Mapping[str, int], workdir: Path, mode: str 
     toml.write_text(f'[transport]\nvia = "docker"\n[transport.docker]\nhelper_name = "kci-bench-helper-'
                     f'{uuid.uuid4().hex[:6]}"\nhelper_image = "{lab.socat_image}"\n{forwards}')
     control = workdir / "c.sock"
-    cli = [sys.executable, "-m", "tunneld"]
+    cli = tunneld_argv()
     subprocess.run([*cli, "start", "--detach", "--config", str(toml), "--control", str(control),
                     "--log-level", "warning", "--log-file", str(workdir / "tunneld.log")],
                    check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, timeout=120)

@@ -41,6 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.proxies import tunneld_argv  # noqa: E402
 from tests.lab.lab import info as lab_info  # noqa: E402
 
 CIPHERS = ("chacha20-poly1305@openssh.com", "aes128-gcm@openssh.com")
@@ -170,7 +171,7 @@ host_port = {echo_port}
 """)
     control = workdir / "c.sock"
     env = {**os.environ, "KCI_TUNNELD_LOOP": loop, "PYTHONPATH": str(ROOT)}
-    cli = [sys.executable, "-m", "tunneld"]
+    cli = tunneld_argv()
     subprocess.run([*cli, "start", "--detach", "--config", str(toml), "--control", str(control),
                     "--log-level", "warning"], check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, timeout=60)
     try:
