@@ -4,6 +4,7 @@ Run from the repository root with the lab up (``python3 -m tests.lab up``), as r
 
     python3 bench/docker_cpu.py                 # kci-tunneld --via docker, Docker over TCP+TLS
     python3 bench/docker_cpu.py --jujitsu       # the socat jujitsu instead, same measurements
+    python3 bench/docker_cpu.py --python        # kci-tunneld with the lab's python3 helper image
 
 Two measurements through one forwarder (the same ones bench/docker_vs_jujitsu.py times):
 
@@ -22,6 +23,7 @@ A benchmark, not a test: it prints and gates nothing.
 from __future__ import annotations
 
 import argparse
+import functools
 import subprocess
 import sys
 import tempfile
@@ -54,12 +56,18 @@ def cpu(of: dict[str, list[int]]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--jujitsu", action="store_true", help="measure the socat jujitsu instead of kci-tunneld")
+    p.add_argument("--python", action="store_true", help="kci-tunneld with the lab's python3 helper image "
+                   "(relay_python.py) instead of the socat one")
     p.add_argument("--bursts", type=int, default=10, help="bursts of 32 to measure (default 10)")
     p.add_argument("--seconds", type=float, default=5.0, help="per iperf3 run (default 5)")
     args = p.parse_args(argv)
     lab = lab_info()
-    forwarder = jujitsu if args.jujitsu else tunneld
-    label = "socat jujitsu" if args.jujitsu else "kci-tunneld --via docker"
+    if args.jujitsu:
+        label, forwarder = "socat jujitsu", jujitsu
+    else:
+        label = f"kci-tunneld --via docker, {'python3' if args.python else 'socat'} helper"
+        image = lab.python_image if args.python else lab.socat_image
+        forwarder = functools.partial(tunneld, image=image)
     with tempfile.TemporaryDirectory() as work, targets(Path(work), lab.netns) as t, \
             forwarder(lab, {"echo": t.echo, "iperf": t.iperf}, Path(work)) as (ports, pids):
         bursts(ports["echo"], 32, 3)  # warm: kci-tunneld's pool grows to the burst

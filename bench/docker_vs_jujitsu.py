@@ -11,7 +11,9 @@ Both forwarders reach the same targets inside the lab namespace: an echo server 
 - **jujitsu**: a helper container running the socat image with ``--net=host``, sleeping, and here
   ``socat TCP-LISTEN:P,reuseaddr,fork EXEC:'docker exec -i HELPER socat STDIO TCP:localhost:TARGET'``
   with DOCKER_HOST (and DOCKER_TLS_VERIFY, DOCKER_CERT_PATH) pointing at the lab;
-- **kci-tunneld**: the real daemon, ``python -m tunneld start --detach --via docker``, same env.
+- **kci-tunneld**: the real daemon, ``python -m tunneld start --detach --via docker``, same env, once
+  with the socat image as its helper (relay.sh: a socat per connection) and once with the lab's
+  python3 image (relay_python.py: no process per connection); ``--helpers`` picks.
 
 Measured through each, interleaved metric by metric so background load hits both alike:
 
@@ -46,7 +48,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,8 +109,8 @@ def jujitsu(lab: LabInfo, targets_: Mapping[str, int], workdir: Path, mode: str 
 
 
 @contextmanager
-def tunneld(lab: LabInfo, targets_: Mapping[str, int], workdir: Path, mode: str = "tls"
-            ) -> Iterator[tuple[dict[str, int], list[int]]]:
+def tunneld(lab: LabInfo, targets_: Mapping[str, int], workdir: Path, mode: str = "tls",
+            image: str | None = None) -> Iterator[tuple[dict[str, int], list[int]]]:
     """kci-tunneld --via docker as a detached daemon (the real CLI), stopped with --cleanup."""
     env = docker_env(lab, mode)
     env["PYTHONPATH"] = str(ROOT)
@@ -116,7 +118,7 @@ def tunneld(lab: LabInfo, targets_: Mapping[str, int], workdir: Path, mode: str 
     forwards = "".join(f'[[forwards]]\nname = "{n}"\nbind = "127.0.0.1"\nhost = "127.0.0.1"\nhost_port = {p}\n'
                        for n, p in targets_.items())
     toml.write_text(f'[transport]\nvia = "docker"\n[transport.docker]\nhelper_name = "kci-bench-helper-'
-                    f'{uuid.uuid4().hex[:6]}"\nhelper_image = "{lab.socat_image}"\n{forwards}')
+                    f'{uuid.uuid4().hex[:6]}"\nhelper_image = "{image or lab.socat_image}"\n{forwards}')
     control = workdir / "c.sock"
     cli = tunneld_argv()
     subprocess.run([*cli, "start", "--detach", "--config", str(toml), "--control", str(control),
@@ -309,31 +311,34 @@ def ms(x: float) -> str:
     return f"{x * 1000:.1f}" if x < 1 else f"{x * 1000:.0f}"
 
 
-def table(jj: Row, kt: Row, limit: float, mode: str, layout_mib: float) -> str:
+def table(jj: Row, kts: list[Row], limit: float, mode: str, layout_mib: float) -> str:
     def ratio(a: float, b: float) -> str:
         return f"{a / b:.1f}x" if b else "-"
 
     lines = [
-        f"| Docker over {'TCP+TLS' if mode == 'tls' else 'the unix socket'} | socat jujitsu | kci-tunneld --via docker"
-        " | better by |",
-        "|---|---:|---:|---:|",
+        f"| Docker over {'TCP+TLS' if mode == 'tls' else 'the unix socket'} | socat jujitsu | "
+        + " | ".join(f"{kt.name} | better by" for kt in kts) + " |",
+        "|---|---:|" + "---:|---:|" * len(kts),
     ]
 
-    def add(label: str, a: float, b: float, fmt: Any, lower_is_better: bool = True) -> None:
-        lines.append(f"| {label} | {fmt(a)} | {fmt(b)} | {ratio(a, b) if lower_is_better else ratio(b, a)} |")
+    def add(label: str, value: Any, fmt: Any, lower_is_better: bool = True) -> None:
+        a = value(jj)
+        cells = [f"{fmt(value(kt))} | {ratio(a, value(kt)) if lower_is_better else ratio(value(kt), a)}" for kt in kts]
+        lines.append(f"| {label} | {fmt(a)} | " + " | ".join(cells) + " |")
 
-    add("set-up p50, 1 client (ms)", statistics.median(jj.setup1), statistics.median(kt.setup1), ms)
-    add("set-up p99, 1 client (ms)", pct(jj.setup1, 99), pct(kt.setup1, 99), ms)
-    add("set-up p50, bursts of 32 (ms)", statistics.median(jj.burst_warm), statistics.median(kt.burst_warm), ms)
-    add("set-up p99, bursts of 32 (ms)", pct(jj.burst_warm, 99), pct(kt.burst_warm, 99), ms)
-    add("set-up p50, first burst of 32 (ms)", statistics.median(jj.burst_cold), statistics.median(kt.burst_cold), ms)
-    add("connections/s, 1 client", jj.conns1, kt.conns1, lambda x: f"{x:.0f}", lower_is_better=False)
-    add("connections/s, 32 clients", jj.conns32, kt.conns32, lambda x: f"{x:.0f}", lower_is_better=False)
-    add("throughput 1 stream up (MB/s)", jj.up, kt.up, lambda x: f"{x:.0f}", lower_is_better=False)
-    add("throughput 1 stream down (MB/s)", jj.down, kt.down, lambda x: f"{x:.0f}", lower_is_better=False)
-    add(f"skopeo push+pull {layout_mib:.0f} MiB (s)", jj.skopeo, kt.skopeo, lambda x: f"{x:.1f}")
-    lines.append(f"| skopeo push+pull inside the namespace, the limit (s) | {limit:.1f} | {limit:.1f} | "
-                 f"{ratio(jj.skopeo, limit)} / {ratio(kt.skopeo, limit)} of it |")
+    count = lambda x: f"{x:.0f}"  # noqa: E731
+    add("set-up p50, 1 client (ms)", lambda r: statistics.median(r.setup1), ms)
+    add("set-up p99, 1 client (ms)", lambda r: pct(r.setup1, 99), ms)
+    add("set-up p50, bursts of 32 (ms)", lambda r: statistics.median(r.burst_warm), ms)
+    add("set-up p99, bursts of 32 (ms)", lambda r: pct(r.burst_warm, 99), ms)
+    add("set-up p50, first burst of 32 (ms)", lambda r: statistics.median(r.burst_cold), ms)
+    add("connections/s, 1 client", lambda r: r.conns1, count, lower_is_better=False)
+    add("connections/s, 32 clients", lambda r: r.conns32, count, lower_is_better=False)
+    add("throughput 1 stream up (MB/s)", lambda r: r.up, count, lower_is_better=False)
+    add("throughput 1 stream down (MB/s)", lambda r: r.down, count, lower_is_better=False)
+    add(f"skopeo push+pull {layout_mib:.0f} MiB (s)", lambda r: r.skopeo, lambda x: f"{x:.1f}")
+    lines.append(f"| skopeo push+pull inside the namespace, the limit (s) | {limit:.1f} | "
+                 + " | ".join(f"{limit:.1f} | {ratio(kt.skopeo, limit)} of it" for kt in kts) + " |")
     return "\n".join(lines)
 
 
@@ -344,10 +349,11 @@ def goals(jj: Row, kt: Row, limit: float) -> list[str]:
         ("one-stream throughput >= 2x (up)", kt.up / jj.up, 2),
         ("one-stream throughput >= 2x (down)", kt.down / jj.down, 2),
     ]
-    out = [f"- {'met' if got >= want else 'NOT met'}: {what} (measured {got:.1f}x)" for what, got, want in checks]
+    out = [f"- {kt.name}: {'met' if got >= want else 'NOT met'}: {what} (measured {got:.1f}x)"
+           for what, got, want in checks]
     within = kt.skopeo / limit
-    out.append(f"- {'met' if within <= 1.5 else 'NOT met'}: skopeo push+pull within 1.5x of the in-namespace limit "
-               f"(measured {within:.2f}x)")
+    out.append(f"- {kt.name}: {'met' if within <= 1.5 else 'NOT met'}: skopeo push+pull within 1.5x of the "
+               f"in-namespace limit (measured {within:.2f}x)")
     return out
 
 
@@ -366,8 +372,15 @@ def main(argv: list[str] | None = None) -> int:
                    "one first burst, reported apart)")
     p.add_argument("--seconds", type=float, default=5.0, help="per throughput and conn/s run")
     p.add_argument("--skopeo-mib", type=int, default=48, help="image size for the skopeo round trip")
+    p.add_argument("--helpers", default="socat,python",
+                   help="kci-tunneld rows, by helper image: socat (the lab's alpine/socat, relay.sh), python (the "
+                   "lab's python3 image, relay_python.py); default both")
     p.add_argument("--no-write", action="store_true", help="print only; leave bench/results/docker.md alone")
     args = p.parse_args(argv)
+    images = {"socat": "alpine/socat", "python": "python3"}
+    helpers = [h for h in args.helpers.split(",") if h]
+    if not helpers or set(helpers) - set(images):
+        p.error(f"--helpers: a comma-separated list of {', '.join(images)}")
     lab = lab_info()
     if not (Path(lab.netns_path).exists() and Path(lab.docker_sock).exists()):
         print("the lab is not up: run `python3 -m tests.lab up` first", file=sys.stderr)
@@ -383,18 +396,25 @@ def main(argv: list[str] | None = None) -> int:
                     for _ in range(args.rounds))
         with targets(workdir, netns=lab.netns) as t:
             wanted = {"echo": t.echo, "iperf": t.iperf, "registry": lab.registry_port}
-            (workdir / "jj").mkdir()
-            (workdir / "kt").mkdir()
-            with jujitsu(lab, wanted, workdir / "jj", args.docker) as (jj_ports, _), \
-                    tunneld(lab, wanted, workdir / "kt", args.docker) as (kt_ports, _):
-                jj, kt = Row("socat jujitsu"), Row("kci-tunneld --via docker")
-                measure({"jj": (jj, jj_ports), "kt": (kt, kt_ports)}, args, layout, workdir)
+            with ExitStack() as stack:
+                (workdir / "jj").mkdir()
+                jj_ports, _ = stack.enter_context(jujitsu(lab, wanted, workdir / "jj", args.docker))
+                jj = Row("socat jujitsu")
+                rows = {"jj": (jj, jj_ports)}
+                kts = []
+                for h in helpers:
+                    (workdir / h).mkdir()
+                    image = lab.python_image if h == "python" else lab.socat_image
+                    ports, _ = stack.enter_context(tunneld(lab, wanted, workdir / h, args.docker, image))
+                    kts.append(Row(f"kci-tunneld, {images[h]} helper"))
+                    rows[h] = (kts[-1], ports)
+                measure(rows, args, layout, workdir)
     report = "\n".join([
-        table(jj, kt, limit, args.docker, args.skopeo_mib), "",
-        *goals(jj, kt, limit), "",
-        *[f"- {row.name} failed once: {f[:300]}" for row in (jj, kt) for f in row.failures],
+        table(jj, kts, limit, args.docker, args.skopeo_mib), "",
+        *[line for kt in kts for line in goals(jj, kt, limit)], "",
+        *[f"- {row.name} failed once: {f[:300]}" for row in (jj, *kts) for f in row.failures],
         f"Measured with `python3 bench/docker_vs_jujitsu.py{' --docker unix' if args.docker == 'unix' else ''}`: "
-        f"{args.rounds} rounds, the two forwarders taking turns within each; set-up = connect() to the first "
+        f"{args.rounds} rounds, the forwarders taking turns within each; set-up = connect() to the first "
         f"echoed byte of a 64-byte request ({args.setup_count} sequential, in one block per forwarder and round "
         f"after {SETTLE:g} s of quiet; bursts: 32 clients connecting at once, also after {SETTLE:g} s of quiet, "
         "the very first burst reported apart, then "

@@ -97,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="log here (default with --detach: next to the control socket)")
     start.add_argument("--allow-non-loopback", action="store_true",
                        help="allow BIND addresses other than loopback (exposes the far side to the network)")
-    start.add_argument("--helper-image", metavar="IMAGE", help="docker transport: helper image (default alpine/socat)")
+    start.add_argument("--helper-image", metavar="IMAGE",
+                       help="docker transport: helper image (default alpine/socat; one with python3, such as "
+                       "python:3-alpine, sets up connections faster)")
     start.add_argument("-i", dest="identity_files", action="append", default=[], metavar="FILE",
                        help="ssh transport: private key file; repeatable")
     start.add_argument("--ready-timeout", type=float, metavar="SECONDS",
@@ -354,7 +356,7 @@ def _recent_events(reply: dict[str, Any], limit: int = 10) -> list[str]:
 def _status_header(reply: dict[str, Any], now: float) -> str:
     transport = reply.get("transport") or {}
     head = f"kci-tunneld pid {reply.get('pid')} {reply.get('state')} via {transport.get('kind', '?')}"
-    facts = [f"{k} {transport[k]}" for k in ("state", "reconnects") if transport.get(k) is not None]
+    facts = [f"{k} {transport[k]}" for k in ("state", "relay", "reconnects") if transport.get(k) is not None]
     if transport.get("last_error") and transport.get("state") not in (None, "connected", "ready"):
         facts.append(f"last error: {transport['last_error']}")
     if facts:

@@ -167,9 +167,9 @@ def _import_image(spec: images.ImageSpec) -> str:
 
 
 def ensure_images() -> str:
-    """`up` step: the three images exist and match their recipes."""
+    """`up` step: the lab's images exist and match their recipes."""
     try:
-        specs = [images.registry_spec(), images.socat_spec(), images.busybox_spec()]
+        specs = [images.registry_spec(), images.socat_spec(), images.busybox_spec(), images.python_spec()]
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         raise LabError(f"cannot assemble image root filesystems: {exc}") from exc
     return ", ".join(f"{s.name} {_import_image(s)}" for s in specs)

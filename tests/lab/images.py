@@ -23,6 +23,12 @@ from typing import IO
 BUSYBOX = Path("/bin/busybox")
 SOCAT = Path("/usr/bin/socat")
 REGISTRY = Path("/usr/bin/docker-registry")
+# Debian's python3 (not whatever runs the tests): its stdlib sits at a fixed path to copy.
+PYTHON = Path("/usr/bin/python3.11")
+PYTHON_LIB = Path("/usr/lib/python3.11")
+# Not needed to run a script, and most of the size.
+_PYTHON_SKIP = {"test", "site-packages", "dist-packages", "idlelib", "tkinter", "turtledemo", "ensurepip",
+                "lib2to3", "pydoc_data", "__pycache__"}
 PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # User-level applets worth having in a relay container; intersected with what the
@@ -169,6 +175,28 @@ def busybox_spec() -> ImageSpec:
         symlinks=_busybox_links(),
         texts=dict(_ETC),
         changes=(f"ENV {PATH_ENV}", 'CMD ["sh"]'),
+    )
+
+
+def _python_stdlib() -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    for path in sorted(PYTHON_LIB.rglob("*")):
+        rel = path.relative_to(PYTHON_LIB)
+        if path.is_file() and not _PYTHON_SKIP.intersection(rel.parts) and not rel.parts[0].startswith("config-"):
+            files[f"usr/lib/python3.11/{rel}"] = path
+    return files
+
+
+def python_spec() -> ImageSpec:
+    """`kcilab/python:latest`, a `python:3-alpine` stand-in: busybox for sh and sleep, and python3
+    (Debian's, with its libraries and standard library). The docker transport's fast relay runs
+    on it (tunneld/transports/relay_python.py)."""
+    return ImageSpec(
+        name="kcilab/python:latest",
+        files={"bin/busybox": BUSYBOX, "usr/bin/python3.11": PYTHON, **shared_libs(PYTHON), **_python_stdlib()},
+        symlinks={**_busybox_links(), "usr/bin/python3": "python3.11"},
+        texts=dict(_ETC),
+        changes=(f"ENV {PATH_ENV}", 'CMD ["python3"]'),
     )
 
 

@@ -86,6 +86,7 @@ class LabInfo:
     registry_image: str
     socat_image: str
     busybox_image: str
+    python_image: str  # busybox and python3: the docker transport's python relay
     echo_host: str  # inside the namespace only
     echo_host6: str
     echo_port: int
@@ -134,6 +135,7 @@ INFO = LabInfo(
     registry_image="registry:2",
     socat_image="alpine/socat:latest",
     busybox_image="kcilab/busybox:latest",
+    python_image="kcilab/python:latest",
     echo_host="127.0.0.1",
     echo_host6="::1",
     echo_port=ECHO_PORT,

@@ -113,12 +113,13 @@ def test_env_exports_point_at_the_lab(lab: LabInfo) -> None:
 
 
 def test_images_exist(lab: LabInfo) -> None:
-    names = (lab.registry_image, lab.socat_image, lab.busybox_image)
+    names = (lab.registry_image, lab.socat_image, lab.busybox_image, lab.python_image)
     proc = labmod.docker("image", "inspect", "--format", "{{json .Config.Entrypoint}}", *names, timeout=CALL_TIMEOUT)
     entrypoints = [json.loads(line) for line in proc.stdout.splitlines()]
     assert entrypoints == [
         ["/usr/bin/docker-registry", "serve", "/etc/docker/registry/config.yml"],
         ["socat"],
+        None,
         None,
     ]
 
@@ -128,6 +129,14 @@ def test_busybox_image_has_nc_and_no_socat(lab: LabInfo) -> None:
         "run", "--rm", lab.busybox_image, "sh", "-c", "which nc; which socat || echo no-socat", timeout=CALL_TIMEOUT
     )
     assert proc.stdout.split() == ["/bin/nc", "no-socat"]
+
+
+def test_python_image_runs_a_script_with_sockets(lab: LabInfo) -> None:
+    proc = labmod.docker(
+        "run", "--rm", lab.python_image, "python3", "-S", "-c",
+        "import select, socket, sys; print(sys.version_info[0])", timeout=CALL_TIMEOUT,
+    )
+    assert proc.stdout.split() == ["3"]
 
 
 # ---------------------------------------------------------------- echo service

@@ -75,6 +75,12 @@ async def helper_state(s: DockerSettings) -> str | None:
 
 
 tls_param = pytest.mark.parametrize("tls", [False, True], ids=["unix", "tls"])
+# The relay the helper image gets: relay.sh with socat (alpine/socat), or relay_python.py (python3).
+relay_param = pytest.mark.parametrize("relay", ["socat", "python"])
+
+
+def image(lab: LabInfo, relay: str) -> str:
+    return lab.python_image if relay == "python" else lab.socat_image
 
 
 # ---------------------------------------------------------------- choosing the Docker host (no lab)
@@ -218,18 +224,19 @@ async def test_missing_helper_image_is_named(lab: LabInfo) -> None:
 # ---------------------------------------------------------------- streams through the helper
 
 
+@relay_param
 @tls_param
 @pytest.mark.anyio
-async def test_echo_4mib_with_half_close(lab: LabInfo, tls: bool) -> None:
+async def test_echo_4mib_with_half_close(lab: LabInfo, tls: bool, relay: str) -> None:
     """Over TLS the exec stream cannot half-close: the client's EOF travels in band and must still arrive."""
     data = os.urandom(4 * 1024 * 1024)
-    s = settings(lab, tls=tls)
+    s = settings(lab, tls=tls, helper_image=image(lab, relay))
     with anyio.fail_after(90):
         async with docker_transport(s) as transport, running_forward(transport, lab.echo_port) as fwd:
             assert await echo_roundtrip(fwd.port, data) == data
             await parallel_echoes(fwd.port, data[: 256 * 1024])
             info = transport.info()
-            assert info["tls"] is tls and info["relay"] == "socat" and info["relay_primed"] is True
+            assert info["tls"] is tls and info["relay"] == relay and info["relay_primed"] is (relay == "socat")
 
 
 @tls_param
@@ -248,12 +255,13 @@ async def test_echo_4mib_with_a_busybox_only_helper(lab: LabInfo, tls: bool) -> 
                 await transport.connect("127.0.0.1", 1)
 
 
+@relay_param
 @pytest.mark.anyio
-async def test_stream_contract_and_slot_reuse(lab: LabInfo) -> None:
+async def test_stream_contract_and_slot_reuse(lab: LabInfo, relay: str) -> None:
     """Bytes after our EOF still arrive; EndOfStream at the far side's EOF; a refused target is named;
     connections reuse the pooled execs instead of starting one each."""
     with anyio.fail_after(60):
-        async with docker_transport(settings(lab, tls=False, pool_size=2)) as transport:
+        async with docker_transport(settings(lab, tls=False, pool_size=2, helper_image=image(lab, relay))) as transport:
             for i in range(20):
                 stream = await transport.connect("127.0.0.1", lab.echo_port)
                 await stream.send(b"ping %d" % i)
@@ -267,7 +275,8 @@ async def test_stream_contract_and_slot_reuse(lab: LabInfo) -> None:
                 with pytest.raises(anyio.ClosedResourceError):
                     await stream.receive()
             assert await _echo(transport, lab, b"over IPv6", host=lab.echo_host6) == b"over IPv6"
-            with pytest.raises(TransportError, match=r"127\.0\.0\.1:1 from helper container .*Connection refused"):
+            refused = r"127\.0\.0\.1:1 from helper container kci-test-\w+: Connection refused$"
+            with pytest.raises(TransportError, match=refused):
                 await transport.connect("127.0.0.1", 1)
             # A probe-like open-and-close leaves the exec reusable too.
             for _ in range(5):
@@ -294,14 +303,15 @@ async def _echo(transport: DockerTransport, lab: LabInfo, data: bytes, host: str
     return got
 
 
+@relay_param
 @tls_param
 @pytest.mark.anyio
-async def test_first_bytes_ride_with_the_request(lab: LabInfo, tls: bool) -> None:
+async def test_first_bytes_ride_with_the_request(lab: LabInfo, tls: bool, relay: str) -> None:
     """A client's first bytes go out with the connection request (one Docker round trip less): small
     ones, ones beyond what may wait in the relay's FIFO, and ones for a target that refuses, after
     which the same exec serves the next connection."""
     with anyio.fail_after(60):
-        async with docker_transport(settings(lab, tls=tls, pool_size=1)) as transport:
+        async with docker_transport(settings(lab, tls=tls, pool_size=1, helper_image=image(lab, relay))) as transport:
             assert await _echo(transport, lab, b"", first=b"hello") == b"hello"
             big = os.urandom(FIRST_LIMIT * 3 + 7)
             assert await _echo(transport, lab, b" and more", first=big) == big + b" and more"
@@ -340,8 +350,9 @@ async def _lines(stream: anyio.abc.ByteReceiveStream) -> AsyncIterator[str]:
         yield line.decode()
 
 
+@relay_param
 @pytest.mark.anyio
-async def test_far_side_half_closes_first(lab: LabInfo) -> None:
+async def test_far_side_half_closes_first(lab: LabInfo, relay: str) -> None:
     """The far side says its piece and half-closes; the client keeps sending, and all of it arrives."""
     with anyio.fail_after(60):
         async with await anyio.open_process(["nsenter", f"--net={lab.netns_path}", sys.executable, "-c",
@@ -350,7 +361,7 @@ async def test_far_side_half_closes_first(lab: LabInfo) -> None:
             lines = _lines(server.stdout)
             port = int(await anext(lines))
             try:
-                async with docker_transport(settings(lab, tls=True)) as transport:
+                async with docker_transport(settings(lab, tls=True, helper_image=image(lab, relay))) as transport:
                     stream = await transport.connect("127.0.0.1", port)
                     got = b""
                     with pytest.raises(anyio.EndOfStream):
@@ -382,8 +393,9 @@ while True:
 """
 
 
+@relay_param
 @pytest.mark.anyio
-async def test_client_leaving_a_far_side_that_never_closes_frees_the_slot(lab: LabInfo) -> None:
+async def test_client_leaving_a_far_side_that_never_closes_frees_the_slot(lab: LabInfo, relay: str) -> None:
     """After timeouts.drain the relay of that one connection is ended; the exec itself is kept."""
     with anyio.fail_after(60):
         async with await anyio.open_process(["nsenter", f"--net={lab.netns_path}", sys.executable, "-c",
@@ -391,7 +403,8 @@ async def test_client_leaving_a_far_side_that_never_closes_frees_the_slot(lab: L
             assert server.stdout is not None
             port = int(await anext(_lines(server.stdout)))
             try:
-                async with docker_transport(settings(lab, tls=False, pool_size=1)) as transport:
+                s = settings(lab, tls=False, pool_size=1, helper_image=image(lab, relay))
+                async with docker_transport(s) as transport:
                     stream = await transport.connect("127.0.0.1", port)
                     slot = stream.slot
                     await stream.send(b"hello")
@@ -409,13 +422,14 @@ async def test_client_leaving_a_far_side_that_never_closes_frees_the_slot(lab: L
                     server.kill()
 
 
-@tls_param
+@pytest.mark.parametrize("tls, relay", [(False, "socat"), (True, "socat"), (True, "python")],
+                         ids=["unix", "tls", "tls-python"])
 @pytest.mark.anyio
-async def test_skopeo_push_and_pull_digests_identical(lab: LabInfo, tmp_path: Path, tls: bool) -> None:
+async def test_skopeo_push_and_pull_digests_identical(lab: LabInfo, tmp_path: Path, tls: bool, relay: str) -> None:
     layout = build_layout(tmp_path / "src", layer_sizes=(16 << 20, 10 << 20, 8 << 20))
     assert layout.size >= 32 * 1024 * 1024
     with anyio.fail_after(240):
-        async with docker_transport(settings(lab, tls=tls)) as transport, \
+        async with docker_transport(settings(lab, tls=tls, helper_image=image(lab, relay))) as transport, \
                 running_forward(transport, lab.registry_port) as fwd:
             registry = f"127.0.0.1:{fwd.port}"
             repo = f"kci/docker-{'tls' if tls else 'unix'}-{os.getpid()}-{time.monotonic_ns()}"
@@ -529,6 +543,8 @@ def test_cli_start_via_docker_status_and_stop_cleanup(lab: LabInfo, tmp_path: Pa
         assert "key.pem" not in json.dumps(status)  # no secrets or key paths in status
         assert status["forwards"][0]["state"] == "ready"
         assert anyio.run(helper_state, _cli_settings(lab, helper)) == "running"
+        text = cli.run("status")
+        assert "via docker (state connected, relay socat, reconnects 0)" in text.stdout, text.stdout
     finally:
         stop = cli.run("stop", "--cleanup")
         if stop.returncode != 0:

@@ -36,7 +36,16 @@ from tunneld.docker_api import DockerAPIError, DockerClient, ExecStream
 from tunneld.docker_host import Endpoint, resolve_endpoint
 from tunneld.errors import TransportError
 from tunneld.transports import send_first
-from tunneld.transports.docker_relay import FIRST_LIMIT, RELAY_SCRIPT, DockerStream, Slot, relay_key, short_reason
+from tunneld.transports.docker_relay import (
+    FIRST_LIMIT,
+    RELAY_MODES,
+    RELAY_PYTHON,
+    RELAY_SCRIPT,
+    DockerStream,
+    Slot,
+    relay_key,
+    short_reason,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -260,8 +269,9 @@ class DockerTransport:
 
     async def _run_slot(self, slot: Slot) -> None:
         # The last target reached: a new slot starts a socat for it ahead of its first request.
-        hint = [self._hint[0], str(self._hint[1]), relay_key(*self._hint)] if self._hint else []
-        cmd = ["/bin/sh", "-c", RELAY_SCRIPT, "kci-tunneld-relay", str(math.ceil(self.timeouts.connect)), *hint]
+        hint = [self._hint[0], str(self._hint[1]), relay_key(*self._hint)] if self._hint else ["", "", ""]
+        cmd = ["/bin/sh", "-c", RELAY_SCRIPT, "kci-tunneld-relay", str(math.ceil(self.timeouts.connect)), *hint,
+               RELAY_PYTHON]
         try:
             cm, slot.stream = await self._open_exec(cmd)
         except TransportError as e:
@@ -275,7 +285,7 @@ class DockerTransport:
                     io.start_soon(slot.writer)
                     await slot.run()
                     io.cancel_scope.cancel()
-            if slot.mode not in ("socat", "nc") and slot.dead is None:
+            if slot.mode not in RELAY_MODES and slot.dead is None:
                 slot.kill(await self._why_no_relay(slot))
             slot.kill("the exec ended")
         finally:
@@ -301,8 +311,8 @@ class DockerTransport:
         if info is None or not info.running:
             self._helper_suspect = True  # the next exec repairs it first
             return f"helper container {self.settings.helper_name} stopped or was removed"
-        return (f"helper image {self.settings.helper_image} cannot run the relay (it needs sh, sleep, dd, "
-                f"and socat or nc): {slot.startup_output() or 'the exec ended without output'}")
+        return (f"helper image {self.settings.helper_image} cannot run the relay (it needs sh, sleep, and python3, "
+                f"or dd and socat or nc): {slot.startup_output() or 'the exec ended without output'}")
 
     async def _fill_one(self) -> None:
         try:

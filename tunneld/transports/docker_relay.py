@@ -45,6 +45,10 @@ FIRST_LIMIT = 32 * 1024
 # are dropped: the script travels in every exec-create request.
 _SCRIPT_FILE = resources.files("tunneld.transports") / "relay.sh"
 RELAY_SCRIPT = "".join(line for line in _SCRIPT_FILE.read_text().splitlines(True) if not line.lstrip().startswith("#"))
+# The relay that takes over from the script when the helper image has python3: no process per
+# connection (tunneld/transports/relay_python.py; it runs under the helper's python3, not ours).
+RELAY_PYTHON = (resources.files("tunneld.transports") / "relay_python.py").read_text()
+RELAY_MODES = ("python", "socat", "nc")
 
 
 _SOCAT_RE = re.compile(r"socat\[(\d+)\] ([A-Z]) (.*)$")
@@ -258,14 +262,23 @@ class Slot:
             await self._wake.wait()
             self._wake = anyio.Event()
             while self._out:
-                item = self._out.popleft()
-                if isinstance(item, _Frame):
-                    self._out_size -= item.size
-                    self._space.set()
-                    await self.stream.write(b"".join([b"%d\n" % item.size, *item.chunks]))
-                    continue
-                await self.stream.write(item)
-                if item == b"0\n" and self.conn is not None:
+                # Everything queued leaves in one write: each write is a TLS record and a send(),
+                # and a connection's request usually comes with its first bytes.
+                parts: list[bytes] = []
+                size = 0
+                eof = False
+                while self._out and size < MAX_FRAME:
+                    item = self._out.popleft()
+                    if isinstance(item, _Frame):
+                        self._out_size -= item.size
+                        size += item.size
+                        parts += [b"%d\n" % item.size, *item.chunks]
+                    else:
+                        parts.append(item)
+                        eof = eof or item == b"0\n"
+                self._space.set()
+                await self.stream.write(parts[0] if len(parts) == 1 else b"".join(parts))
+                if eof and self.conn is not None:
                     self.conn.up_eof_written = True
 
     def open(self, host: str, port: int, first: bytes = b"") -> DockerStream:
@@ -340,6 +353,8 @@ class Slot:
         elif line == "C":
             conn.ok = True
             conn.settled.set()
+        elif line == "E":  # relay_python.py: the far side is at EOF
+            self._remote_eof(conn)
         elif line.startswith("X "):
             status = line[2:].strip()
             self._relay_exited(conn, int(status) if status.isdigit() else 1)
@@ -396,8 +411,9 @@ class Slot:
     async def _abort_later(self, conn: DockerStream) -> None:
         grace = self.transport.timeouts.drain
         await anyio.sleep(grace)
-        if self.conn is conn and not conn.down_done and self.primed:
-            # Kill just this connection's socat ("K"): the exec and its other socats stay.
+        if self.conn is conn and not conn.down_done and (self.primed or self.mode == "python"):
+            # End just this connection ("K": its socat is killed, or the python relay aborts it): the
+            # exec stays.
             logger.debug("[slot %d] %s still open %gs after the client left: ending it",
                          self.number, conn.target, grace)
             self.control(b"K\n", urgent=True)

@@ -1,13 +1,15 @@
 # The relay script: runs in the helper container as one long-lived `docker exec` (a slot), as
-#   /bin/sh -c SCRIPT kci-tunneld-relay CONNECT_TIMEOUT [HOST PORT KEY]
-# (the last three: a target to prime a socat for at once). Loaded by docker_relay.py, which drops
-# the comment lines before sending it. POSIX sh: it must run under busybox ash and dash alike.
+#   /bin/sh -c SCRIPT kci-tunneld-relay CONNECT_TIMEOUT HOST PORT KEY PYTHON_RELAY
+# (HOST PORT KEY: a target to prime a socat for at once, or empty; PYTHON_RELAY: the source of
+# relay_python.py, which takes over when the image has python3). Loaded by docker_relay.py, which
+# drops the comment lines before sending it. POSIX sh: it must run under busybox ash and dash alike.
 #
 # One connection at a time over this exec. stdin: "C HOST PORT NONCE KEY", then frames: "LEN" + LEN
 # bytes, "0" (upstream EOF), "F" (print NONCE on stdout: downstream is over), "Q" (connection over),
 # "K" (kill this connection's relay), anything else kills this exec. stderr: "R MODE" (ready),
 # "P PID" (the relay process for this connection), "C" (nc connected), socat's notices,
-# "X STATUS" (relay exited), "D" (connection over, next request please).
+# "X STATUS" (relay exited), "D" (connection over, next request please); relay_python.py also says
+# "E" (the far side is at EOF) and "R python".
 #
 # With socat and a FIFO (mkfifo in a writable /tmp), a socat for each target this exec has served
 # is started ahead of time, blocked opening its FIFO: it has loaded and only connects once a request
@@ -15,9 +17,10 @@
 # open while writing to it, so a frame is never cut short by EPIPE (that would desynchronise the
 # framing); a relay that dies mid-connection gets its exec retired instead. Without a FIFO, or with
 # busybox nc, each connection forks a pipeline "frames | relay" and the relay drains what is left.
+T=$1
+if [ -n "$5" ] && command -v python3 >/dev/null 2>&1; then exec python3 -S -c "$5" "$T"; fi
 exec 3>&1
 trap '' PIPE
-T=$1
 read -r _ _ _ _ pg _ </proc/self/stat
 f=/tmp/.kci-tunneld-$$
 die() { rm -f "$f"-*; if [ "$pg" = $$ ]; then kill 0; fi; exit 1; }
