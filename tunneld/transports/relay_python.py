@@ -58,10 +58,11 @@ class Connection:
         say("C")
 
     def fail(self, reason: str, status: int = 1) -> None:
-        say(reason)
-        self.close(status)
+        self.close(status, before=reason)
 
-    def close(self, status: int, abort: bool = False) -> None:
+    def close(self, status: int, abort: bool = False, before: str = "", after: str = "") -> None:
+        """End the connection and say "X STATUS" once, with the lines before and after it in the
+        same write: every write to stderr is a message through the shim, dockerd and the API."""
         if self.sock is not None:
             if abort:
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
@@ -69,9 +70,14 @@ class Connection:
             self.sock = None
         self.up = bytearray()
         self.down_eof = True
+        lines = [before] if before else []
         if self.exit_status is None:
             self.exit_status = status
-            say("X %d" % status)
+            lines.append("X %d" % status)
+        if after:
+            lines.append(after)
+        if lines:
+            say("\n".join(lines))
 
     def send_some(self) -> None:
         assert self.sock is not None
@@ -209,8 +215,7 @@ def relay(conn: Connection, stdin: Input) -> None:
             stdin.fill()
         elif events.get(0, 0):
             sys.exit(0)  # hung up without a byte to read: the daemon closed the exec
-    conn.close(0)
-    say("D")
+    conn.close(0, after="D")
 
 
 def main() -> None:
