@@ -3,6 +3,7 @@
 Run from the repository root with the lab up (``python3 -m tests.lab up``), as root:
 
     python3 bench/exec_ceiling.py            # Docker over TCP+TLS and over the unix socket
+    python3 bench/exec_ceiling.py --bursts   # also: 32 round trips at once over 32 warm execs
 
 A throwaway container (the lab's socat image, sleeping) gets two execs per transport, driven by
 kci-tunneld's own Docker client (tunneld/docker_api.py, aiodocker under uvloop), with no relay,
@@ -12,7 +13,10 @@ framing or target in the way:
 - down: 1 GiB read from the stdout of ``dd if=/dev/zero bs=256k`` (timed to the end of the stream).
 
 It also times the docker CLI doing the same down-transfer (``docker exec ... dd ... | cat``), the
-tool the socat jujitsu runs per connection. Nothing here gates anything: it explains where the
+tool the socat jujitsu runs per connection. ``--bursts`` adds the latency floor of a burst: 32
+execs already started (``cat``, or ``socat STDIO TCP:`` to an echo server already connected), then
+30 times 64 bytes written to all 32 at once, timed until each echo is back: what any relay that
+starts nothing per connection could at best get from the exec path. Nothing here gates anything: it explains where the
 Docker transport's throughput stops (docs/docker-transport.md, "What bounds them").
 """
 
@@ -20,10 +24,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import anyio
@@ -31,9 +38,10 @@ import anyio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.proxies import targets  # noqa: E402
 from tests.lab.lab import docker, info  # noqa: E402
 from tunneld.config import DockerSettings  # noqa: E402
-from tunneld.docker_api import DockerClient  # noqa: E402
+from tunneld.docker_api import DockerClient, ExecStream  # noqa: E402
 from tunneld.docker_host import resolve_endpoint  # noqa: E402
 
 BLOCK = 256 * 1024
@@ -59,6 +67,35 @@ async def exec_rates(settings: DockerSettings, container: str, total: int) -> tu
     return up, down
 
 
+async def burst_floor(settings: DockerSettings, container: str, cmd: str, clients: int = 32,
+                      rounds: int = 30) -> tuple[float, float]:
+    """(p50, p99) in ms of a 64-byte round trip on each of ``clients`` warm execs at once."""
+    samples: list[float] = []
+
+    async def one(stream: ExecStream) -> None:
+        t0 = time.perf_counter()
+        await stream.write(b"x" * 64)
+        got = 0
+        while got < 64:
+            frame = await stream.read()
+            if frame is None:
+                raise RuntimeError(f"the exec {cmd!r} ended")
+            if frame[0] == stream.STDOUT:
+                got += len(frame[1])
+        samples.append((time.perf_counter() - t0) * 1000)
+
+    async with DockerClient(resolve_endpoint(settings, {}), timeout=10) as client, AsyncExitStack() as stack:
+        streams = [await stack.enter_async_context(client.exec_stream(container, ["sh", "-c", cmd]))
+                   for _ in range(clients)]
+        for _ in range(rounds):
+            async with anyio.create_task_group() as tg:
+                for stream in streams:
+                    tg.start_soon(one, stream)
+            await anyio.sleep(0.05)
+    samples.sort()
+    return statistics.median(samples), samples[int(len(samples) * 0.99)]
+
+
 def cli_down(env: dict[str, str], container: str, total: int) -> float:
     t0 = time.perf_counter()
     subprocess.run(f"docker exec {container} dd if=/dev/zero bs={BLOCK} count={total // BLOCK} 2>/dev/null "
@@ -69,6 +106,7 @@ def cli_down(env: dict[str, str], container: str, total: int) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mib", type=int, default=1024, help="bytes per transfer, in MiB (default 1024)")
+    parser.add_argument("--bursts", action="store_true", help="also the latency floor of bursts of 32 (see above)")
     args = parser.parse_args()
     lab = info()
     total = args.mib * 1024 * 1024
@@ -85,6 +123,14 @@ def main() -> int:
             up, down = anyio.run(exec_rates, s, name, total, backend_options={"use_uvloop": True})
             cli = cli_down(lab.docker_env(tls=tls), name, total)
             print(f"| {label} | {up:.0f} | {down:.0f} | {cli:.0f} |", flush=True)
+        if args.bursts:
+            s = DockerSettings(host=lab.docker_host_tcp, tls_verify=True, cert_path=str(lab.client_cert_dir))
+            with tempfile.TemporaryDirectory(prefix="kci-bench-ceiling-") as work, targets(Path(work), lab.netns) as t:
+                print("\n| 32 warm execs over TCP+TLS, 64-byte round trips at once | p50 ms | p99 ms |")
+                print("|---|---:|---:|")
+                for cmd in ("cat", f"socat STDIO TCP:127.0.0.1:{t.echo}"):
+                    p50, p99 = anyio.run(burst_floor, s, name, cmd, backend_options={"use_uvloop": True})
+                    print(f"| `{cmd.replace(str(t.echo), 'ECHO')}` | {p50:.2f} | {p99:.2f} |", flush=True)
     finally:
         docker("rm", "-f", name, check=False)
     print(f"\n{args.mib} MiB per transfer; load average after: {os.getloadavg()[0]:.2f}")
