@@ -377,6 +377,47 @@ async def test_far_side_half_closes_first(lab: LabInfo, relay: str) -> None:
                     server.kill()
 
 
+# Inside the lab namespace: accept, say something, then reset the connection (SO_LINGER 0).
+RESETTING_SERVER = """
+import socket, struct, time
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+s.listen(1)
+print(s.getsockname()[1], flush=True)
+c, _ = s.accept()
+c.sendall(b"partial")
+time.sleep(0.3)
+c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+c.close()
+"""
+
+
+@relay_param  # not busybox nc: it exits 0 on a reset as on an EOF (docs/docker-transport.md)
+@pytest.mark.anyio
+async def test_a_far_side_reset_is_a_broken_stream_not_an_end(lab: LabInfo, relay: str) -> None:
+    """A reset far side must not look like a clean EOF to the client (a cut-off reply taken for a whole
+    one); the slot carries the next connection."""
+    with anyio.fail_after(60):
+        async with await anyio.open_process(["nsenter", f"--net={lab.netns_path}", sys.executable, "-c",
+                                             RESETTING_SERVER], stdin=subprocess.DEVNULL) as server:
+            assert server.stdout is not None
+            port = int(await anext(_lines(server.stdout)))
+            try:
+                s = settings(lab, tls=True, pool_size=1, helper_image=image(lab, relay))
+                async with docker_transport(s) as transport:
+                    stream = await transport.connect("127.0.0.1", port)
+                    got = b""
+                    with pytest.raises(anyio.BrokenResourceError, match="reset"):
+                        while True:
+                            got += await stream.receive()
+                    assert b"partial".startswith(got)
+                    await stream.aclose()
+                    assert await _echo(transport, lab, b"next") == b"next"
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    server.kill()
+
+
 # Inside the lab namespace: accept, read to EOF, and never close (a far side that ignores our EOF).
 HOLDING_SERVER = """
 import socket, time

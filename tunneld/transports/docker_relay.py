@@ -54,6 +54,8 @@ RELAY_MODES = ("python", "socat", "nc")
 _SOCAT_RE = re.compile(r"socat\[(\d+)\] ([A-Z]) (.*)$")
 _SOCAT_EXIT_RE = re.compile(r"exiting with status (\d+)|exit\((\d+)\)")
 _SOCAT_EOF_RE = re.compile(r"socket 2 \(fd \d+\) is at EOF")
+_SOCAT_IN_ERROR_RE = re.compile(r"socket \d to socket \d is in error")
+_SOCAT_IO_RE = re.compile(r"(read|write|recv|send)\w*\(")
 _SOCAT_PRIMED_RE = re.compile(r'N opening named pipe ".*-([0-9a-f]+)" for reading')
 
 
@@ -344,6 +346,12 @@ class Slot:
                 conn.settled.set()
             elif _SOCAT_EOF_RE.match(text):
                 self._remote_eof(conn)
+            elif _SOCAT_IN_ERROR_RE.match(text) and conn.broken is None:
+                # A read or write failed (a reset, most often): socat reports EOF next and exits 0,
+                # but the client must see a broken stream, not a clean end.
+                conn.broken = short_reason(conn.errors[-1]) if conn.errors else "the connection broke"
+            elif level == "W" and _SOCAT_IO_RE.match(text):
+                conn.errors.append(text)  # the reason for the "is in error" that follows
             elif (x := _SOCAT_EXIT_RE.match(text)) is not None:
                 self._relay_exited(conn, int(x.group(1) or x.group(2)))
             elif level in "EF":
@@ -444,7 +452,8 @@ def relay_key(host: str, port: int) -> str:
 
 
 def short_reason(reason: str) -> str:
-    """socat's "connect(5, AF=2 127.0.0.1:1, 16): Connection refused" -> "Connection refused"."""
-    m = re.match(r"connect\([^)]*\): (.*)$", reason)
+    """socat's "connect(5, AF=2 127.0.0.1:1, 16): Connection refused" -> "Connection refused" (and
+    the same for read(), write() and the like)."""
+    m = re.match(r"\w+\([^)]*\): (.*)$", reason)
     return m.group(1) if m else reason
 
