@@ -9,6 +9,8 @@ speak to it from here.
 - ``DockerStream`` is one client's connection on a slot, with the anyio byte-stream contract.
   When the far side has sent EOF, the relay prints a per-connection random nonce on stdout: the
   bytes before it are the far side's data, and the nonce marks their end, in order.
+- With python3 in the helper, RELAY_PYTHON (relay_python.py) replaces the script: same stdin, but
+  bytes and events come in frames on stdout, in one ordered stream: no nonce, no ``F``, no ``Q``.
 
 The pool of slots, the helper container and ``connect()`` live in tunneld/transports/docker.py.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+import struct
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -56,6 +59,7 @@ _SOCAT_EXIT_RE = re.compile(r"exiting with status (\d+)|exit\((\d+)\)")
 _SOCAT_EOF_RE = re.compile(r"socket 2 \(fd \d+\) is at EOF")
 _SOCAT_IN_ERROR_RE = re.compile(r"socket \d to socket \d is in error")
 _SOCAT_IO_RE = re.compile(r"(read|write|recv|send)\w*\(")
+_PY_HEADER = struct.Struct(">cI")  # relay_python.py's stdout frames: kind, length
 _SOCAT_PRIMED_RE = re.compile(r'N opening named pipe ".*-([0-9a-f]+)" for reading')
 
 
@@ -217,6 +221,7 @@ class Slot:
         self.dead: str | None = None
         self.scope = anyio.CancelScope()
         self._line = b""
+        self._frames = bytearray()  # relay_python.py's stdout, not yet parsed
         self._startup_output: list[str] = []
         self._out: deque[bytes | _Frame] = deque()  # control frames, and data waiting to be framed
         self._out_size = 0
@@ -313,12 +318,33 @@ class Slot:
                 *lines, self._line = self._line.split(b"\n")
                 for raw in lines:
                     self._event(raw.decode(errors="replace").rstrip("\r"))
+            elif self.mode == "python":
+                await self._python_frames(data)
             elif self.conn is not None and not self.conn.down_done:
                 await self.conn.feed(data)
             elif not self.ready.is_set():
                 self._startup_output.append(data.decode(errors="replace"))  # e.g. "exec: sh: not found"
             else:
                 self.protocol_error(f"{len(data)} unexpected bytes on stdout")
+
+    async def _python_frames(self, data: bytes) -> None:
+        """relay_python.py's stdout: ``d`` frames (the far side's bytes) and ``e`` frames (events), in
+        order, so the far side's EOF needs no nonce and no ``F``."""
+        self._frames += data
+        while len(self._frames) >= 5:
+            kind, size = _PY_HEADER.unpack_from(self._frames)
+            if len(self._frames) < 5 + size:
+                return
+            payload = bytes(self._frames[5:5 + size])
+            del self._frames[:5 + size]
+            if kind == b"e":
+                for line in payload.decode(errors="replace").splitlines():
+                    self._event(line)
+            elif kind == b"d" and self.conn is not None and not self.conn.down_done:
+                await self.conn.feed(payload)
+            else:
+                self.protocol_error(f"unexpected frame {kind!r} of {size} bytes")
+                return
 
     def _event(self, line: str) -> None:
         conn = self.conn
@@ -367,7 +393,10 @@ class Slot:
             status = line[2:].strip()
             self._relay_exited(conn, int(status) if status.isdigit() else 1)
         elif line == "D":
-            if not conn.quit_sent:
+            if self.mode == "python":  # it ends a connection by itself once both sides are done
+                if not conn.down_done:
+                    conn.finish_down()
+            elif not conn.quit_sent:
                 self.protocol_error("the connection ended before it was quit")
                 return
             self.conn = None
@@ -394,12 +423,18 @@ class Slot:
         self._remote_eof(conn)
 
     def _remote_eof(self, conn: DockerStream) -> None:
+        if self.mode == "python":  # everything before the event was the far side's data
+            if not conn.down_done:
+                conn.finish_down()
+            return
         if not conn.flush_requested:
             conn.flush_requested = True
             self.control(b"F\n", urgent=True)
 
     def maybe_finish(self, conn: DockerStream) -> None:
         """Both directions are over, or the client left and the far side is done: end the connection."""
+        if self.mode == "python":
+            return  # the python relay ends it by itself ("D")
         if conn.down_done and (conn.up_eof or conn.discard) and not conn.quit_sent and self.conn is conn:
             conn.quit_sent = True
             self.control(b"Q\n")
@@ -408,12 +443,14 @@ class Slot:
         """The client closed early: let the far side finish within timeouts.drain, else end the relay."""
         if self.conn is not conn or self.dead is not None:
             return
-        if conn.down_done:
+        if conn.down_done and self.mode != "python":
             self.maybe_finish(conn)
             return
         if not conn.up_eof:
             conn.up_eof = True
             self.control(b"0\n")  # the far side sees FIN and usually closes soon
+        if conn.down_done:
+            return
         self.transport.spawn(self._abort_later, conn)
 
     async def _abort_later(self, conn: DockerStream) -> None:

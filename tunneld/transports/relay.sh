@@ -8,8 +8,8 @@
 # bytes, "0" (upstream EOF), "F" (print NONCE on stdout: downstream is over), "Q" (connection over),
 # "K" (kill this connection's relay), anything else kills this exec. stderr: "R MODE" (ready),
 # "P PID" (the relay process for this connection), "C" (nc connected), socat's notices,
-# "X STATUS" (relay exited), "D" (connection over, next request please); relay_python.py also says
-# "E" (the far side is at EOF) and "R python".
+# "X STATUS" (relay exited), "D" (connection over, next request please). relay_python.py, which
+# takes over where python3 exists, reads the same stdin but answers in frames on stdout (see there).
 #
 # With socat and a FIFO (mkfifo in a writable /tmp), a socat for each target this exec has served
 # is started ahead of time, blocked opening its FIFO: it has loaded and only connects once a request

@@ -1,20 +1,25 @@
 """The relay for helper images that have python3: one process per slot, no process per connection.
 
-Not imported by kci-tunneld: relay.sh runs it as ``python3 -S -c SOURCE CONNECT_TIMEOUT`` in the
-helper container when the image has ``python3`` (``python:3-alpine``, for instance). It speaks
-exactly the protocol of relay.sh (see the comments there), one connection at a time over one exec:
+Not imported by kci-tunneld: relay.sh hands its exec over to it, as ``python3 -S -c SOURCE
+CONNECT_TIMEOUT``, when the helper image has ``python3`` (``python:3-alpine``, for instance). One
+connection at a time over one exec, many in its life, like relay.sh, but where relay.sh starts a
+socat (or nc) for every connection, 2-3 ms of CPU each on small hosts, this connects and copies in
+the one process the exec already runs, and says less:
 
-- stdin: ``C HOST PORT NONCE KEY``, then ``LEN`` + LEN bytes, ``0`` (upstream EOF), ``F`` (print
-  NONCE on stdout), ``Q`` (connection over), ``K`` (abort it); anything else ends the exec.
-- stderr: ``R python`` (ready), ``C`` (connected), ``E`` (the far side is at EOF), a reason
-  line on failure, ``X STATUS`` (this connection's relay is over), ``D`` (next request please).
+- stdin, as for relay.sh: ``C HOST PORT NONCE KEY``, then ``LEN`` + LEN bytes, ``0`` (the
+  client's EOF: shut down the write side once the bytes before it are sent), ``K`` (abort the
+  connection); anything else ends the exec. No ``F`` and no ``Q``: see stdout.
+- stderr: ``R python`` once, when ready (then only a traceback, if this program breaks).
+- stdout: frames, 1 byte of kind + 4 bytes of length (big-endian) + the payload: ``d`` the far
+  side's bytes, ``e`` event lines: ``C`` (connected), a reason (what failed), ``E`` (the far side is
+  at EOF), ``X STATUS`` (the connection is closed: 0, or why not), ``D`` (next request please).
+  Bytes and events travel in one ordered stream, so the far side's EOF needs no end marker and no
+  round trip, and the connection ends by itself once both sides are done: the far side at EOF (or
+  failed) and the client's ``0`` (or ``K``) seen, with every byte before it sent.
 
-Where relay.sh starts a socat (or nc) for every connection, 2-3 ms of CPU each on small hosts, this
-connects and copies in the one process the exec already runs. Plain ``select``, blocking stdout:
-the daemon always drains stdout, and a slow client must hold the far side back anyway.
-
-It runs under the helper's python3, not ours: Python 3.7 or later (no f-strings, no walrus, type
-comments), standard library only; run as a script, so importing it does nothing.
+Plain ``poll``, blocking stdout: the daemon always drains stdout, and a slow client must hold the far
+side back anyway. It runs under the helper's python3, not ours: Python 3.7 or later (no f-strings,
+no walrus, type comments), standard library only; run as a script, so importing it does nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import os
 import select
 import socket
+import struct
 import sys
 
 MYPY = False
@@ -30,54 +36,80 @@ if MYPY:  # for the type checker only: at run time, importing typing would slow 
 
 BLOCK = 256 * 1024
 UP_HIGH_WATER = 1024 * 1024  # upstream bytes held for a slow target before stdin is left unread
+ABORT = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
+
+
+def emit(kind: bytes, payload: bytes) -> None:
+    write_all(1, struct.pack(">cI", kind, len(payload)) + payload)
+
+
+def say(*lines: str) -> None:
+    emit(b"e", "".join(line + "\n" for line in lines).encode())
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 class Connection:
-    def __init__(self, host: str, port: int, nonce: bytes) -> None:
+    def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
-        self.target = ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
-        self.nonce = nonce
         self.sock = None  # type: Optional[socket.socket]
         self.up = bytearray()  # bytes for the target, not yet sent
-        self.shut_when_sent = False  # "0" seen: shut down the write side once self.up is sent
-        self.quit_when_sent = False  # "Q" seen
-        self.down_eof = False
-        self.exit_status = None  # type: Optional[int]  # set once "X" is said
+        self.up_eof = False  # "0" seen: shut the write side down once self.up is sent
+        self.up_done = False  # ... and done (or the connection is gone)
+        self.down_done = False  # the far side is at EOF, or failed
+        self.connected = False
+        self.said_eof = False  # "E"
+        self.status = None  # type: Optional[int]  # set once "X" is said
 
     def connect(self, timeout: float) -> None:
         try:
             self.sock = socket.create_connection((self.host, self.port), timeout=timeout)
         except socket.timeout:
-            self.fail("Connection timed out")
+            self.close(1, ("Connection timed out",))
             return
         except OSError as e:
-            self.fail(e.strerror or str(e))  # the daemon names the target
+            self.close(1, (e.strerror or str(e),))  # the daemon names the target
             return
         self.sock.setblocking(False)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.connected = True
         say("C")
 
-    def fail(self, reason: str, status: int = 1) -> None:
-        self.close(status, before=reason)
-
-    def close(self, status: int, abort: bool = False, before: str = "", after: str = "") -> None:
-        """End the connection and say "X STATUS" once, with the lines before and after it in the
-        same write: every write to stderr is a message through the shim, dockerd and the API."""
+    def close(self, status: int, before: tuple[str, ...] = (), abort: bool = False,
+              after: tuple[str, ...] = ()) -> None:
+        """Close the socket and say why (``before``), "X STATUS", "E" if not said yet and ``after``,
+        in one frame: every write is a message through the shim, dockerd and the API."""
         if self.sock is not None:
             if abort:
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, ABORT)
             self.sock.close()
             self.sock = None
         self.up = bytearray()
-        self.down_eof = True
-        lines = [before] if before else []
-        if self.exit_status is None:
-            self.exit_status = status
+        self.down_done = True
+        lines = list(before)
+        if self.status is None:  # before "E": the daemon takes the end for a clean one at "E"
+            self.status = status
             lines.append("X %d" % status)
-        if after:
-            lines.append(after)
+        if self.connected and not self.said_eof:
+            self.said_eof = True
+            lines.append("E")
+        lines += after
         if lines:
-            say("\n".join(lines))
+            say(*lines)
+
+    def end_upstream(self) -> None:
+        """After "0", once the bytes before it are out: shut the write side down."""
+        if self.up_eof and not self.up and not self.up_done:
+            self.up_done = True
+            if self.sock is not None:
+                try:
+                    self.sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
 
     def send_some(self) -> None:
         assert self.sock is not None
@@ -86,20 +118,11 @@ class Connection:
         except BlockingIOError:
             return
         except OSError as e:
-            self.fail("write to %s: %s" % (self.target, e.strerror or e))
+            self.close(1, ("write: %s" % (e.strerror or e),), abort=True)
+            self.up_done = self.up_eof  # what the client still sends until its "0" is dropped
             return
         del self.up[:sent]
-        self.after_sent()
-
-    def after_sent(self) -> None:
-        if self.up or self.sock is None:
-            return
-        if self.shut_when_sent:
-            self.shut_when_sent = False
-            try:
-                self.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
+        self.end_upstream()
 
     def receive_some(self) -> None:
         assert self.sock is not None
@@ -108,23 +131,19 @@ class Connection:
         except BlockingIOError:
             return
         except OSError as e:
-            self.fail("read from %s: %s" % (self.target, e.strerror or e))
+            self.close(1, ("read: %s" % (e.strerror or e),), abort=True)
+            self.up_done = self.up_eof
             return
         if data:
-            write_all(1, data)
+            emit(b"d", data)
         else:
-            self.down_eof = True
-            say("E")
+            self.down_done = True
+            if not self.up_done:  # else the end says it, with "X" and "D" in the same frame
+                self.said_eof = True
+                say("E")
 
-
-def say(line: str) -> None:
-    write_all(2, line.encode() + b"\n")
-
-
-def write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+    def over(self) -> bool:
+        return self.down_done and self.up_done
 
 
 class Input:
@@ -154,21 +173,23 @@ class Input:
     def request(self) -> Connection:
         while True:
             line = self.line()
+            if line == b"K":
+                continue  # for a connection that ended as the daemon gave up on it: nothing to abort
             if line is not None:
                 words = line.decode().split()
                 if len(words) != 5 or words[0] != "C":
                     sys.exit(2)
-                return Connection(words[1], int(words[2]), words[3].encode())
+                return Connection(words[1], int(words[2]))
             self.fill()
 
-    def serve(self, conn: Connection) -> bool:
-        """Feed conn from what has arrived; True once "Q" is seen and the upstream bytes are out."""
-        while self.buf:
+    def serve(self, conn: Connection) -> None:
+        """Feed conn with what has arrived."""
+        while self.buf and not conn.over():
             if self.need:
                 take = bytes(self.buf[:self.need])
                 del self.buf[:len(take)]
                 self.need -= len(take)
-                if conn.sock is not None:
+                if conn.sock is not None and not conn.up_eof:
                     conn.up += take
                 continue
             line = self.line()
@@ -177,27 +198,28 @@ class Input:
             if line[:1] in b"123456789":
                 self.need = int(line)
             elif line == b"0":
-                conn.shut_when_sent = True
-                conn.after_sent()
-            elif line == b"F":
-                write_all(1, conn.nonce)
-            elif line == b"Q":
-                conn.quit_when_sent = True
+                conn.up_eof = True
+                if conn.sock is None:
+                    conn.up_done = True
+                conn.end_upstream()
             elif line == b"K":
                 conn.close(137, abort=True)
+                conn.up_done = True
             else:
                 sys.exit(2)
-        return conn.quit_when_sent and (not conn.up or conn.sock is None)
 
 
 def relay(conn: Connection, stdin: Input) -> None:
     poll = select.poll()
-    while not stdin.serve(conn):
+    while True:
+        stdin.serve(conn)
+        if conn.over():
+            break
         # While a slow target holds too many upstream bytes, stdin is left unread, but a hang-up
         # (the daemon dropped this exec) still ends us.
         poll.register(0, select.POLLIN if len(conn.up) < UP_HIGH_WATER else 0)
         sock = conn.sock
-        wanted = (0 if conn.down_eof else select.POLLIN) | (select.POLLOUT if conn.up else 0)
+        wanted = (0 if conn.down_done else select.POLLIN) | (select.POLLOUT if conn.up else 0)
         if not wanted:
             sock = None  # a socket closed both ways would report POLLHUP on every poll: a busy loop
         if sock is not None:
@@ -209,19 +231,19 @@ def relay(conn: Connection, stdin: Input) -> None:
             if ready & (select.POLLOUT | select.POLLERR | select.POLLHUP) and conn.up:
                 conn.send_some()
             if ready & (select.POLLIN | select.POLLERR | select.POLLHUP) and conn.sock is not None \
-                    and not conn.down_eof:
+                    and not conn.down_done:
                 conn.receive_some()
         if events.get(0, 0) & select.POLLIN:
             stdin.fill()
         elif events.get(0, 0):
             sys.exit(0)  # hung up without a byte to read: the daemon closed the exec
-    conn.close(0, after="D")
+    conn.close(0, after=("D",))
 
 
 def main() -> None:
     timeout = float(sys.argv[1])
     stdin = Input()
-    say("R python")
+    os.write(2, b"R python\n")
     while True:
         conn = stdin.request()
         conn.connect(timeout)
