@@ -221,7 +221,8 @@ class Slot:
         self.dead: str | None = None
         self.scope = anyio.CancelScope()
         self._line = b""
-        self._frames = bytearray()  # relay_python.py's stdout, not yet parsed
+        self._frames = bytearray()  # relay_python.py's stdout: a frame header or events not yet whole
+        self._data_left = 0  # bytes of the current "d" frame still to come
         self._startup_output: list[str] = []
         self._out: deque[bytes | _Frame] = deque()  # control frames, and data waiting to be framed
         self._out_size = 0
@@ -330,21 +331,34 @@ class Slot:
     async def _python_frames(self, data: bytes) -> None:
         """relay_python.py's stdout: ``d`` frames (the far side's bytes) and ``e`` frames (events), in
         order, so the far side's EOF needs no nonce and no ``F``."""
-        self._frames += data
-        while len(self._frames) >= 5:
-            kind, size = _PY_HEADER.unpack_from(self._frames)
-            if len(self._frames) < 5 + size:
-                return
-            payload = bytes(self._frames[5:5 + size])
-            del self._frames[:5 + size]
-            if kind == b"e":
-                for line in payload.decode(errors="replace").splitlines():
+        view = memoryview(data)
+        while view:
+            if self._data_left:  # inside a "d" frame: pass its bytes on as they come, no buffering
+                chunk, view = view[:self._data_left], view[self._data_left:]
+                self._data_left -= len(chunk)
+                if self.conn is None or self.conn.down_done:
+                    self.protocol_error(f"{len(chunk)} bytes with no connection to take them")
+                    return
+                await self.conn.feed(bytes(chunk))
+                continue
+            self._frames += view
+            view = view[len(view):]
+            while len(self._frames) >= 5:
+                kind, size = _PY_HEADER.unpack_from(self._frames)
+                if kind == b"d":
+                    self._data_left = size
+                    view = memoryview(bytes(self._frames[5:]))  # the rest of this read: the frame's bytes first
+                    self._frames.clear()
+                    break
+                if kind != b"e":
+                    self.protocol_error(f"unexpected frame {kind!r} of {size} bytes")
+                    return
+                if len(self._frames) < 5 + size:
+                    break
+                lines = bytes(self._frames[5:5 + size]).decode(errors="replace").splitlines()
+                del self._frames[:5 + size]
+                for line in lines:
                     self._event(line)
-            elif kind == b"d" and self.conn is not None and not self.conn.down_done:
-                await self.conn.feed(payload)
-            else:
-                self.protocol_error(f"unexpected frame {kind!r} of {size} bytes")
-                return
 
     def _event(self, line: str) -> None:
         conn = self.conn

@@ -40,7 +40,10 @@ ABORT = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 
 
 def emit(kind: bytes, payload: bytes) -> None:
-    write_all(1, struct.pack(">cI", kind, len(payload)) + payload)
+    head = struct.pack(">cI", kind, len(payload))
+    done = os.writev(1, [head, payload])  # no copy of the payload; whole unless a signal cut it short
+    if done < len(head) + len(payload):
+        write_all(1, (head + payload)[done:])
 
 
 def say(*lines: str) -> None:
