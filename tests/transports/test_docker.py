@@ -350,31 +350,39 @@ async def _lines(stream: anyio.abc.ByteReceiveStream) -> AsyncIterator[str]:
         yield line.decode()
 
 
+@asynccontextmanager
+async def ns_server(lab: LabInfo, source: str) -> AsyncIterator[tuple[int, AsyncIterator[str]]]:
+    """A Python server (``source``) inside the lab namespace: the port it prints first, and the rest of
+    what it prints, line by line; killed afterwards unless it has exited by itself."""
+    async with await anyio.open_process(["nsenter", f"--net={lab.netns_path}", sys.executable, "-c", source],
+                                        stdin=subprocess.DEVNULL) as server:
+        assert server.stdout is not None
+        lines = _lines(server.stdout)
+        port = int(await anext(lines))
+        try:
+            yield port, lines
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                server.kill()
+
+
 @relay_param
 @pytest.mark.anyio
 async def test_far_side_half_closes_first(lab: LabInfo, relay: str) -> None:
     """The far side says its piece and half-closes; the client keeps sending, and all of it arrives."""
     with anyio.fail_after(60):
-        async with await anyio.open_process(["nsenter", f"--net={lab.netns_path}", sys.executable, "-c",
-                                             HALF_CLOSING_SERVER], stdin=subprocess.DEVNULL) as server:
-            assert server.stdout is not None
-            lines = _lines(server.stdout)
-            port = int(await anext(lines))
-            try:
-                async with docker_transport(settings(lab, tls=True, helper_image=image(lab, relay))) as transport:
-                    stream = await transport.connect("127.0.0.1", port)
-                    got = b""
-                    with pytest.raises(anyio.EndOfStream):
-                        while True:
-                            got += await stream.receive()
-                    assert got == b"greeting"
-                    await stream.send(b"after your EOF")
-                    await stream.send_eof()
-                    await stream.aclose()
-                    assert await anext(lines) == "after your EOF"
-            finally:
-                with contextlib.suppress(ProcessLookupError):  # it exits by itself after reporting
-                    server.kill()
+        async with ns_server(lab, HALF_CLOSING_SERVER) as (port, lines), \
+                docker_transport(settings(lab, tls=True, helper_image=image(lab, relay))) as transport:
+            stream = await transport.connect("127.0.0.1", port)
+            got = b""
+            with pytest.raises(anyio.EndOfStream):
+                while True:
+                    got += await stream.receive()
+            assert got == b"greeting"
+            await stream.send(b"after your EOF")
+            await stream.send_eof()
+            await stream.aclose()
+            assert await anext(lines) == "after your EOF"
 
 
 # Inside the lab namespace: accept, say something, then reset the connection (SO_LINGER 0).
@@ -397,25 +405,17 @@ c.close()
 async def test_a_far_side_reset_is_a_broken_stream_not_an_end(lab: LabInfo, relay: str) -> None:
     """A reset far side must not look like a clean EOF to the client (a cut-off reply taken for a whole
     one); the slot carries the next connection."""
+    s = settings(lab, tls=True, pool_size=1, helper_image=image(lab, relay))
     with anyio.fail_after(60):
-        async with await anyio.open_process(["nsenter", f"--net={lab.netns_path}", sys.executable, "-c",
-                                             RESETTING_SERVER], stdin=subprocess.DEVNULL) as server:
-            assert server.stdout is not None
-            port = int(await anext(_lines(server.stdout)))
-            try:
-                s = settings(lab, tls=True, pool_size=1, helper_image=image(lab, relay))
-                async with docker_transport(s) as transport:
-                    stream = await transport.connect("127.0.0.1", port)
-                    got = b""
-                    with pytest.raises(anyio.BrokenResourceError, match="reset"):
-                        while True:
-                            got += await stream.receive()
-                    assert b"partial".startswith(got)
-                    await stream.aclose()
-                    assert await _echo(transport, lab, b"next") == b"next"
-            finally:
-                with contextlib.suppress(ProcessLookupError):
-                    server.kill()
+        async with ns_server(lab, RESETTING_SERVER) as (port, _), docker_transport(s) as transport:
+            stream = await transport.connect("127.0.0.1", port)
+            got = b""
+            with pytest.raises(anyio.BrokenResourceError, match="reset"):
+                while True:
+                    got += await stream.receive()
+            assert b"partial".startswith(got)
+            await stream.aclose()
+            assert await _echo(transport, lab, b"next") == b"next"
 
 
 # Inside the lab namespace: accept, read to EOF, and never close (a far side that ignores our EOF).
@@ -438,29 +438,21 @@ while True:
 @pytest.mark.anyio
 async def test_client_leaving_a_far_side_that_never_closes_frees_the_slot(lab: LabInfo, relay: str) -> None:
     """After timeouts.drain the relay of that one connection is ended; the exec itself is kept."""
+    s = settings(lab, tls=False, pool_size=1, helper_image=image(lab, relay))
     with anyio.fail_after(60):
-        async with await anyio.open_process(["nsenter", f"--net={lab.netns_path}", sys.executable, "-c",
-                                             HOLDING_SERVER], stdin=subprocess.DEVNULL) as server:
-            assert server.stdout is not None
-            port = int(await anext(_lines(server.stdout)))
-            try:
-                s = settings(lab, tls=False, pool_size=1, helper_image=image(lab, relay))
-                async with docker_transport(s) as transport:
-                    stream = await transport.connect("127.0.0.1", port)
-                    slot = stream.slot
-                    await stream.send(b"hello")
-                    await stream.aclose()  # the far side sees our EOF, and keeps its side open
-                    started = time.monotonic()
-                    # Nothing in the daemon needs an event for "slot free again": poll.
-                    while slot.conn is not None:
-                        await anyio.sleep(0.05)
-                    took = time.monotonic() - started
-                    assert TIMEOUTS.drain <= took < 3 * TIMEOUTS.drain + 2, took
-                    assert slot.dead is None  # the exec carries on
-                    assert await _echo(transport, lab, b"next") == b"next"
-            finally:
-                with contextlib.suppress(ProcessLookupError):
-                    server.kill()
+        async with ns_server(lab, HOLDING_SERVER) as (port, _), docker_transport(s) as transport:
+            stream = await transport.connect("127.0.0.1", port)
+            slot = stream.slot
+            await stream.send(b"hello")
+            await stream.aclose()  # the far side sees our EOF, and keeps its side open
+            started = time.monotonic()
+            # Nothing in the daemon needs an event for "slot free again": poll.
+            while slot.conn is not None:
+                await anyio.sleep(0.05)
+            took = time.monotonic() - started
+            assert TIMEOUTS.drain <= took < 3 * TIMEOUTS.drain + 2, took
+            assert slot.dead is None  # the exec carries on
+            assert await _echo(transport, lab, b"next") == b"next"
 
 
 @pytest.mark.parametrize("tls, relay", [(False, "socat"), (True, "socat"), (True, "python")],
