@@ -458,14 +458,15 @@ class Slot:
         if self.conn is not conn or self.dead is not None:
             return
         if conn.down_done and self.mode != "python":
-            self.maybe_finish(conn)
+            self.maybe_finish(conn)  # "Q": the script's relay is done with it
             return
         if not conn.up_eof:
+            # The far side sees FIN and usually closes soon; the python relay ends the connection by
+            # itself once it has this and the far side's EOF.
             conn.up_eof = True
-            self.control(b"0\n")  # the far side sees FIN and usually closes soon
-        if conn.down_done:
-            return
-        self.transport.spawn(self._abort_later, conn)
+            self.control(b"0\n")
+        if not conn.down_done:
+            self.transport.spawn(self._abort_later, conn)
 
     async def _abort_later(self, conn: DockerStream) -> None:
         grace = self.transport.timeouts.drain
