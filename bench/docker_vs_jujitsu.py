@@ -377,11 +377,11 @@ def main(argv: list[str] | None = None) -> int:
                    "lab's python3 image, relay_python.py); default both")
     p.add_argument("--no-write", action="store_true", help="print only; leave bench/results/docker.md alone")
     args = p.parse_args(argv)
-    images = {"socat": "alpine/socat", "python": "python3"}
+    lab = lab_info()
+    images = {"socat": ("alpine/socat", lab.socat_image), "python": ("python3", lab.python_image)}  # label, image
     helpers = [h for h in args.helpers.split(",") if h]
     if not helpers or set(helpers) - set(images):
         p.error(f"--helpers: a comma-separated list of {', '.join(images)}")
-    lab = lab_info()
     if not (Path(lab.netns_path).exists() and Path(lab.docker_sock).exists()):
         print("the lab is not up: run `python3 -m tests.lab up` first", file=sys.stderr)
         return 2
@@ -404,9 +404,9 @@ def main(argv: list[str] | None = None) -> int:
                 kts = []
                 for h in helpers:
                     (workdir / h).mkdir()
-                    image = lab.python_image if h == "python" else lab.socat_image
+                    label, image = images[h]
                     ports, _ = stack.enter_context(tunneld(lab, wanted, workdir / h, args.docker, image))
-                    kts.append(Row(f"kci-tunneld, {images[h]} helper"))
+                    kts.append(Row(f"kci-tunneld, {label} helper"))
                     rows[h] = (kts[-1], ports)
                 measure(rows, args, layout, workdir)
     report = "\n".join([
