@@ -470,6 +470,21 @@ async def test_skopeo_push_and_pull_digests_identical(lab: LabInfo, tmp_path: Pa
             assert fwd.stats.traffic.up >= layout.size and fwd.stats.traffic.down >= layout.size
 
 
+@relay_param
+@pytest.mark.anyio
+async def test_closing_while_the_pool_tops_up_is_clean(lab: LabInfo, relay: str) -> None:
+    """A transport closed while exec starts are in flight (the pool's top-up after a connection took a
+    slot) lets them finish and aborts them, rather than cancelling them mid-request: over TLS under uvloop that
+    made uvloop write on a closed socket ("Fatal error on SSL protocol" in the loop's exception
+    handler, which anyio's test runner raises as the test's failure)."""
+    s = settings(lab, tls=True, helper_image=image(lab, relay))
+    with anyio.fail_after(90):
+        for _ in range(10):
+            async with docker_transport(s) as transport:
+                assert await _echo(transport, lab, b"one") == b"one"  # and the pool tops up behind it
+                assert transport.info()["pool"]["starting"] > 0  # type: ignore[index]
+
+
 @pytest.mark.anyio
 async def test_helper_removed_while_running_next_connection_works(lab: LabInfo) -> None:
     s = settings(lab, tls=True)

@@ -86,6 +86,7 @@ class DockerTransport:
         self._waiters: deque[_Waiter] = deque()
         self._slots: set[Slot] = set()
         self._starting = 0
+        self._starts_over: anyio.Event | None = None  # set once no slot is starting (while closing)
         self._numbers = 0
         self._closing = False
         self._last_error: str | None = None
@@ -137,6 +138,7 @@ class DockerTransport:
         self._closing = True
         try:
             if self._tg is not None:
+                await self._let_starts_finish()
                 self._tg.cancel_scope.cancel()
                 await self._tg.__aexit__(exc_type, exc, tb)
         finally:
@@ -144,6 +146,24 @@ class DockerTransport:
             if self.client is not None:
                 await self.client.__aexit__(None, None, None)
                 self.client = None
+
+    async def _let_starts_finish(self) -> None:
+        """Wait (at most timeouts.connect) for the exec starts in flight instead of cancelling them.
+
+        A start cancelled mid-request makes aiohttp close its connection gracefully while dockerd is
+        already answering, and over TLS uvloop then fails a write on the closed socket ("Fatal error
+        on SSL protocol", logged at every stop that met a pool top-up). A started exec is closed by
+        aborting its connection, which is clean. Nothing new starts once ``_closing`` is set.
+        """
+        if self._starting:
+            self._starts_over = anyio.Event()
+            with anyio.move_on_after(self.timeouts.connect):
+                await self._starts_over.wait()
+
+    def _start_done(self) -> None:
+        self._starting -= 1
+        if not self._starting and self._starts_over is not None:
+            self._starts_over.set()
 
     def spawn(self, func: Callable[..., Coroutine[Any, Any, None]], *args: object) -> None:
         """Run a helper task in the transport's task group (it ends with the transport)."""
@@ -318,7 +338,7 @@ class DockerTransport:
         try:
             slot = await self._start_slot()
         except TransportError as e:
-            self._starting -= 1
+            self._start_done()
             self._failures += 1
             self._last_error = str(e)
             if not self._closing:
@@ -326,7 +346,7 @@ class DockerTransport:
             await anyio.sleep(min(0.1 * 2 ** min(self._failures, 6), 5.0))
             self._top_up()
             return
-        self._starting -= 1
+        self._start_done()
         if self._failures:
             self.reconnects += 1  # relay streams start again after the Docker host was unreachable
             logger.info("docker: relay streams start again after %d failed attempt(s)", self._failures)
