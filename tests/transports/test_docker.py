@@ -221,6 +221,13 @@ async def test_missing_helper_image_is_named(lab: LabInfo) -> None:
             pass
 
 
+@pytest.mark.anyio
+async def test_an_error_inside_the_transport_block_comes_out_as_itself(lab: LabInfo) -> None:
+    with anyio.fail_after(60), pytest.raises(LookupError, match=r"^the caller's own$"):
+        async with docker_transport(settings(lab, tls=False)):
+            raise LookupError("the caller's own")  # not wrapped in an ExceptionGroup by our task group
+
+
 # ---------------------------------------------------------------- streams through the helper
 
 

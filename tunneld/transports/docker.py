@@ -140,7 +140,10 @@ class DockerTransport:
             if self._tg is not None:
                 await self._let_starts_finish()
                 self._tg.cancel_scope.cancel()
-                await self._tg.__aexit__(exc_type, exc, tb)
+                # Not the caller's exception: anyio would wrap it in an ExceptionGroup, and a failed
+                # __aenter__ (say, a helper image that cannot run the relay) would not raise the
+                # TransportError it promises. The group only runs our background tasks.
+                await self._tg.__aexit__(None, None, None)
         finally:
             self._tg = None
             if self.client is not None:
