@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -28,14 +28,14 @@ import pytest
 
 from tests.cli import Cli
 from tests.helpers import echo_roundtrip, parallel_echoes, running_forward
-from tests.lab.lab import LabInfo
+from tests.lab.lab import LabInfo, docker
 from tests.oci import build_layout, roundtrip
 from tunneld.config import DockerSettings, Timeouts, TransportSpec
 from tunneld.docker_api import DockerClient
 from tunneld.docker_host import resolve_endpoint
 from tunneld.errors import ExitCode, TransportError
 from tunneld.transports.docker import DockerTransport
-from tunneld.transports.docker_relay import FIRST_LIMIT
+from tunneld.transports.docker_relay import FIRST_LIMIT, RELAY_PYTHON
 
 pytestmark = [pytest.mark.timeout(180)]
 
@@ -221,11 +221,56 @@ async def test_missing_helper_image_is_named(lab: LabInfo) -> None:
             pass
 
 
+def test_the_python_relay_names_a_python3_too_old_for_it() -> None:
+    # The real relay source, run the way relay.sh runs it, under a python3 that says it is 3.4.
+    old_python = "import sys; sys.version_info = (3, 4, 10, 'final', 0); exec(compile(sys.argv.pop(1), 'r', 'exec'))"
+    out = subprocess.run([sys.executable, "-S", "-c", old_python, RELAY_PYTHON, "10"], input=b"C 127.0.0.1 1 n k\n",
+                         capture_output=True, timeout=30)
+    assert out.returncode == 1
+    assert out.stderr.decode() == "the helper's python3 is 3.4; the python relay needs 3.5 or later\n"
+    assert out.stdout == b""  # not "ready", and nothing on the data stream
+
+
+# A python3 that runs the relay as relay.sh hands it over (-S -c SOURCE TIMEOUT) but says it is 3.4.
+OLD_PYTHON3 = r"""#!/bin/sh
+v='import sys; sys.version_info = (3, 4, 10); exec(compile(sys.argv.pop(1), "r", "exec"))'
+exec /usr/bin/python3 -S -c "$v" "$3" "$4"
+"""
+
+
+@pytest.fixture
+def old_python3_image(lab: LabInfo, tmp_path: Path) -> Iterator[str]:
+    """The lab's python image with that python3 first in PATH, built (offline) on the lab's dockerd."""
+    (tmp_path / "python3").write_text(OLD_PYTHON3)
+    (tmp_path / "Dockerfile").write_text(f"FROM {lab.python_image}\nCOPY python3 /usr/local/bin/python3\n"
+                                         "RUN chmod 755 /usr/local/bin/python3\n")
+    tag = f"kcilab/test-old-python3:{uuid.uuid4().hex[:8]}"
+    build = subprocess.run(["docker", "build", "-q", "-t", tag, str(tmp_path)], capture_output=True, text=True,
+                           timeout=120, env={**os.environ, **lab.docker_env(False), "DOCKER_BUILDKIT": "0"})
+    assert build.returncode == 0, build.stderr
+    try:
+        yield tag
+    finally:
+        docker("rmi", "-f", tag, check=False)
+
+
 @pytest.mark.anyio
 async def test_an_error_inside_the_transport_block_comes_out_as_itself(lab: LabInfo) -> None:
     with anyio.fail_after(60), pytest.raises(LookupError, match=r"^the caller's own$"):
         async with docker_transport(settings(lab, tls=False)):
             raise LookupError("the caller's own")  # not wrapped in an ExceptionGroup by our task group
+
+
+@pytest.mark.anyio
+async def test_a_helper_whose_python3_is_too_old_fails_start_with_the_reason(lab: LabInfo,
+                                                                             old_python3_image: str) -> None:
+    s = settings(lab, tls=False, helper_image=old_python3_image)
+    with anyio.fail_after(60), pytest.raises(TransportError) as raised:
+        async with docker_transport(s):
+            pass
+    assert str(raised.value) == (
+        f"helper image {old_python3_image} cannot run the relay (it needs sh, sleep, and python3, or dd and socat "
+        "or nc): the helper's python3 is 3.4; the python relay needs 3.5 or later")
 
 
 # ---------------------------------------------------------------- streams through the helper

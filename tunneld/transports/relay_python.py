@@ -18,11 +18,10 @@ the one process the exec already runs, and says less:
   failed) and the client's ``0`` (or ``K``) seen, with every byte before it sent.
 
 Plain ``poll``, blocking stdout: the daemon always drains stdout, and a slow client must hold the far
-side back anyway. It runs under the helper's python3, not ours: Python 3.7 or later (no f-strings,
-no walrus, type comments), standard library only; run as a script, so importing it does nothing.
+side back anyway. It runs under the helper's python3, not ours: Python 3.5 or later (no f-strings,
+no walrus, no ``from __future__ import annotations``; annotations that name generics are strings;
+.ci/run checks this with vermin), standard library only; run as a script, so importing it does nothing.
 """
-
-from __future__ import annotations
 
 import os
 import select
@@ -84,8 +83,8 @@ class Connection:
         self.connected = True
         say("C")
 
-    def close(self, status: int, before: tuple[str, ...] = (), abort: bool = False,
-              after: tuple[str, ...] = ()) -> None:
+    def close(self, status: int, before: "tuple[str, ...]" = (), abort: bool = False,
+              after: "tuple[str, ...]" = ()) -> None:
         """Close the socket and say why (``before``), "X STATUS", "E" if not said yet and ``after``,
         in one frame: every write is a message through the shim, dockerd and the API."""
         if self.sock is not None:
@@ -164,7 +163,7 @@ class Input:
             sys.exit(0)  # the daemon closed the exec: nothing more to do
         self.buf += data
 
-    def line(self) -> Optional[bytes]:
+    def line(self) -> "Optional[bytes]":
         """The next control line, or None when it has not arrived yet."""
         at = self.buf.find(b"\n")
         if at < 0:
@@ -246,6 +245,9 @@ def relay(conn: Connection, stdin: Input) -> None:
 
 
 def main() -> None:
+    if sys.version_info < (3, 5):  # PEP 475: system calls retried on EINTR, which this relies on
+        sys.stderr.write("the helper's python3 is %d.%d; the python relay needs 3.5 or later\n" % sys.version_info[:2])
+        sys.exit(1)
     timeout = float(sys.argv[1])
     stdin = Input()
     try:  # the resolver's first use (nsswitch, /etc/hosts) now, not in the first connection's set-up
