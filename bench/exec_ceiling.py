@@ -16,14 +16,18 @@ It also times the docker CLI doing the same down-transfer (``docker exec ... dd 
 tool the socat jujitsu runs per connection. ``--bursts`` adds the latency floor of a burst: 32
 execs already started (``cat``, or ``socat STDIO TCP:`` to an echo server already connected), then
 30 times 64 bytes written to all 32 at once, timed until each echo is back: what any relay that
-starts nothing per connection could at best get from the exec path. Nothing here gates anything: it explains where the
-Docker transport's throughput stops (docs/docker-transport.md, "What bounds them").
+starts nothing per connection could at best get from the exec path. ``--streams N`` adds the same
+transfers split over 1 to N execs at once (would striping one connection over several execs reach
+2x the jujitsu?) with the CPU each process group spent per GiB: our client, dockerd, containerd and
+the shims with the exec's process. Nothing here gates anything: it explains where the Docker
+transport's throughput stops (docs/docker-transport.md, "What bounds them").
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -38,6 +42,8 @@ import anyio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.docker_cpu import pids_named  # noqa: E402
+from bench.procstat import cpu_seconds  # noqa: E402
 from bench.proxies import targets  # noqa: E402
 from tests.lab.lab import docker, info  # noqa: E402
 from tunneld.config import DockerSettings  # noqa: E402
@@ -65,6 +71,48 @@ async def exec_rates(settings: DockerSettings, container: str, total: int) -> tu
                     got += len(frame[1])
             down = got / (time.perf_counter() - t0) / 1e6
     return up, down
+
+
+async def striped(settings: DockerSettings, container: str, total: int, streams: int, up: bool) -> None:
+    """``total`` bytes up (or down) split over ``streams`` execs running at once."""
+    each = total // streams // BLOCK
+
+    async def one(client: DockerClient) -> None:
+        if up:
+            async with client.exec_stream(container, ["sh", "-c", "cat >/dev/null"]) as stream:
+                block = bytes(BLOCK)
+                for _ in range(each):
+                    await stream.write(block)
+        else:
+            async with client.exec_stream(container, ["dd", "if=/dev/zero", f"bs={BLOCK}", f"count={each}"]) as stream:
+                while await stream.read() is not None:
+                    pass
+
+    async with DockerClient(resolve_endpoint(settings, {}), timeout=10) as client, anyio.create_task_group() as tg:
+        for _ in range(streams):
+            tg.start_soon(one, client)
+
+
+def striping_table(settings: DockerSettings, container: str, total: int, most: int) -> None:
+    """MB/s and CPU seconds per GiB by process group, for 1..``most`` execs at once, each way."""
+    print("\n| TCP+TLS | execs at once | MB/s | CPU s/GiB: our client | dockerd | containerd "
+          "| shims + exec | all |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for up in (True, False):
+        for streams in sorted({1, 2, most}):
+            groups = {"dockerd": pids_named("dockerd"), "containerd": pids_named("containerd"),
+                      "shims": pids_named("containerd-shim")}
+            before = {k: cpu_seconds(v) for k, v in groups.items()}
+            own = resource.getrusage(resource.RUSAGE_SELF)
+            t0 = time.perf_counter()
+            anyio.run(striped, settings, container, total, streams, up, backend_options={"use_uvloop": True})
+            wall = time.perf_counter() - t0
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            gib = total / 2**30
+            cpu = {"client": (after.ru_utime + after.ru_stime - own.ru_utime - own.ru_stime) / gib}
+            cpu.update({k: (cpu_seconds(v) - before[k]) / gib for k, v in groups.items()})
+            print(f"| {'up' if up else 'down'} | {streams} | {total / wall / 1e6:.0f} | "
+                  + " | ".join(f"{v:.2f}" for v in cpu.values()) + f" | {sum(cpu.values()):.2f} |", flush=True)
 
 
 async def burst_floor(settings: DockerSettings, container: str, cmd: str, clients: int = 32,
@@ -107,6 +155,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mib", type=int, default=1024, help="bytes per transfer, in MiB (default 1024)")
     parser.add_argument("--bursts", action="store_true", help="also the latency floor of bursts of 32 (see above)")
+    parser.add_argument("--streams", type=int, default=0, metavar="N",
+                        help="also each transfer split over 1, 2 and N execs at once, with CPU per GiB (TLS)")
     args = parser.parse_args()
     lab = info()
     total = args.mib * 1024 * 1024
@@ -123,6 +173,9 @@ def main() -> int:
             up, down = anyio.run(exec_rates, s, name, total, backend_options={"use_uvloop": True})
             cli = cli_down(lab.docker_env(tls=tls), name, total)
             print(f"| {label} | {up:.0f} | {down:.0f} | {cli:.0f} |", flush=True)
+        if args.streams:
+            s = DockerSettings(host=lab.docker_host_tcp, tls_verify=True, cert_path=str(lab.client_cert_dir))
+            striping_table(s, name, total, args.streams)
         if args.bursts:
             s = DockerSettings(host=lab.docker_host_tcp, tls_verify=True, cert_path=str(lab.client_cert_dir))
             with tempfile.TemporaryDirectory(prefix="kci-bench-ceiling-") as work, targets(Path(work), lab.netns) as t:
