@@ -22,6 +22,8 @@ Measured through each, interleaved metric by metric so background load hits both
   kci-tunneld's pool still grows, is reported apart from the following ones); each forwarder's
   latency block starts after a second of quiet, so it is not measured while dockerd still tears
   down the other forwarder's execs;
+- the clients' own floor: the same set-up measurements straight to the same echo server program
+  on this host's loopback, no forwarder, in the same turns (part of every row's latency);
 - connections per second: 32 clients in a closed loop (connect, 64-byte round trip, close);
 - one-stream throughput: iperf3, 1 stream, client -> far side (up) and far side -> client (down);
 - skopeo push + pull wall time of a 48 MiB, 3-layer image of random bytes, and the same straight
@@ -261,12 +263,13 @@ class Row:
 
 
 def measure(rows: dict[str, tuple[Row, dict[str, int]]], args: argparse.Namespace, layout: Any,
-            workdir: Path) -> None:
+            workdir: Path, floor: tuple[Row, dict[str, int]]) -> None:
     """Every metric, round by round, the rows taking turns: background load hits both alike.
-    Latency samples pool over the rounds; rates and times keep each row's best round."""
+    Latency samples pool over the rounds; rates and times keep each row's best round. ``floor`` (the
+    clients straight to an echo server here, no forwarder) takes its turn in the latency blocks."""
     for r in range(args.rounds):
-        def each(what: str, fn: Any, r: int = r) -> None:
-            order = list(rows.values())
+        def each(what: str, fn: Any, r: int = r, with_floor: bool = False) -> None:
+            order = list(rows.values()) + ([floor] if with_floor else [])
             for row, ports in order[::-1] if r % 2 else order:  # who goes first alternates too
                 print(f"# round {r + 1}/{args.rounds}, {row.name}: {what}", file=sys.stderr, flush=True)
                 try:
@@ -283,7 +286,7 @@ def measure(rows: dict[str, tuple[Row, dict[str, int]]], args: argparse.Namespac
             time.sleep(SETTLE)
             row.setup1.extend(sequential(p["echo"], max(1, args.setup_count // args.rounds)))
 
-        each("set-up latency, 1 client", setup1)
+        each("set-up latency, 1 client", setup1, with_floor=True)
 
         def burst(row: Row, p: dict[str, int], r: int = r) -> None:
             time.sleep(SETTLE)
@@ -292,7 +295,7 @@ def measure(rows: dict[str, tuple[Row, dict[str, int]]], args: argparse.Namespac
                 row.burst_cold, got = got[0], got[1:]
             row.burst_warm.extend(x for b in got for x in b)
 
-        each("set-up latency, bursts of 32", burst)
+        each("set-up latency, bursts of 32", burst, with_floor=True)
         each("conn/s, 1 client", lambda row, p: setattr(row, "conns1", max(
             row.conns1, conns_per_second(p["echo"], 1, args.seconds))))
         each("conn/s, 32 clients", lambda row, p: setattr(row, "conns32", max(
@@ -394,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         limit = min(skopeo_roundtrip(layout, lab.registry_addr, ["nsenter", f"--net={lab.netns_path}"], workdir)
                     for _ in range(args.rounds))
-        with targets(workdir, netns=lab.netns) as t:
+        (workdir / "floor").mkdir()
+        with targets(workdir, netns=lab.netns) as t, targets(workdir / "floor") as here:
             wanted = {"echo": t.echo, "iperf": t.iperf, "registry": lab.registry_port}
             with ExitStack() as stack:
                 (workdir / "jj").mkdir()
@@ -408,11 +412,16 @@ def main(argv: list[str] | None = None) -> int:
                     ports, _ = stack.enter_context(tunneld(lab, wanted, workdir / h, args.docker, image))
                     kts.append(Row(f"kci-tunneld, {label} helper"))
                     rows[h] = (kts[-1], ports)
-                measure(rows, args, layout, workdir)
+                floor = Row("no forwarder (the clients' floor)")
+                measure(rows, args, layout, workdir, (floor, {"echo": here.echo}))
     report = "\n".join([
         table(jj, kts, limit, args.docker, args.skopeo_mib), "",
         *[line for kt in kts for line in goals(jj, kt, limit)], "",
         *[f"- {row.name} failed once: {f[:300]}" for row in (jj, *kts) for f in row.failures],
+        f"The clients' own floor, the same clients straight to the same echo server program on this host's "
+        f"loopback (no forwarder, no namespace), in the same turns: set-up p50 {ms(statistics.median(floor.setup1))} "
+        f"ms at 1 client, {ms(statistics.median(floor.burst_warm))} ms in bursts of 32: part of every row's "
+        "figure above.",
         f"Measured with `python3 bench/docker_vs_jujitsu.py{' --docker unix' if args.docker == 'unix' else ''}`: "
         f"{args.rounds} rounds, the forwarders taking turns within each; set-up = connect() to the first "
         f"echoed byte of a 64-byte request ({args.setup_count} sequential, in one block per forwarder and round "
