@@ -221,6 +221,13 @@ async def test_missing_helper_image_is_named(lab: LabInfo) -> None:
             pass
 
 
+@pytest.mark.anyio
+async def test_an_error_inside_the_transport_block_comes_out_as_itself(lab: LabInfo) -> None:
+    with anyio.fail_after(60), pytest.raises(LookupError, match=r"^the caller's own$"):
+        async with docker_transport(settings(lab, tls=False)):
+            raise LookupError("the caller's own")  # not wrapped in an ExceptionGroup by our task group
+
+
 def test_the_python_relay_names_a_python3_too_old_for_it() -> None:
     # The real relay source, run the way relay.sh runs it, under a python3 that says it is 3.4.
     old_python = "import sys; sys.version_info = (3, 4, 10, 'final', 0); exec(compile(sys.argv.pop(1), 'r', 'exec'))"
@@ -252,13 +259,6 @@ def old_python3_image(lab: LabInfo, tmp_path: Path) -> Iterator[str]:
         yield tag
     finally:
         docker("rmi", "-f", tag, check=False)
-
-
-@pytest.mark.anyio
-async def test_an_error_inside_the_transport_block_comes_out_as_itself(lab: LabInfo) -> None:
-    with anyio.fail_after(60), pytest.raises(LookupError, match=r"^the caller's own$"):
-        async with docker_transport(settings(lab, tls=False)):
-            raise LookupError("the caller's own")  # not wrapped in an ExceptionGroup by our task group
 
 
 @pytest.mark.anyio
