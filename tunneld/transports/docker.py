@@ -38,6 +38,7 @@ from tunneld.errors import TransportError
 from tunneld.transports import send_first
 from tunneld.transports.docker_relay import (
     FIRST_LIMIT,
+    PYTHON_TOO_OLD,
     RELAY_MODES,
     RELAY_PYTHON,
     RELAY_SCRIPT,
@@ -95,6 +96,7 @@ class DockerTransport:
         self.mode = "?"
         self._hint: tuple[str, int] | None = None
         self._primed = False
+        self._relay_python = RELAY_PYTHON  # "" once the helper's python3 proved too old for it
         self._helper_suspect = False
         self.connections = 0
         self.execs_started = 0
@@ -265,6 +267,12 @@ class DockerTransport:
                 slot.kill(f"the relay in helper {self.settings.helper_name} did not start within "
                           f"{self.timeouts.connect:g}s {slot.startup_output()}".rstrip())
         if slot.dead is not None:
+            if PYTHON_TOO_OLD in slot.dead and self._relay_python:
+                # The script relays instead (socat or nc), for this helper from now on.
+                logger.warning("docker: helper image %s: %s; using the shell relay",
+                               self.settings.helper_image, slot.dead.rsplit(": ", 1)[-1])
+                self._relay_python = ""
+                return await self._start_slot()
             raise TransportError(slot.dead)
         self.mode, self._primed = slot.mode, slot.primed
         return slot
@@ -294,7 +302,7 @@ class DockerTransport:
         # The last target reached: a new slot starts a socat for it ahead of its first request.
         hint = [self._hint[0], str(self._hint[1]), relay_key(*self._hint)] if self._hint else ["", "", ""]
         cmd = ["/bin/sh", "-c", RELAY_SCRIPT, "kci-tunneld-relay", str(math.ceil(self.timeouts.connect)), *hint,
-               RELAY_PYTHON]
+               self._relay_python]
         try:
             cm, slot.stream = await self._open_exec(cmd)
         except TransportError as e:

@@ -51,6 +51,7 @@ RELAY_SCRIPT = "".join(line for line in _SCRIPT_FILE.read_text().splitlines(True
 # The relay that takes over from the script when the helper image has python3: no process per
 # connection (tunneld/transports/relay_python.py; it runs under the helper's python3, not ours).
 RELAY_PYTHON = (resources.files("tunneld.transports") / "relay_python.py").read_text()
+PYTHON_TOO_OLD = "the python relay needs 3.5 or later"  # what relay_python.py says under an older python3
 RELAY_MODES = ("python", "socat", "nc")
 
 
