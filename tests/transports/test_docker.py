@@ -387,11 +387,6 @@ async def test_first_bytes_ride_with_the_request(lab: LabInfo, tls: bool, relay:
 
 # Inside the lab namespace: say something, half-close, then report what the client sent after that.
 HALF_CLOSING_SERVER = """
-import socket, sys
-s = socket.socket()
-s.bind(("127.0.0.1", 0))
-s.listen(1)
-print(s.getsockname()[1], flush=True)
 c, _ = s.accept()
 c.sendall(b"greeting")
 c.shutdown(socket.SHUT_WR)
@@ -411,12 +406,22 @@ async def _lines(stream: anyio.abc.ByteReceiveStream) -> AsyncIterator[str]:
         yield line.decode()
 
 
+# What every ns_server runs first: ``s`` listens on the namespace's loopback, its port goes to stdout.
+NS_LISTEN = """
+import socket
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+s.listen(8)
+print(s.getsockname()[1], flush=True)
+"""
+
+
 @asynccontextmanager
 async def ns_server(lab: LabInfo, source: str) -> AsyncIterator[tuple[int, AsyncIterator[str]]]:
-    """A Python server (``source``) inside the lab namespace: the port it prints first, and the rest of
-    what it prints, line by line; killed afterwards unless it has exited by itself."""
-    async with await anyio.open_process(["nsenter", f"--net={lab.netns_path}", sys.executable, "-c", source],
-                                        stdin=subprocess.DEVNULL) as server:
+    """A Python server inside the lab namespace: NS_LISTEN, then ``source`` (which serves ``s``); the
+    port, and the rest of what it prints, line by line; killed afterwards unless it has exited."""
+    argv = ["nsenter", f"--net={lab.netns_path}", sys.executable, "-c", NS_LISTEN + source]
+    async with await anyio.open_process(argv, stdin=subprocess.DEVNULL) as server:
         assert server.stdout is not None
         lines = _lines(server.stdout)
         port = int(await anext(lines))
@@ -448,11 +453,7 @@ async def test_far_side_half_closes_first(lab: LabInfo, relay: str) -> None:
 
 # Inside the lab namespace: accept, say something, then reset the connection (SO_LINGER 0).
 RESETTING_SERVER = """
-import socket, struct, time
-s = socket.socket()
-s.bind(("127.0.0.1", 0))
-s.listen(1)
-print(s.getsockname()[1], flush=True)
+import struct, time
 c, _ = s.accept()
 c.sendall(b"partial")
 time.sleep(0.3)
@@ -481,11 +482,6 @@ async def test_a_far_side_reset_is_a_broken_stream_not_an_end(lab: LabInfo, rela
 
 # Inside the lab namespace: accept, read to EOF, and never close (a far side that ignores our EOF).
 HOLDING_SERVER = """
-import socket, time
-s = socket.socket()
-s.bind(("127.0.0.1", 0))
-s.listen(8)
-print(s.getsockname()[1], flush=True)
 held = []
 while True:
     c, _ = s.accept()
