@@ -53,44 +53,38 @@ from tunneld.docker_host import resolve_endpoint  # noqa: E402
 BLOCK = 256 * 1024
 
 
-async def exec_rates(settings: DockerSettings, container: str, total: int) -> tuple[float, float]:
-    """(up, down) in MB/s through one exec stream each."""
-    async with DockerClient(resolve_endpoint(settings, {}), timeout=10) as client:
+async def transfer(client: DockerClient, container: str, blocks: int, up: bool) -> tuple[int, float]:
+    """``blocks`` of BLOCK bytes into ``cat >/dev/null`` (up) or out of ``dd if=/dev/zero`` (down) through
+    one exec: (bytes moved, seconds from the exec being ready to the end of the transfer)."""
+    if up:
         async with client.exec_stream(container, ["sh", "-c", "cat >/dev/null"]) as stream:
             block = bytes(BLOCK)
             t0 = time.perf_counter()
-            for _ in range(total // BLOCK):
+            for _ in range(blocks):
                 await stream.write(block)
-            up = total / (time.perf_counter() - t0) / 1e6
-        async with client.exec_stream(container, ["dd", "if=/dev/zero", f"bs={BLOCK}",
-                                                  f"count={total // BLOCK}"]) as stream:
-            got = 0
-            t0 = time.perf_counter()
-            while (frame := await stream.read()) is not None:
-                if frame[0] == stream.STDOUT:
-                    got += len(frame[1])
-            down = got / (time.perf_counter() - t0) / 1e6
-    return up, down
+            return blocks * BLOCK, time.perf_counter() - t0
+    async with client.exec_stream(container, ["dd", "if=/dev/zero", f"bs={BLOCK}", f"count={blocks}"]) as stream:
+        got = 0
+        t0 = time.perf_counter()
+        while (frame := await stream.read()) is not None:
+            if frame[0] == stream.STDOUT:
+                got += len(frame[1])
+        return got, time.perf_counter() - t0
+
+
+async def exec_rates(settings: DockerSettings, container: str, total: int) -> tuple[float, float]:
+    """(up, down) in MB/s through one exec stream each."""
+    async with DockerClient(resolve_endpoint(settings, {}), timeout=10) as client:
+        rates = [moved / took / 1e6 for moved, took in
+                 [await transfer(client, container, total // BLOCK, up) for up in (True, False)]]
+    return rates[0], rates[1]
 
 
 async def striped(settings: DockerSettings, container: str, total: int, streams: int, up: bool) -> None:
     """``total`` bytes up (or down) split over ``streams`` execs running at once."""
-    each = total // streams // BLOCK
-
-    async def one(client: DockerClient) -> None:
-        if up:
-            async with client.exec_stream(container, ["sh", "-c", "cat >/dev/null"]) as stream:
-                block = bytes(BLOCK)
-                for _ in range(each):
-                    await stream.write(block)
-        else:
-            async with client.exec_stream(container, ["dd", "if=/dev/zero", f"bs={BLOCK}", f"count={each}"]) as stream:
-                while await stream.read() is not None:
-                    pass
-
     async with DockerClient(resolve_endpoint(settings, {}), timeout=10) as client, anyio.create_task_group() as tg:
         for _ in range(streams):
-            tg.start_soon(one, client)
+            tg.start_soon(transfer, client, container, total // streams // BLOCK, up)
 
 
 def striping_table(settings: DockerSettings, container: str, total: int, most: int) -> None:
