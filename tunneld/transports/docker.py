@@ -267,10 +267,10 @@ class DockerTransport:
                 slot.kill(f"the relay in helper {self.settings.helper_name} did not start within "
                           f"{self.timeouts.connect:g}s {slot.startup_output()}".rstrip())
         if slot.dead is not None:
-            if PYTHON_TOO_OLD in slot.dead and self._relay_python:
+            if self._relay_python and PYTHON_TOO_OLD in slot.startup_output():
                 # The script relays instead (socat or nc), for this helper from now on.
                 logger.warning("docker: helper image %s: %s; using the shell relay",
-                               self.settings.helper_image, slot.dead.rsplit(": ", 1)[-1])
+                               self.settings.helper_image, slot.startup_output())
                 self._relay_python = ""
                 return await self._start_slot()
             raise TransportError(slot.dead)
