@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--jujitsu", action="store_true", help="measure the socat jujitsu instead of kci-tunneld")
     p.add_argument("--python", action="store_true", help="kci-tunneld with the lab's python3 helper image "
-                   "(relay_python.py) instead of the socat one")
+                   "(helper/relay.py) instead of the socat one")
     p.add_argument("--bursts", type=int, default=10, help="bursts of 32 to measure (default 10)")
     p.add_argument("--seconds", type=float, default=5.0, help="per iperf3 run (default 5)")
     args = p.parse_args(argv)

@@ -13,7 +13,7 @@ Both forwarders reach the same targets inside the lab namespace: an echo server 
   with DOCKER_HOST (and DOCKER_TLS_VERIFY, DOCKER_CERT_PATH) pointing at the lab;
 - **kci-tunneld**: the real daemon, ``python -m tunneld start --detach --via docker``, same env, once
   with the socat image as its helper (relay.sh: a socat per connection) and once with the lab's
-  python3 image (relay_python.py: no process per connection); ``--helpers`` picks.
+  python3 image (helper/relay.py: no process per connection); ``--helpers`` picks.
 
 Measured through each, interleaved metric by metric so background load hits both alike:
 
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skopeo-mib", type=int, default=48, help="image size for the skopeo round trip")
     p.add_argument("--helpers", default="socat,python",
                    help="kci-tunneld rows, by helper image: socat (the lab's alpine/socat, relay.sh), python (the "
-                   "lab's python3 image, relay_python.py); default both")
+                   "lab's python3 image, helper/relay.py); default both")
     p.add_argument("--no-write", action="store_true", help="print only; leave bench/results/docker.md alone")
     args = p.parse_args(argv)
     lab = lab_info()

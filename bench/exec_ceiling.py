@@ -6,7 +6,7 @@ Run from the repository root with the lab up (``python3 -m tests.lab up``), as r
     python3 bench/exec_ceiling.py --bursts   # also: 32 round trips at once over 32 warm execs
 
 A throwaway container (the lab's socat image, sleeping) gets two execs per transport, driven by
-kci-tunneld's own Docker client (tunneld/docker_api.py, aiodocker under uvloop), with no relay,
+kci-tunneld's own Docker client (tunneld/docker/api.py, aiodocker under uvloop), with no relay,
 framing or target in the way:
 
 - up: 1 GiB written to the stdin of ``cat >/dev/null`` (timed until the write side is done);
@@ -47,8 +47,8 @@ from bench.procstat import cpu_seconds  # noqa: E402
 from bench.proxies import targets  # noqa: E402
 from tests.lab.lab import docker, info  # noqa: E402
 from tunneld.config import DockerSettings  # noqa: E402
-from tunneld.docker_api import DockerClient, ExecStream  # noqa: E402
-from tunneld.docker_host import resolve_endpoint  # noqa: E402
+from tunneld.docker.api import DockerClient, ExecStream  # noqa: E402
+from tunneld.docker.host import resolve_endpoint  # noqa: E402
 
 BLOCK = 256 * 1024
 

@@ -29,7 +29,7 @@ DOCS = proxies.ROOT / "docs" / "performance.md"
 PLOT = proxies.ROOT / "docs" / "perf-direct.png"
 GOAL_IDLE = 10_000
 # File descriptors a proxy process needs besides two per relayed connection: listeners, control
-# socket, log, event loop internals, spare splice pipes (tunneld.relay.splice.PIPES_KEPT pairs).
+# socket, log, event loop internals, spare splice pipes (tunneld.engine.relay.splice.PIPES_KEPT pairs).
 FD_RESERVE = 64
 
 LOCAL_ROWS = {

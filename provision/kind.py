@@ -33,9 +33,9 @@ from provision.spec import (
     ProvisionTimeouts,
     RegistrySpec,
 )
-from tunneld.docker_api import DockerClient
-from tunneld.docker_host import Endpoint
-from tunneld.docker_models import ContainerInfo
+from tunneld.docker.api import DockerClient
+from tunneld.docker.host import Endpoint
+from tunneld.docker.models import ContainerInfo
 
 logger = logging.getLogger(__name__)
 

@@ -44,10 +44,10 @@ from provision.remote import RemoteHost
 from provision.spec import KIND_NETWORK, MIN_KIND_VERSION, ROLE_LABEL, ROLE_REGISTRY, ClusterSpec, ProvisionSpec
 from provision.waits import poll_until
 from tunneld.config import ForwardSpec
-from tunneld.docker_api import DockerClient
-from tunneld.docker_host import resolve_endpoint
+from tunneld.docker.api import DockerClient
+from tunneld.docker.host import resolve_endpoint
+from tunneld.engine.listener import bind_listeners
 from tunneld.errors import BindError, TransportError
-from tunneld.listener import bind_listeners
 
 logger = logging.getLogger(__name__)
 

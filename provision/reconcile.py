@@ -18,8 +18,8 @@ from provision.kind import nodes
 from provision.registry import ensure_registry, wait_answering
 from provision.remote import RemoteHost
 from provision.spec import DEFAULT_RECONCILE_INTERVAL, KIND_NETWORK, ProvisionSpec
-from tunneld.docker_api import DockerClient
-from tunneld.docker_host import resolve_endpoint
+from tunneld.docker.api import DockerClient
+from tunneld.docker.host import resolve_endpoint
 from tunneld.errors import TunneldError
 
 logger = logging.getLogger(__name__)

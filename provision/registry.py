@@ -24,8 +24,8 @@ from provision.spec import (
     RegistrySpec,
 )
 from provision.waits import poll_until
-from tunneld.docker_api import DockerAPIError, DockerClient
-from tunneld.docker_models import ContainerDetails
+from tunneld.docker.api import DockerAPIError, DockerClient
+from tunneld.docker.models import ContainerDetails
 
 logger = logging.getLogger(__name__)
 

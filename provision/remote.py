@@ -13,8 +13,8 @@ from typing import Any
 
 from provision.errors import ProvisionError
 from provision.spec import PROVISION_HELPER_NAME, ROLE_LABEL, ROLE_PROVISION_HELPER, ProvisionTimeouts
-from tunneld.docker_api import DockerClient
-from tunneld.docker_models import ContainerDetails
+from tunneld.docker.api import DockerClient
+from tunneld.docker.models import ContainerDetails
 
 logger = logging.getLogger(__name__)
 

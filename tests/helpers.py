@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 import anyio
 
 from tunneld.config import ForwardSpec, Timeouts
-from tunneld.forward import Forward, ForwardState
+from tunneld.engine.forward import Forward, ForwardState
 from tunneld.transports import Transport
 
 FAST = Timeouts(connect=3.0, probe=2.0, probe_interval=0.2, ready=10.0, drain=2.0)

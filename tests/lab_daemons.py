@@ -21,7 +21,7 @@ from typing import Any, Self
 
 from tests.cli import Cli
 from tests.lab.lab import LabInfo
-from tunneld.forward import HISTORY
+from tunneld.engine.forward import HISTORY
 
 LEAK_SETTLE = 90.0  # the docker transport trims idle relay streams beyond its pool size after 60-75 s
 

@@ -61,6 +61,6 @@ def test_pytest_fixture_example_reaches_the_lab_registry_over_ssh(lab: LabInfo, 
 @pytest.mark.lab
 @pytest.mark.timeout(150)
 def test_pytest_fixture_example_reaches_the_lab_registry_over_docker(lab: LabInfo) -> None:
-    if importlib.util.find_spec("tunneld.transports.docker") is None:
-        pytest.skip("the docker transport (tunneld/transports/docker.py) is not in this tree yet")
+    if importlib.util.find_spec("tunneld.docker.transport") is None:
+        pytest.skip("the docker transport (tunneld/docker/transport.py) is not in this tree yet")
     _pytest_example({"KCI_TUNNELD_VIA": "docker", "KCI_REGISTRY_TARGET": lab.registry_addr, **lab.docker_env()})

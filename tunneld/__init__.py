@@ -12,8 +12,8 @@ from tunneld.config import (
     parse_config,
     parse_forward_arg,
 )
+from tunneld.engine.forward import Forward, ForwardState
 from tunneld.errors import BindError, ConfigError, ExitCode, NotReadyError, TransportError, TunneldError
-from tunneld.forward import Forward, ForwardState
 
 __all__ = [
     "BindError",

@@ -1,5 +1,5 @@
 import sys
 
-from tunneld.cli import main
+from tunneld.cli.main import main
 
 sys.exit(main())

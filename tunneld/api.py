@@ -30,10 +30,10 @@ from tunneld.config import (
     merge_cli,
     parse_forward_arg,
 )
-from tunneld.daemon import Generation
+from tunneld.daemon.lifecycle import Generation
+from tunneld.engine.forward import Forward, ForwardState, ForwardStats
+from tunneld.engine.probe import ProbeResult
 from tunneld.errors import ConfigError, NotReadyError
-from tunneld.forward import Forward, ForwardState, ForwardStats
-from tunneld.probe import ProbeResult
 from tunneld.transports import Transport, create_transport
 
 # States after which a forward never becomes ready again. (``failed`` is not one: a port that

@@ -190,7 +190,7 @@ def _python_stdlib() -> dict[str, Path]:
 def python_spec() -> ImageSpec:
     """`kcilab/python:latest`, a `python:3-alpine` stand-in: busybox for sh and sleep, and python3
     (Debian's, with its libraries and standard library). The docker transport's fast relay runs
-    on it (tunneld/transports/relay_python.py)."""
+    on it (tunneld/docker/helper/relay.py)."""
     return ImageSpec(
         name="kcilab/python:latest",
         files={"bin/busybox": BUSYBOX, "usr/bin/python3.11": PYTHON, **shared_libs(PYTHON), **_python_stdlib()},

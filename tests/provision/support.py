@@ -62,8 +62,8 @@ def removed_after(*names: str) -> Iterator[None]:
 
 
 def run_cli(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """`python -m tunneld.provision_cli ARGS` (what `kci-tunneld up|down` will run)."""
-    return subprocess.run([sys.executable, "-m", "tunneld.provision_cli", *args], capture_output=True, text=True,
+    """`python -m provision.cli ARGS` (what `kci-tunneld up|down` will run)."""
+    return subprocess.run([sys.executable, "-m", "provision.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=REPO, stdin=subprocess.DEVNULL)
 
 

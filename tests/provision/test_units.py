@@ -10,6 +10,7 @@ import pytest
 import yaml  # type: ignore[import-untyped]
 
 from provision import kubeconfig
+from provision.cli import daemon_config
 from provision.errors import PreflightError, ProvisionError
 from provision.kind import check_containerd_config, hosts_paths, hosts_toml, kind_config, parse_version
 from provision.registry import local_registry_hosting, normalize_image
@@ -18,7 +19,6 @@ from provision.spec import ClusterSpec, ProvisionSpec, RegistrySpec, spec_from_j
 from tests.standins import kind as standin_kind
 from tunneld.config import load_config
 from tunneld.errors import ConfigError
-from tunneld.provision_cli import daemon_config
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -20,8 +20,8 @@ import pytest
 from tests.lab.lab import LabInfo, docker
 from tests.oci import build_layout, roundtrip
 from tests.provision.support import REPO, cli_env, free_port, inspect, removed_after, run_cli, unique
+from tunneld.daemon.processes import pid_alive
 from tunneld.errors import ExitCode
-from tunneld.processes import pid_alive
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -161,7 +161,7 @@ def test_up_in_the_foreground_serves_until_sigterm(lab: LabInfo, control: Path) 
     env = cli_env(lab, tls=True)
     args = ["--no-cluster", "--registry-name", name, "--registry-port", str(port), "--control", str(control)]
     with removed_after(name):
-        proc = subprocess.Popen([sys.executable, "-m", "tunneld.provision_cli", "up", *args], env=env, cwd=REPO,
+        proc = subprocess.Popen([sys.executable, "-m", "provision.cli", "up", *args], env=env, cwd=REPO,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             deadline = time.monotonic() + 30

@@ -68,8 +68,8 @@ class TransportFactory(Protocol):
 
 _FACTORIES: dict[str, str] = {
     "direct": "tunneld.transports.direct:DirectTransport",
-    "docker": "tunneld.transports.docker:DockerTransport",
-    "ssh": "tunneld.transports.ssh:SshTransport",
+    "docker": "tunneld.docker.transport:DockerTransport",
+    "ssh": "tunneld.ssh.transport:SshTransport",
 }
 
 

@@ -7,7 +7,7 @@ from types import TracebackType
 
 from tunneld.config import Timeouts, TransportSpec, format_host
 from tunneld.errors import TransportError
-from tunneld.streams import RawSocketStream, connect_tcp
+from tunneld.sockets import RawSocketStream, connect_tcp
 from tunneld.transports import send_first
 
 

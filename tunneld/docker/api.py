@@ -1,0 +1,508 @@
+"""The one adapter around aiodocker/aiohttp: the connection to a Docker host and the few calls we make.
+
+Which host, and with which TLS files, is tunneld/docker/host.py (``resolve_endpoint``, as the docker
+CLI chooses). Every aiodocker, aiohttp and ssl exception is translated here into a
+``TransportError`` that names the Docker host and says what to check; nothing foreign leaves this
+module. ``ssh://`` hosts go through the SSH transport (``tunneld.ssh.client`` and
+``tunneld.ssh.target`` hold asyncssh) and ``docker system dial-stdio`` (``tunneld.docker.over_ssh``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import ssl
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import aiodocker
+import aiohttp
+import anyio
+
+from tunneld.config import Timeouts, TransportSpec, parse_via
+from tunneld.docker.host import Endpoint, ssl_context
+from tunneld.docker.models import ContainerDetails, ContainerInfo, ExecResult, PublishedPort, details
+from tunneld.errors import ConfigError, TransportError
+from tunneld.tls import ssl_reason
+
+
+class DockerAPIError(TransportError):
+    """The Docker Engine answered with an error status (404 no such container, 409 conflict, ...)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ExecStream:
+    """One attached exec (stdin, stdout, stderr; no tty): frames already demultiplexed."""
+
+    STDOUT = 1
+    STDERR = 2
+
+    def __init__(self, stream: Any, describe: str) -> None:
+        self._stream = stream
+        self._describe = describe
+        self._transport = _upgraded_transport(stream)
+
+    async def read(self) -> tuple[int, bytes] | None:
+        """The next frame as (ExecStream.STDOUT or STDERR, bytes), or None at the end of the stream.
+
+        :raises TransportError: when the connection to the Docker host broke.
+        """
+        try:
+            msg = await self._stream.read_out()
+        except (aiohttp.ClientError, OSError, RuntimeError, asyncio.IncompleteReadError) as e:
+            raise TransportError(f"lost the exec stream to {self._describe}: {_reason(e)}") from None
+        if msg is None:
+            return None
+        return int(msg.stream), bytes(msg.data)
+
+    async def write(self, data: bytes) -> None:
+        """Write to the process's stdin (waits while the Docker host's buffer is full).
+
+        :raises TransportError: when the connection to the Docker host broke.
+        """
+        try:
+            await self._stream.write_in(data)
+        except (aiohttp.ClientError, OSError, RuntimeError, AssertionError) as e:
+            raise TransportError(f"lost the exec stream to {self._describe}: {_reason(e)}") from None
+
+    async def aclose(self) -> None:
+        """Drop the connection at once, whatever state the far side is in.
+
+        A graceful close would wait for the Docker host to take every byte still buffered (and, over
+        TLS, for its close_notify): a far side that stopped reading keeps the socket forever. Nothing
+        sent after we decided to close matters: the relay ends when its stdin goes away either way.
+        """
+        try:
+            await self._stream.close()
+        except (aiohttp.ClientError, OSError, RuntimeError, AssertionError):
+            pass  # already broken: nothing left to close cleanly
+        finally:
+            _abort(self._transport)
+
+
+class DockerClient:
+    """The Docker Engine API calls kci-tunneld makes, each with a deadline and translated errors."""
+
+    def __init__(self, endpoint: Endpoint, *, timeout: float) -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self._docker: aiodocker.Docker | None = None
+        self._connector: aiohttp.BaseConnector | None = None
+        self._stack: AsyncExitStack | None = None  # what ssh:// needs underneath: the connection, the bridge
+
+    async def __aenter__(self) -> DockerClient:
+        """Open the connector (for ssh://, also the SSH connection: host key checked, logged in).
+
+        :raises TransportError: naming the Docker host and what to check.
+        """
+        stack = AsyncExitStack()
+        try:
+            self._docker, self._connector = await self._open(stack)
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack = stack
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        docker, connector, stack = self._docker, self._connector, self._stack
+        self._docker = self._connector = self._stack = None
+        with anyio.CancelScope(shield=True):
+            if docker is not None:
+                await docker.close()
+            if connector is not None:
+                await connector.close()  # aiodocker leaves a caller's connector open
+        if stack is not None:
+            # Not under the shield: the task groups in there must exit from the scope they were entered
+            # in; they finish under cancellation anyway (SshConnection.aclose shields its own close).
+            await stack.aclose()
+
+    async def _open(self, stack: AsyncExitStack) -> tuple[aiodocker.Docker, aiohttp.BaseConnector]:
+        ep = self.endpoint
+        connector: aiohttp.BaseConnector
+        # limit=0: every exec stream holds its own connection for its whole life.
+        if ep.scheme == "unix":
+            connector = aiohttp.UnixConnector(path=ep.host[len("unix://"):], limit=0)
+            url = "unix://localhost"
+        elif ep.scheme == "tcp":
+            hostport = ep.host[len("tcp://"):]
+            if ep.tls is not None:
+                connector = aiohttp.TCPConnector(ssl=ssl_context(ep.tls), limit=0)
+                url = f"https://{hostport}"
+            else:
+                connector = aiohttp.TCPConnector(limit=0)
+                url = f"http://{hostport}"
+        elif ep.scheme == "ssh":
+            connector = aiohttp.UnixConnector(path=await self._ssh_bridge(stack), limit=0)
+            url = "unix://localhost"
+        else:
+            raise TransportError(f"Docker host {ep.host} ({ep.source}): unsupported scheme {ep.scheme!r}")
+        # No aiohttp timeouts: every call runs under its own anyio deadline (_call).
+        return aiodocker.Docker(url=url, connector=connector, timeout=aiohttp.ClientTimeout()), connector
+
+    async def _ssh_bridge(self, stack: AsyncExitStack) -> str:
+        """Reach an ssh:// Docker host as the docker CLI does: each HTTP connection is a
+        ``docker system dial-stdio`` run on the server (so the server's own DOCKER_HOST counts), here
+        all as channels of one SSH connection (~/.ssh/config applies, host key verified, reconnects).
+        aiohttp only speaks to sockets, so they are served on a private unix socket; returns its path.
+        """
+        # Imported here: only ssh:// hosts pay for asyncssh. The SSH seam stays in tunneld/ssh/.
+        from tunneld.docker.over_ssh import open_docker_socket_stream, serve_unix_bridge
+        from tunneld.ssh.transport import SshTransport
+
+        ep = self.endpoint
+        where = f"the Docker host {ep.host} ({ep.source})"
+        if urlsplit(ep.host).path not in ("", "/"):
+            raise TransportError(f"{where}: an ssh:// Docker host takes no path; write ssh://[user@]host[:port]")
+        try:
+            spec = parse_via(ep.host, key=ep.source)
+        except ConfigError as e:
+            raise TransportError(str(e)) from None
+        ssh = SshTransport(TransportSpec(kind="ssh", ssh=spec.ssh), Timeouts(connect=self.timeout))
+        try:
+            await stack.enter_async_context(ssh)
+        except TransportError as e:
+            raise TransportError(f"connecting to {where} over SSH: {e}") from None
+        return await stack.enter_async_context(serve_unix_bridge(lambda: open_docker_socket_stream(ssh, None)))
+
+    @property
+    def docker(self) -> aiodocker.Docker:
+        assert self._docker is not None, "DockerClient used outside its context"
+        return self._docker
+
+    @asynccontextmanager
+    async def _call(self, what: str, deadline: float | None = None) -> AsyncIterator[None]:
+        """Run one API call within ``deadline`` seconds (default: the connect timeout); translate its errors."""
+        limit = self.timeout if deadline is None else deadline
+        try:
+            with anyio.fail_after(limit):
+                yield
+        except TimeoutError:
+            raise TransportError(
+                f"{what}: no answer from the Docker host at {self.endpoint.host} within {limit:g}s"
+            ) from None
+        except aiodocker.DockerError as e:
+            raise self._translate(what, e) from None
+        except (aiohttp.ClientError, ssl.SSLError, OSError) as e:
+            raise self._connection_error(what, e) from None
+
+    def _translate(self, what: str, e: aiodocker.DockerError) -> TransportError:
+        if e.status == 900:  # aiodocker's "cannot connect": the aiohttp error is the context
+            cause = e.__context__ or e.__cause__
+            if isinstance(cause, BaseException):
+                return self._connection_error(what, cause)
+            return TransportError(f"{what}: cannot reach the Docker host at {self.endpoint.host}: {e.message}")
+        message = str(e.message).strip()
+        if e.status == 400 and "HTTPS server" in message:
+            return DockerAPIError(
+                f"{what}: the Docker host at {self.endpoint.host} expects TLS: set DOCKER_TLS_VERIFY=1 and "
+                "DOCKER_CERT_PATH (ca.pem, cert.pem, key.pem)", e.status)
+        return DockerAPIError(
+            f"{what}: the Docker host at {self.endpoint.host} answered {e.status}: {message}", e.status
+        )
+
+    def _connection_error(self, what: str, e: BaseException) -> TransportError:
+        host = self.endpoint.host
+        ssl_error = _find(e, ssl.SSLError)
+        if ssl_error is not None and self.endpoint.tls is not None:
+            cert_dir = self.endpoint.tls.cert_dir or "the context's TLS directory"
+            reason = ssl_reason(ssl_error)
+            if isinstance(ssl_error, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(ssl_error):
+                hint = (f"check DOCKER_CERT_PATH ({cert_dir}): its ca.pem must be the CA that signed "
+                        "the daemon's certificate")
+            else:
+                hint = (f"check DOCKER_CERT_PATH ({cert_dir}): the daemon must trust the client certificate "
+                        "cert.pem/key.pem found there")
+            return TransportError(f"{what}: TLS handshake with the Docker host at {host} failed: {reason} — {hint}")
+        os_error = _find(e, OSError)
+        tls = self.endpoint.tls
+        rejected = isinstance(e, aiohttp.ServerDisconnectedError) or (
+            os_error is not None and os_error.errno in (errno.ECONNRESET, errno.EPIPE)
+        )
+        if tls is not None and rejected:
+            # With TLS 1.3 a refused client certificate shows up after the handshake, as a reset.
+            return TransportError(
+                f"{what}: TLS handshake with the Docker host at {host} failed: the daemon closed the connection, "
+                f"most likely rejecting the client certificate — check DOCKER_CERT_PATH ({tls.cert_dir}): "
+                "cert.pem/key.pem must be signed by a CA the daemon trusts (--tlscacert)"
+            )
+        if os_error is not None and os_error.errno is not None:
+            return TransportError(f"{what}: cannot reach the Docker host at {host}: {_errno_text(os_error)}")
+        return TransportError(f"{what}: cannot reach the Docker host at {host}: {_reason(e)}")
+
+    # ---------------------------------------------------------------- calls
+
+    async def ping(self) -> dict[str, Any]:
+        """The engine's version document (proves the host is reachable and TLS works).
+
+        :raises TransportError: naming the host and what to check.
+        """
+        async with self._call("connecting to Docker"):
+            version: dict[str, Any] = await self.docker.version()
+        return version
+
+    async def _inspect(self, ref: str) -> dict[str, Any] | None:
+        """The raw ``docker inspect`` document of ``ref``, or None when there is no such container."""
+        try:
+            async with self._call(f"inspecting container {ref}"):
+                c = await self.docker.containers.get(ref)
+                return dict(c._container)
+        except DockerAPIError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    async def inspect_container(self, name: str) -> ContainerInfo | None:
+        """The container called ``name``, or None when there is none."""
+        data = await self._inspect(name)
+        if data is None:
+            return None
+        cfg = data.get("Config") or {}
+        state = data.get("State") or {}
+        return ContainerInfo(
+            id=str(data.get("Id", "")), name=str(data.get("Name", name)).lstrip("/"),
+            image=str(cfg.get("Image", "")), image_id=str(data.get("Image", "")),
+            running=bool(state.get("Running")), state=str(state.get("Status", "")),
+            labels=dict(cfg.get("Labels") or {}),
+        )
+
+    async def list_containers(self, labels: Mapping[str, str]) -> list[ContainerInfo]:
+        """Every container (running or not) carrying all of ``labels``."""
+        filters = json.dumps({"label": [f"{k}={v}" for k, v in labels.items()]})
+        async with self._call("listing containers"):
+            found = await self.docker.containers.list(all="true", filters=filters)
+            rows = [dict(c._container) for c in found]
+        return [
+            ContainerInfo(
+                id=str(r.get("Id", "")), name=str((r.get("Names") or [""])[0]).lstrip("/"),
+                image=str(r.get("Image", "")), image_id=str(r.get("ImageID", "")),
+                running=r.get("State") == "running", state=str(r.get("State", "")),
+                labels=dict(r.get("Labels") or {}),
+            )
+            for r in rows
+        ]
+
+    async def image_id(self, image: str) -> str | None:
+        """The local id (sha256:...) of ``image``, or None when the host does not have it."""
+        try:
+            async with self._call(f"inspecting image {image}"):
+                data = await self.docker.images.inspect(image)
+        except DockerAPIError as e:
+            if e.status == 404:
+                return None
+            raise
+        return str(data.get("Id", "")) or None
+
+    async def pull_image(self, image: str, *, deadline: float) -> None:
+        """Pull ``image`` onto the Docker host (as ``docker pull`` would), within ``deadline`` seconds."""
+        async with self._call(f"pulling image {image}", deadline):
+            await self.docker.images.pull(image)
+
+    async def create_container(
+        self, name: str, image: str, *, entrypoint: Sequence[str], cmd: Sequence[str],
+        labels: Mapping[str, str], host_network: bool = True,
+    ) -> str:
+        """Create (not start) a container; returns its id.
+
+        :raises DockerAPIError: 404 when the image is missing, 409 when the name is taken.
+        """
+        config: dict[str, Any] = {
+            "Image": image, "Entrypoint": list(entrypoint), "Cmd": list(cmd), "Labels": dict(labels),
+            "AttachStdin": False, "AttachStdout": False, "AttachStderr": False, "Tty": False,
+            "HostConfig": {"NetworkMode": "host" if host_network else "default", "Init": False},
+        }
+        async with self._call(f"creating container {name} from {image}"):
+            c = await self.docker.containers.create(config, name=name)
+            return str(c.id)
+
+    async def start_container(self, ref: str) -> None:
+        async with self._call(f"starting container {ref}"):
+            await self.docker.containers.container(ref).start()
+
+    async def stop_container(self, ref: str, grace: int = 1) -> None:
+        """Stop (SIGTERM, then SIGKILL after ``grace`` seconds)."""
+        async with self._call(f"stopping container {ref}", self.timeout + grace):
+            await self.docker.containers.container(ref).stop(t=grace)
+
+    async def remove_container(self, ref: str) -> bool:
+        """Remove (killing it first if running); False when it did not exist."""
+        try:
+            async with self._call(f"removing container {ref}"):
+                await self.docker.containers.container(ref).delete(force=True)
+        except DockerAPIError as e:
+            if e.status == 404:
+                return False
+            raise
+        return True
+
+    @asynccontextmanager
+    async def exec_stream(self, container: str, cmd: Sequence[str]) -> AsyncIterator[ExecStream]:
+        """Run ``cmd`` in ``container`` with stdin, stdout and stderr attached (the upgraded connection).
+
+        :raises DockerAPIError: 404 when the container is gone, 409 when it is not running.
+        """
+        timeout = aiohttp.ClientTimeout(total=None, connect=self.timeout, sock_connect=self.timeout)
+        async with self._call(f"starting an exec in container {container}"):
+            exe = await self.docker.containers.container(container).exec(
+                list(cmd), stdin=True, stdout=True, stderr=True, tty=False
+            )
+            stream = exe.start(detach=False, timeout=timeout)
+            try:
+                await stream.__aenter__()  # POST /exec/{id}/start, then the connection is upgraded
+            except BaseException:
+                _abort(_upgraded_transport(stream))  # cut short after the upgrade: the socket is ours
+                raise
+        wrapped = ExecStream(stream, f"{container} on {self.endpoint.host}")
+        try:
+            yield wrapped
+        finally:
+            with anyio.CancelScope(shield=True):
+                await wrapped.aclose()
+
+    # ---------------------------------------------------------------- calls for provision/ (issue 6)
+
+    async def container_details(self, ref: str) -> ContainerDetails | None:
+        """What ``docker inspect`` says about ``ref`` (env, published ports, networks...), or None."""
+        data = await self._inspect(ref)
+        return None if data is None else details(data, ref)
+
+    async def published_ports(self) -> list[PublishedPort]:
+        """Every port a running container publishes on the Docker host (``docker ps`` PORTS)."""
+        async with self._call("listing containers"):
+            found = await self.docker.containers.list(all="false")
+            rows = [dict(c._container) for c in found]
+        return [
+            PublishedPort(container=str((r.get("Names") or [""])[0]).lstrip("/"), host_ip=str(p.get("IP", "")),
+                          host_port=int(p["PublicPort"]), container_port=int(p.get("PrivatePort", 0)),
+                          proto=str(p.get("Type", "tcp")))
+            for r in rows for p in (r.get("Ports") or []) if p.get("PublicPort")
+        ]
+
+    async def create_container_json(self, name: str, body: Mapping[str, Any]) -> str:
+        """Create (not start) a container from an Engine API ``ContainerCreate`` body; returns its id.
+
+        :raises DockerAPIError: 404 when the image is missing, 409 when the name is taken.
+        """
+        async with self._call(f"creating container {name} from {body.get('Image')}"):
+            c = await self.docker.containers.create(dict(body), name=name)
+            return str(c.id)
+
+    async def connect_network(self, network: str, container: str) -> None:
+        """``docker network connect NETWORK CONTAINER``.
+
+        :raises DockerAPIError: 404 when either is missing, 403 when already connected.
+        """
+        async with self._call(f"connecting container {container} to network {network}"):
+            await (await self.docker.networks.get(network)).connect({"Container": container})
+
+    async def exec_run(self, container: str, cmd: Sequence[str], *, deadline: float | None = None,
+                       limit: int = 1 << 20) -> ExecResult:
+        """Run ``cmd`` in ``container`` to completion (no stdin); its exit code and output (``limit`` bytes each).
+
+        :raises DockerAPIError: 404 when the container is gone, 409 when it is not running.
+        """
+        out, err = bytearray(), bytearray()
+        async with self._call(f"running {cmd[0]!r} in container {container}", deadline):
+            exe = await self.docker.containers.container(container).exec(
+                list(cmd), stdin=False, stdout=True, stderr=True, tty=False
+            )
+            async with exe.start(detach=False) as stream:
+                while (msg := await stream.read_out()) is not None:
+                    buf = out if msg.stream == ExecStream.STDOUT else err
+                    buf.extend(bytes(msg.data)[: max(0, limit - len(buf))])
+            info = await exe.inspect()
+        code = info.get("ExitCode")
+        return ExecResult(exit_code=-1 if code is None else int(code), stdout=bytes(out), stderr=bytes(err))
+
+
+    # ---------------------------------------------------------------- for --auto (issue 5)
+
+    @asynccontextmanager
+    async def container_events(self, since: int | None = None) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
+        """Container events as ``docker events --filter type=container`` streams them (from ``since``,
+        epoch seconds, when given): an async iterator of the Engine's JSON objects, ending when the
+        Docker host closes the stream.
+
+        :raises TransportError: when the stream cannot be opened, or (while iterating) breaks.
+        """
+        params: dict[str, Any] = {"filters": json.dumps({"type": ["container"]})}
+        if since is not None:
+            params["since"] = str(since)
+        timeout = aiohttp.ClientTimeout(total=None, connect=self.timeout, sock_connect=self.timeout)
+        query = self.docker._query("events", params=params, timeout=timeout)
+        async with self._call("watching container events"):
+            response = await query.__aenter__()
+
+        async def events() -> AsyncIterator[dict[str, Any]]:
+            try:
+                async for line in response.content:
+                    try:
+                        event = json.loads(line)
+                    except ValueError:
+                        continue
+                    if isinstance(event, dict):
+                        yield event
+            except (aiohttp.ClientError, OSError, RuntimeError, asyncio.IncompleteReadError) as e:
+                raise TransportError(f"the event stream from the Docker host at {self.endpoint.host} broke: "
+                                     f"{_reason(e)}") from None
+
+        try:
+            yield events()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await query.__aexit__(None, None, None)
+
+class _Abortable(Protocol):
+    def abort(self) -> None: ...
+
+
+def _upgraded_transport(stream: Any) -> _Abortable | None:
+    """The transport under an aiodocker exec stream once its connection is upgraded (else None).
+
+    asyncio's and uvloop's transports share no base class, hence the duck typing.
+    """
+    resp = getattr(stream, "_resp", None)  # aiodocker keeps the upgraded response here
+    transport = getattr(getattr(resp, "connection", None), "transport", None)
+    return transport if callable(getattr(transport, "abort", None)) else None
+
+
+def _abort(transport: _Abortable | None) -> None:
+    if transport is not None:
+        transport.abort()
+
+
+def _find(e: BaseException, kind: type[BaseException]) -> Any:
+    """The innermost exception of ``kind`` in e's chain (aiohttp wraps ssl and OS errors, and some of
+    its wrappers are themselves ssl errors without the details)."""
+    found: Any = None
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, kind):
+            found = cur
+        inner = getattr(cur, "certificate_error", None) or getattr(cur, "os_error", None)
+        if isinstance(inner, BaseException) and id(inner) not in seen:
+            cur = inner
+            continue
+        cur = cur.__cause__ or cur.__context__
+    return found
+
+
+def _errno_text(e: OSError) -> str:
+    names = {errno.ECONNREFUSED: "connection refused", errno.ENOENT: "no such socket",
+             errno.EACCES: "permission denied", errno.EHOSTUNREACH: "no route to host",
+             errno.ENETUNREACH: "network unreachable", errno.ETIMEDOUT: "timed out",
+             errno.ECONNRESET: "connection reset"}
+    return names.get(e.errno or 0, e.strerror or str(e))
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e)
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__

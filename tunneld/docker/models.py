@@ -1,0 +1,75 @@
+"""What the Docker adapter (tunneld/docker/api.py) hands out: plain records, no aiodocker objects.
+
+``DockerClient`` builds them from the Engine's JSON; provisioning, discovery and the docker transport
+read them. Nothing here talks to a Docker host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    """What we need to know about a container."""
+
+    id: str
+    name: str
+    image: str  # as configured (alpine/socat)
+    image_id: str  # sha256:...
+    running: bool
+    state: str
+    labels: dict[str, str]
+
+
+@dataclass(frozen=True)
+class PublishedPort:
+    """One ``HOST_IP:HOST_PORT->CONTAINER_PORT/PROTO`` of a running container."""
+
+    container: str
+    host_ip: str
+    host_port: int
+    container_port: int
+    proto: str
+
+
+@dataclass(frozen=True)
+class ContainerDetails:
+    """The parts of ``docker inspect`` provisioning compares and reports."""
+
+    id: str
+    name: str
+    image: str  # as configured (registry:2)
+    running: bool
+    state: str
+    labels: dict[str, str]
+    env: tuple[str, ...]
+    port_bindings: tuple[tuple[str, str, int], ...]  # ("5000/tcp", "127.0.0.1", 5555), from HostConfig
+    restart_policy: str
+    networks: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+
+
+def details(data: Mapping[str, Any], ref: str) -> ContainerDetails:
+    cfg = data.get("Config") or {}
+    host = data.get("HostConfig") or {}
+    state = data.get("State") or {}
+    bindings = tuple(
+        (str(port), str(b.get("HostIp") or ""), int(b.get("HostPort") or 0))
+        for port, binds in sorted((host.get("PortBindings") or {}).items()) for b in (binds or [])
+    )
+    return ContainerDetails(
+        id=str(data.get("Id", "")), name=str(data.get("Name", ref)).lstrip("/"), image=str(cfg.get("Image", "")),
+        running=bool(state.get("Running")), state=str(state.get("Status", "")),
+        labels=dict(cfg.get("Labels") or {}), env=tuple(cfg.get("Env") or ()), port_bindings=bindings,
+        restart_policy=str((host.get("RestartPolicy") or {}).get("Name") or ""),
+        networks=tuple(sorted(((data.get("NetworkSettings") or {}).get("Networks") or {}).keys())),
+    )

@@ -1,0 +1,492 @@
+"""--via docker: reach host:port as a helper container on the Docker host sees it, over exec streams.
+
+How it works (docs/docker-transport.md has the full story and the numbers):
+
+- A helper container runs on the Docker host with host networking (``--net=host``), idle. It needs
+  only a POSIX shell, ``sleep``, ``dd`` and either socat or busybox ``nc``.
+- A *slot* is one long-lived ``docker exec`` of RELAY_SCRIPT with stdin/stdout/stderr attached. It
+  carries one TCP connection at a time and many in its life, so the ~80 ms an exec costs is paid
+  once per slot, not per connection. A pool keeps ``pool_size`` idle slots warm, grows under load
+  and is refilled in the background when slots (or the whole helper) go away.
+- With socat, each slot keeps a socat per target already started and blocked opening a FIFO, so a
+  request costs no process start; it connects only when a request opens the FIFO.
+
+The relay script and the objects that speak to one exec (framing, half-close over TLS, the end
+marker) are in tunneld/docker/execs.py; this module owns the helper container, the pool
+and ``connect()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine
+from contextlib import AbstractAsyncContextManager
+from types import TracebackType
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from tunneld.config import Timeouts, TransportSpec, format_host
+from tunneld.docker.api import DockerAPIError, DockerClient, ExecStream
+from tunneld.docker.execs import (
+    FIRST_LIMIT,
+    PYTHON_TOO_OLD,
+    RELAY_MODES,
+    RELAY_PYTHON,
+    RELAY_SCRIPT,
+    DockerStream,
+    Slot,
+    relay_key,
+    short_reason,
+)
+from tunneld.docker.host import Endpoint, resolve_endpoint
+from tunneld.errors import TransportError
+from tunneld.transports import send_first
+
+logger = logging.getLogger(__name__)
+
+HELPER_LABELS = {"io.kci-tunneld.role": "helper"}
+# The helper's main process: idle forever, but let `docker stop` end it at once.
+HELPER_ENTRYPOINT = ["/bin/sh", "-c", "trap 'exit 0' TERM INT; while :; do sleep 86400 & wait $!; done"]
+
+MAX_SLOTS = 512  # one exec (and one Docker connection) each
+IDLE_TTL = 60.0  # idle slots beyond pool_size are closed after this long
+EXEC_STARTS_AT_ONCE = 4  # runc starts barely overlap on small hosts: more would only queue
+PULL_TIMEOUT = 600.0
+
+_HOST_RE = re.compile(r"^[A-Za-z0-9._:%-]+$")
+
+
+class _Waiter:
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.slot: Slot | None = None
+
+
+class DockerTransport:
+    """Opens streams to host:port as seen from a helper container on the Docker host."""
+
+    name = "docker"
+    pipelines_first_bytes = True
+
+    def __init__(self, spec: TransportSpec, timeouts: Timeouts) -> None:
+        self.settings = spec.docker
+        self.timeouts = timeouts
+        self.endpoint: Endpoint | None = None
+        self.client: DockerClient | None = None
+        self.helper_id: str | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._helper_lock = anyio.Lock()
+        self._exec_starts = anyio.Semaphore(EXEC_STARTS_AT_ONCE)
+        self._idle: list[Slot] = []
+        self._waiters: deque[_Waiter] = deque()
+        self._slots: set[Slot] = set()
+        self._starting = 0
+        self._starts_over: anyio.Event | None = None  # set once no slot is starting (while closing)
+        self._numbers = 0
+        self._closing = False
+        self._last_error: str | None = None
+        self._failures = 0
+        self.reconnects = 0
+        self.mode = "?"
+        self._hint: tuple[str, int] | None = None
+        self._primed = False
+        self._relay_python = RELAY_PYTHON  # "" once the helper's python3 proved too old for it
+        self._helper_suspect = False
+        self.connections = 0
+        self.execs_started = 0
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def __aenter__(self) -> DockerTransport:
+        """Reach the Docker host, make sure the helper runs, start one slot to prove it works.
+
+        :raises TransportError: naming the Docker host (or helper image) and what to check.
+        """
+        self.endpoint = resolve_endpoint(self.settings)
+        client = DockerClient(self.endpoint, timeout=self.timeouts.connect)
+        await client.__aenter__()
+        try:
+            self.client = client
+            version = await client.ping()
+            logger.info("docker: %s (engine %s, API %s)", self.endpoint.describe(),
+                        version.get("Version", "?"), version.get("ApiVersion", "?"))
+            await self._ensure_helper(None)
+            tg = anyio.create_task_group()
+            await tg.__aenter__()
+            self._tg = tg
+        except BaseException:
+            await client.__aexit__(None, None, None)
+            raise
+        try:
+            self.release(await self._start_slot())
+        except BaseException as e:
+            await self.__aexit__(type(e), e, e.__traceback__)
+            raise
+        self._top_up()
+        tg.start_soon(self._housekeeping)
+        logger.info("docker: helper %s (%s) ready, relay %s, pool %d", self.settings.helper_name,
+                    self.settings.helper_image, self.mode, self.settings.pool_size)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._closing = True
+        try:
+            if self._tg is not None:
+                await self._let_starts_finish()
+                self._tg.cancel_scope.cancel()
+                # Not the caller's exception: anyio would wrap it in an ExceptionGroup, and a failed
+                # __aenter__ (say, a helper image that cannot run the relay) would not raise the
+                # TransportError it promises. The group only runs our background tasks.
+                await self._tg.__aexit__(None, None, None)
+        finally:
+            self._tg = None
+            if self.client is not None:
+                await self.client.__aexit__(None, None, None)
+                self.client = None
+
+    async def _let_starts_finish(self) -> None:
+        """Wait (at most timeouts.connect) for the exec starts in flight instead of cancelling them.
+
+        A start cancelled mid-request makes aiohttp close its connection gracefully while dockerd is
+        already answering, and over TLS uvloop then fails a write on the closed socket ("Fatal error
+        on SSL protocol", logged at every stop that met a pool top-up). A started exec is closed by
+        aborting its connection, which is clean. Nothing new starts once ``_closing`` is set.
+        """
+        if self._starting:
+            self._starts_over = anyio.Event()
+            with anyio.move_on_after(self.timeouts.connect):
+                await self._starts_over.wait()
+
+    def _start_done(self) -> None:
+        self._starting -= 1
+        if not self._starting and self._starts_over is not None:
+            self._starts_over.set()
+
+    def spawn(self, func: Callable[..., Coroutine[Any, Any, None]], *args: object) -> None:
+        """Run a helper task in the transport's task group (it ends with the transport)."""
+        if self._tg is not None:
+            self._tg.start_soon(func, *args)
+
+    # ---------------------------------------------------------------- the helper container
+
+    async def _ensure_helper(self, stale_id: str | None) -> str:
+        """Reuse the helper if it runs our image, start it if stopped, (re)create it otherwise."""
+        assert self.client is not None
+        async with self._helper_lock:
+            if self.helper_id is not None and self.helper_id != stale_id:
+                return self.helper_id  # someone else already repaired it
+            name, image = self.settings.helper_name, self.settings.helper_image
+            image_id = await self._image_id(image)
+            info = await self.client.inspect_container(name)
+            if info is not None and info.labels.get("io.kci-tunneld.role") != "helper":
+                raise TransportError(
+                    f"a container named {name} exists on {self.client.endpoint.host} but was not created by "
+                    "kci-tunneld; remove it or choose another docker.helper_name"
+                )
+            if info is not None and info.image_id != image_id:
+                logger.info("docker: helper %s runs another image than %s; recreating it", name, image)
+                await self.client.remove_container(info.id)
+                info = None
+            if info is None:
+                cid = await self._create_helper(name, image)
+                logger.info("docker: created helper container %s (%s) on %s", name, image, self.client.endpoint.host)
+            else:
+                cid = info.id
+            if info is None or not info.running:
+                await self.client.start_container(cid)
+            self.helper_id = cid
+            return cid
+
+    async def _image_id(self, image: str) -> str:
+        assert self.client is not None
+        image_id = await self.client.image_id(image)
+        if image_id is None:
+            logger.info("docker: pulling helper image %s", image)
+            try:
+                await self.client.pull_image(image, deadline=PULL_TIMEOUT)
+            except TransportError as e:
+                raise TransportError(
+                    f"helper image {image} is not on the Docker host and could not be pulled ({e}); "
+                    "load it there or set --helper-image"
+                ) from None
+            image_id = await self.client.image_id(image)
+        if image_id is None:
+            raise TransportError(f"helper image {image} is still missing on the Docker host after a pull")
+        return image_id
+
+    async def _create_helper(self, name: str, image: str) -> str:
+        assert self.client is not None
+        try:
+            return await self.client.create_container(
+                name, image, entrypoint=HELPER_ENTRYPOINT[:1], cmd=HELPER_ENTRYPOINT[1:], labels=HELPER_LABELS
+            )
+        except DockerAPIError as e:
+            if e.status != 409:
+                raise
+        # Another daemon created it between our inspect and create: use theirs.
+        info = await self.client.inspect_container(name)
+        if info is None:
+            raise TransportError(f"helper container {name} vanished while being created; try again")
+        return info.id
+
+    async def cleanup(self) -> None:
+        """Remove the helper container (``stop --cleanup``)."""
+        self._closing = True
+        for slot in list(self._slots):
+            slot.kill("cleanup")
+        if self.client is None:
+            return
+        info = await self.client.inspect_container(self.settings.helper_name)
+        if info is not None and info.labels.get("io.kci-tunneld.role") == "helper":
+            await self.client.remove_container(info.id)
+            logger.info("docker: removed helper container %s", self.settings.helper_name)
+
+    # ---------------------------------------------------------------- the slot pool
+
+    async def _start_slot(self) -> Slot:
+        """Start one exec of the relay and wait until it reports ready.
+
+        :raises TransportError: when the exec cannot be started or the relay does not come up.
+        """
+        assert self._tg is not None
+        async with self._exec_starts:
+            self._numbers += 1
+            slot = Slot(self, self._numbers)
+            self._tg.start_soon(self._run_slot, slot)
+            with anyio.move_on_after(self.timeouts.connect):
+                await slot.ready.wait()
+            if not slot.ready.is_set():
+                slot.kill(f"the relay in helper {self.settings.helper_name} did not start within "
+                          f"{self.timeouts.connect:g}s {slot.startup_output()}".rstrip())
+        if slot.dead is not None:
+            if self._relay_python and PYTHON_TOO_OLD in slot.startup_output():
+                # The script relays instead (socat or nc), for this helper from now on.
+                logger.warning("docker: helper image %s: %s; using the shell relay",
+                               self.settings.helper_image, slot.startup_output())
+                self._relay_python = ""
+                return await self._start_slot()
+            raise TransportError(slot.dead)
+        self.mode, self._primed = slot.mode, slot.primed
+        return slot
+
+    async def _open_exec(self, cmd: list[str]) -> tuple[AbstractAsyncContextManager[ExecStream], ExecStream]:
+        assert self.client is not None
+        if self._closing:
+            raise TransportError("the docker transport is shutting down")
+        if self._helper_suspect:
+            self._helper_suspect = False
+            await self._ensure_helper(self.helper_id)
+        helper = self.helper_id or self.settings.helper_name
+        for attempt in (1, 2):
+            cm = self.client.exec_stream(helper, cmd)
+            try:
+                return cm, await cm.__aenter__()
+            except DockerAPIError as e:
+                gone = e.status in (404, 409) or "is not running" in str(e)  # 500 while being removed
+                if not gone or attempt == 2 or self._closing:
+                    raise
+                # The helper was removed or stopped under us: repair it, then try once more.
+                logger.info("docker: helper container %s is gone or stopped; recreating it", self.settings.helper_name)
+                helper = await self._ensure_helper(self.helper_id)
+        raise AssertionError("unreachable")
+
+    async def _run_slot(self, slot: Slot) -> None:
+        # The last target reached: a new slot starts a socat for it ahead of its first request.
+        hint = [self._hint[0], str(self._hint[1]), relay_key(*self._hint)] if self._hint else ["", "", ""]
+        cmd = ["/bin/sh", "-c", RELAY_SCRIPT, "kci-tunneld-relay", str(math.ceil(self.timeouts.connect)), *hint,
+               self._relay_python]
+        try:
+            cm, slot.stream = await self._open_exec(cmd)
+        except TransportError as e:
+            slot.kill(str(e))
+            return
+        self.execs_started += 1
+        self._slots.add(slot)
+        try:
+            with slot.scope:
+                async with anyio.create_task_group() as io:
+                    io.start_soon(slot.writer)
+                    await slot.run()
+                    io.cancel_scope.cancel()
+            if slot.mode not in RELAY_MODES and slot.dead is None:
+                slot.kill(await self._why_no_relay(slot))
+            slot.kill("the exec ended")
+        finally:
+            self._slots.discard(slot)
+            if slot in self._idle:
+                self._idle.remove(slot)
+            if slot.conn is not None:
+                slot.conn.fail(f"the exec carrying this connection ended: {slot.dead}")
+            with anyio.CancelScope(shield=True):
+                await cm.__aexit__(None, None, None)
+            logger.debug("[slot %d] closed: %s", slot.number, slot.dead)
+            if not self._closing:
+                self._top_up()
+
+    async def _why_no_relay(self, slot: Slot) -> str:
+        """The exec ended before the relay said it was ready: the helper went away, or its image lacks tools."""
+        assert self.client is not None
+        with anyio.CancelScope(shield=True):
+            try:
+                info = await self.client.inspect_container(self.settings.helper_name)
+            except TransportError as e:
+                return str(e)
+        if info is None or not info.running:
+            self._helper_suspect = True  # the next exec repairs it first
+            return f"helper container {self.settings.helper_name} stopped or was removed"
+        return (f"helper image {self.settings.helper_image} cannot run the relay (it needs sh, sleep, and python3, "
+                f"or dd and socat or nc): {slot.startup_output() or 'the exec ended without output'}")
+
+    async def _fill_one(self) -> None:
+        try:
+            slot = await self._start_slot()
+        except TransportError as e:
+            self._start_done()
+            self._failures += 1
+            self._last_error = str(e)
+            if not self._closing:
+                logger.warning("docker: could not start a relay stream: %s", e)
+            await anyio.sleep(min(0.1 * 2 ** min(self._failures, 6), 5.0))
+            self._top_up()
+            return
+        self._start_done()
+        if self._failures:
+            self.reconnects += 1  # relay streams start again after the Docker host was unreachable
+            logger.info("docker: relay streams start again after %d failed attempt(s)", self._failures)
+        self._failures = 0
+        self._last_error = None
+        self.release(slot)
+
+    def _top_up(self) -> None:
+        """Keep pool_size slots idle, plus one per waiting connect()."""
+        if self._closing or self._tg is None:
+            return
+        want = self.settings.pool_size + len(self._waiters) - len(self._idle) - self._starting
+        want = min(want, MAX_SLOTS - len(self._slots) - self._starting)
+        for _ in range(max(0, want)):
+            self._starting += 1
+            self._tg.start_soon(self._fill_one)
+
+    def release(self, slot: Slot) -> None:
+        """A slot is free: hand it to the oldest waiter, or keep it idle."""
+        if slot.dead is not None or self._closing:
+            return
+        slot.idle_since = time.monotonic()
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.event.is_set():
+                waiter.slot = slot
+                waiter.event.set()
+                return
+        self._idle.append(slot)
+
+    async def _acquire(self, key: str) -> Slot:
+        """An idle slot, best one whose socat for ``key`` already waits; else wait for one."""
+        self._idle = [s for s in self._idle if s.dead is None]
+        if self._idle:
+            # The most recently used that is ready for this target (the others may age out); a
+            # slot that just finished a connection is still starting its next socat.
+            ready = [s for s in self._idle if key in s.waiting]
+            slot = ready[-1] if ready else self._idle[-1]
+            self._idle.remove(slot)
+            self._top_up()
+            return slot
+        waiter = _Waiter()
+        self._waiters.append(waiter)
+        self._top_up()
+        try:
+            await waiter.event.wait()
+        except BaseException:
+            if waiter.slot is not None:
+                self.release(waiter.slot)
+            elif waiter in self._waiters:
+                self._waiters.remove(waiter)
+            raise
+        assert waiter.slot is not None
+        return waiter.slot
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await anyio.sleep(IDLE_TTL / 4)
+            now = time.monotonic()
+            extra = len(self._idle) - self.settings.pool_size
+            for slot in sorted(self._idle, key=lambda s: s.idle_since)[: max(0, extra)]:
+                if now - slot.idle_since > IDLE_TTL:
+                    self._idle.remove(slot)
+                    slot.kill("idle")
+
+    # ---------------------------------------------------------------- connections
+
+    async def connect(self, host: str, port: int, first: bytes = b"") -> DockerStream:
+        """Open a stream to host:port as the helper container sees it, with ``first`` sent first;
+        returns once the relay reached it.
+
+        :raises TransportError: naming the target and the reason (refused, unreachable, no relay).
+        """
+        target = f"{format_host(host)}:{port}"
+        if not _HOST_RE.match(host) or not 0 < port < 65536:
+            raise TransportError(f"could not connect to {target}: not a valid host name or address")
+        if self._tg is None or self._closing:
+            raise TransportError(f"could not connect to {target}: the docker transport is not running")
+        conn: DockerStream | None = None
+        try:
+            with anyio.fail_after(self.timeouts.connect):
+                for _ in range(3):
+                    slot = await self._acquire(relay_key(host, port))
+                    conn = slot.open(host, port, first[:FIRST_LIMIT])
+                    await conn.settled.wait()
+                    if conn.ok:
+                        self.connections += 1
+                        self._hint = (host, port)
+                        await send_first(conn, first[FIRST_LIMIT:], f"could not connect to {target}")
+                        return conn
+                    await conn.aclose()
+                    if conn.relay_status is None and not conn.errors:
+                        continue  # the exec died before it saw the request: safe to retry elsewhere
+                    reason = (short_reason(conn.errors[-1]) if conn.errors
+                              else f"the relay exited with {conn.relay_status}")
+                    raise TransportError(
+                        f"could not connect to {target} from helper container {self.settings.helper_name}: {reason}"
+                    )
+                broken = conn.broken if conn else None
+                raise TransportError(f"could not connect to {target}: relay streams keep failing ({broken})")
+        except TimeoutError:
+            reason = f": {self._last_error}" if self._last_error else ""
+            raise TransportError(
+                f"could not connect to {target} via helper container {self.settings.helper_name} "
+                f"within {self.timeouts.connect:g}s{reason}"
+            ) from None
+        except BaseException:
+            if conn is not None:
+                await conn.aclose()
+            raise
+
+    def info(self) -> dict[str, object]:
+        ep = self.endpoint
+        return {
+            "kind": self.name,
+            # The forward shows "reconnecting" while new relay streams cannot be started.
+            "state": "reconnecting" if self._failures else "connected",
+            "reconnects": self.reconnects,
+            "last_error": self._last_error,
+            "docker_host": ep.host if ep else None,
+            "docker_host_from": ep.source if ep else None,
+            "tls": bool(ep and ep.tls),
+            "helper": self.settings.helper_name,
+            "helper_image": self.settings.helper_image,
+            "helper_id": (self.helper_id or "")[:12] or None,
+            "relay": self.mode,
+            "relay_primed": self._primed,
+            "pool": {"idle": len(self._idle), "busy": len(self._slots) - len(self._idle), "starting": self._starting},
+            "connections": self.connections,
+            "execs_started": self.execs_started,
+        }
+
