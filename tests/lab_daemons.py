@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
-from tests.cli import Cli
+from tests.cli.runner import Cli
 from tests.lab.lab import LabInfo
 from tunneld.engine.forward import HISTORY
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli import Cli
+from tests.cli.runner import Cli
 from tests.servers import EchoServer, free_port_holder, refusing_socket
 
 pytestmark = pytest.mark.timeout(90)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli import Cli
+from tests.cli.runner import Cli
 from tests.servers import EchoServer
 
 pytestmark = pytest.mark.timeout(90)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli import Cli
+from tests.cli.runner import Cli
 from tests.servers import EchoServer, free_port_holder
 from tunneld.cli.main import format_status
 from tunneld.daemon.metrics import render

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests import kind_standin
-from tests.cli import Cli
+from tests.cli.runner import Cli
 from tests.kind_standin import ApiCerts
 from tests.lab.lab import LabInfo, docker
 from tunneld.config import AutoSettings, parse_config

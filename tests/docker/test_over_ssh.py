@@ -24,7 +24,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from tests.cli import Cli
+from tests.cli.runner import Cli
 from tests.helpers import echo_roundtrip, parallel_echoes, running_forward
 from tests.lab.lab import LabInfo
 from tunneld.config import DockerSettings, Timeouts, TransportSpec

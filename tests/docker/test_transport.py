@@ -26,7 +26,7 @@ import anyio
 import anyio.abc
 import pytest
 
-from tests.cli import Cli
+from tests.cli.runner import Cli
 from tests.helpers import echo_roundtrip, parallel_echoes, running_forward
 from tests.lab.lab import LabInfo, docker
 from tests.oci import build_layout, roundtrip

@@ -25,7 +25,7 @@ import yaml  # type: ignore[import-untyped]
 from provision.kind import CONTAINERD_PATCH, hosts_toml
 from provision.registry import local_registry_hosting
 from provision.spec import RegistrySpec
-from tests.cli import Cli
+from tests.cli.runner import Cli
 from tests.lab.lab import LabInfo, docker
 from tests.provision.support import cli_env, free_port, inspect, run_cli, unique
 from tests.standins import kind as standin_kind

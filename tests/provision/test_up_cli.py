@@ -61,7 +61,7 @@ def control(tmp_path: Path) -> Iterator[Path]:
 
 
 def remember_daemon(control: Path, env: dict[str, str]) -> int:
-    from tests.cli import Cli
+    from tests.cli.runner import Cli
 
     status = Cli(control.parent, env).status()
     (control.parent / "daemon.pid").write_text(str(status["pid"]))

@@ -20,7 +20,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from tests.cli import Cli
+from tests.cli.runner import Cli
 from tests.helpers import echo_roundtrip, parallel_echoes, running_forward
 from tests.lab.lab import LabInfo, start_sshd, stop_sshd
 from tests.oci import build_layout, roundtrip
