@@ -110,7 +110,7 @@ class Forward:
         self.sockets: list[socket.socket] = []
         self._bound: list[tuple[str, int]] = []  # kept after the listeners close: status reads it while draining
         self.log = _Log(logger, {"ctx": f"forward={spec.name}"})
-        self._slots = anyio.Semaphore(spec.max_connections)
+        self._capacity = anyio.Semaphore(spec.max_connections)
         self._accept_scope: anyio.CancelScope | None = None
         self._acceptors: list[Acceptor] = []
         self._drained = anyio.Event()
@@ -270,7 +270,7 @@ class Forward:
                 s.close()
 
     async def _accept_loop(self, sock: socket.socket) -> None:
-        acceptor = Acceptor(sock, self._slots, self._spawn_connection, self.log)
+        acceptor = Acceptor(sock, self._capacity, self._spawn_connection, self.log)
         self._acceptors.append(acceptor)
         try:
             await acceptor.run()
@@ -324,7 +324,7 @@ class Forward:
             log.exception("unexpected error; closing this connection")
         finally:
             self.stats.active -= 1
-            self._slots.release()
+            self._capacity.release()
             if self.stats.active == 0:
                 self._drained.set()
                 self._drained = anyio.Event()

@@ -106,7 +106,7 @@ def _advice(e: OSError, port: int) -> str:
 class Acceptor:
     """Accepts from a reader callback that stays registered with the loop (a wait per connection
     cost two epoll_ctl calls and a loop round trip: docs/performance.md); every pending client is
-    accepted in one go and handed to ``serve``. At the connection limit (``slots``), or after an
+    accepted in one go and handed to ``serve``. At the connection limit (``capacity``), or after an
     accept error (EMFILE and kin), the callback unhooks itself; new clients wait in the kernel's
     backlog until a connection ends, or 0.1 s has passed.
 
@@ -114,10 +114,10 @@ class Acceptor:
     its event loop there only when the app started with anyio.run, not asyncio.run or uvloop.run).
     """
 
-    def __init__(self, sock: socket.socket, slots: anyio.Semaphore,
+    def __init__(self, sock: socket.socket, capacity: anyio.Semaphore,
                  serve: Callable[[socket.socket, object], None], log: logging.LoggerAdapter[Any]) -> None:
         self.sock = sock
-        self.slots = slots  # the forward's connection limit: one taken per client, given back when it ends
+        self.capacity = capacity  # the forward's connection limit: one taken per client, given back when it ends
         self.serve = serve
         self.log = log
         self.loop = asyncio.get_running_loop()
@@ -135,8 +135,8 @@ class Acceptor:
                 if self.failed:
                     self.failed = False
                     await anyio.sleep(0.1)
-                async with self.slots:
-                    pass  # a free slot (at once, unless at the limit)
+                async with self.capacity:
+                    pass  # room for one more (at once, unless at the limit)
                 self.hook()
         finally:
             self.unhook()
@@ -157,20 +157,20 @@ class Acceptor:
         self.paused.set()
 
     def _acceptable(self) -> None:
-        slots = self.slots
+        capacity = self.capacity
         while True:
             try:
-                slots.acquire_nowait()
+                capacity.acquire_nowait()
             except anyio.WouldBlock:
                 self._pause()
                 return
             try:
                 client, peer = self.sock.accept()
             except (BlockingIOError, InterruptedError):
-                slots.release()
+                capacity.release()
                 return
             except OSError as e:
-                slots.release()
+                capacity.release()
                 if self.sock.fileno() != -1:
                     self.log.warning("accept failed: %s; retrying", e.strerror or e)
                     self.failed = True
