@@ -33,7 +33,7 @@ import pytest
 from tunneld.cli.main import build_parser
 from tunneld.config import load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SYSTEMD = ROOT / "systemd"
 UNITS = ("kci-tunneld.service", "kci-tunneld@.service")
 SHIPPED_BINARY = "/usr/local/bin/kci-tunneld"
