@@ -18,6 +18,7 @@ class ExitCode(enum.IntEnum):
     NOT_RUNNING = 7  # no daemon answers on the control socket
     ALREADY_RUNNING = 8  # a daemon with another config holds the control socket
     PROVISION = 9  # provisioning (registry, kind cluster) was refused by a pre-flight check or failed
+    ACCESS = 10  # the control socket belongs to another user (permission denied)
     INTERRUPTED = 130  # forced exit after a second SIGINT
 
 
@@ -61,3 +62,9 @@ class AlreadyRunningError(TunneldError):
     """A daemon with a different configuration already runs on the control socket."""
 
     exit_code = ExitCode.ALREADY_RUNNING
+
+
+class AccessError(TunneldError):
+    """The control socket exists but this user may not use it (it belongs to another user)."""
+
+    exit_code = ExitCode.ACCESS

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,20 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out)
 
 
+def make_private(file: Path) -> None:
+    """Create ``file`` (and its directory) readable by this user only, or make an existing one so:
+    a log names hosts, ports and containers, and nobody else needs them."""
+    file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
 def setup_logging(level: str = "info", fmt: str = "text", file: Path | None = None) -> None:
+    if file:
+        make_private(file)
     handler: logging.Handler = logging.FileHandler(file) if file else logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())

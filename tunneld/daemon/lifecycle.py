@@ -21,7 +21,7 @@ import anyio
 import anyio.abc
 
 from tunneld.config import Config, ForwardSpec
-from tunneld.daemon.control import serve_control
+from tunneld.daemon.control import Request, serve_control
 from tunneld.daemon.metrics import serve_metrics
 from tunneld.daemon.notify import Notifier
 from tunneld.docker.discovery import Discovery, Found
@@ -355,26 +355,25 @@ class Daemon:
                 self._notify_status()
             await self._changed.wait()
 
-    async def _handle(self, req: dict[str, Any]) -> dict[str, Any]:
-        cmd = req.get("cmd")
-        if cmd == "status":
+    async def _handle(self, req: Request) -> dict[str, Any]:
+        """Answer one checked control request (tunneld/daemon/control.py parses it)."""
+        if req.cmd == "status":
             return self.status()
-        if cmd == "wait":
-            timeout = float(req.get("timeout") or self.config.timeouts.ready)
+        if req.cmd == "wait":
             try:
-                await self.wait_ready(timeout)
+                await self.wait_ready(req.timeout or self.config.timeouts.ready)
             except NotReadyError as e:
                 return {**self.status(), "ok": False, "error": str(e)}
             return self.status()
-        if cmd == "stop":
-            self.request_stop(cleanup=bool(req.get("cleanup")))
+        if req.cmd == "stop":
+            self.request_stop(cleanup=req.cleanup)
             return {"ok": True, "pid": os.getpid()}
-        if cmd == "reload":
+        if req.cmd == "reload":
             return await self.reload()
-        if cmd == "tasks":  # for leak hunts: how many tasks of each name are alive
+        if req.cmd == "tasks":
             names = Counter(t.name or "?" for t in anyio.get_running_tasks())
             return {"ok": True, "tasks": dict(names.most_common())}
-        return {"ok": False, "error": f"unknown command {cmd!r}"}
+        raise AssertionError(f"parse_request let {req.cmd!r} through")
 
     def _forward_changed(self, forward: Forward) -> None:
         self._changed_now()
