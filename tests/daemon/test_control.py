@@ -147,8 +147,9 @@ def test_another_user_cannot_remove_a_running_daemons_socket(tmp_path: Path, ech
         cli.control.chmod(0o600)
         # The interpreter lives under /root (0700 here), so the other user is made after the
         # imports: the CLI's own code runs as uid 65534.
-        as_nobody = ("import os, sys, anyio._backends._asyncio, uvloop, tunneld.cli.main as m, tunneld.daemon.lifecycle; "
-                     "os.setgroups([]); os.setgid(65534); os.setuid(65534); sys.exit(m.main(sys.argv[1:]))")
+        as_nobody = ("import os, sys, anyio._backends._asyncio, uvloop, tunneld.cli.main as m, "
+                     "tunneld.daemon.lifecycle; os.setgroups([]); os.setgid(65534); os.setuid(65534); "
+                     "sys.exit(m.main(sys.argv[1:]))")
         other = subprocess.run(
             [sys.executable, "-c", as_nobody, "start", "-L", f"127.0.0.1:0:127.0.0.1:{echo_server.port}",
              "--control", str(cli.control)],
@@ -281,7 +282,8 @@ def test_malformed_requests_never_end_the_daemon(tmp_path: Path, echo_server: Ec
         echo = Echoer(port)
         echo.check()
 
-        @settings(max_examples=150, print_blob=False, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @settings(max_examples=150, print_blob=False, deadline=None, suppress_health_check=list(HealthCheck),
+                  database=None)
         @given(malformed, st.integers(min_value=1, max_value=4))
         def throw(line: bytes, pieces: int) -> None:
             assert_answered(send_raw(cli.control, line, pieces=pieces))
