@@ -25,8 +25,6 @@ from provision.errors import ProvisionError
 from provision.remote import RemoteHost
 from provision.spec import (
     API_SERVER_CONTAINER_PORT,
-    KIND_CLUSTER_LABEL,
-    KIND_ROLE_LABEL,
     MIN_KIND_VERSION,
     OWNER_MARKER,
     ClusterSpec,
@@ -36,6 +34,7 @@ from provision.spec import (
 from tunneld.docker.api import DockerClient
 from tunneld.docker.host import Endpoint
 from tunneld.docker.models import ContainerInfo
+from tunneld.labels import KIND_CLUSTER_LABEL, KIND_CONTROL_PLANE, KIND_ROLE_LABEL
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +220,7 @@ async def _pass_lines(stream: anyio.abc.ByteReceiveStream, progress: Progress, t
 async def nodes(client: DockerClient, cluster: str) -> list[ContainerInfo]:
     """The cluster's node containers, as kind labels them (control plane first)."""
     found = await client.list_containers({KIND_CLUSTER_LABEL: cluster})
-    return sorted(found, key=lambda n: (n.labels.get(KIND_ROLE_LABEL) != "control-plane", n.name))
+    return sorted(found, key=lambda n: (n.labels.get(KIND_ROLE_LABEL) != KIND_CONTROL_PLANE, n.name))
 
 
 async def api_port(client: DockerClient, cluster: ClusterSpec) -> int | None:

@@ -41,13 +41,14 @@ from provision.registry import (
     wait_answering,
 )
 from provision.remote import RemoteHost
-from provision.spec import KIND_NETWORK, MIN_KIND_VERSION, ROLE_LABEL, ROLE_REGISTRY, ClusterSpec, ProvisionSpec
+from provision.spec import KIND_NETWORK, MIN_KIND_VERSION, ClusterSpec, ProvisionSpec
 from provision.waits import poll_until
 from tunneld.config import ForwardSpec
 from tunneld.docker.api import DockerClient
 from tunneld.docker.host import resolve_endpoint
 from tunneld.engine.listener import bind_listeners
 from tunneld.errors import BindError, TransportError
+from tunneld.labels import ROLE_LABEL, ROLE_REGISTRY
 
 logger = logging.getLogger(__name__)
 

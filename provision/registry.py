@@ -14,18 +14,11 @@ from typing import Any, Literal
 
 from provision.errors import ProvisionError
 from provision.remote import RemoteHost, describe
-from provision.spec import (
-    CTLPTL_ROLE_LABEL,
-    LOCAL_REGISTRY_HELP,
-    REGISTRY_CONTAINER_PORT,
-    REGISTRY_PORT_LABEL,
-    ROLE_LABEL,
-    ROLE_REGISTRY,
-    RegistrySpec,
-)
+from provision.spec import LOCAL_REGISTRY_HELP, REGISTRY_CONTAINER_PORT, RegistrySpec
 from provision.waits import poll_until
 from tunneld.docker.api import DockerAPIError, DockerClient
 from tunneld.docker.models import ContainerDetails
+from tunneld.labels import CTLPTL_REGISTRY, CTLPTL_ROLE_LABEL, REGISTRY_PORT_LABEL, ROLE_LABEL, ROLE_REGISTRY
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +35,7 @@ def registry_body(spec: RegistrySpec) -> dict[str, Any]:
         "Image": spec.image,
         "Hostname": spec.name,
         "Env": [DELETE_ENABLED],
-        "Labels": {ROLE_LABEL: ROLE_REGISTRY, CTLPTL_ROLE_LABEL: "registry", REGISTRY_PORT_LABEL: str(spec.port)},
+        "Labels": {ROLE_LABEL: ROLE_REGISTRY, CTLPTL_ROLE_LABEL: CTLPTL_REGISTRY, REGISTRY_PORT_LABEL: str(spec.port)},
         "ExposedPorts": {_PORT_KEY: {}},
         "HostConfig": {
             # 127.0.0.1 explicitly: never exposed beyond the remote host itself.
@@ -70,7 +63,7 @@ def is_ours(d: ContainerDetails) -> bool:
 
 
 def clash(d: ContainerDetails) -> str:
-    ctlptl = " It looks like a ctlptl registry." if d.labels.get(CTLPTL_ROLE_LABEL) == "registry" else ""
+    ctlptl = " It looks like a ctlptl registry." if d.labels.get(CTLPTL_ROLE_LABEL) == CTLPTL_REGISTRY else ""
     return (f"a container named {d.name} exists on the Docker host and was not created by kci-tunneld "
             f"(no {ROLE_LABEL}={ROLE_REGISTRY} label): {describe(d)}.{ctlptl} Remove it (docker rm -f {d.name}) "
             "or pick another name with --registry-name")

@@ -12,9 +12,10 @@ import shlex
 from typing import Any
 
 from provision.errors import ProvisionError
-from provision.spec import PROVISION_HELPER_NAME, ROLE_LABEL, ROLE_PROVISION_HELPER, ProvisionTimeouts
+from provision.spec import PROVISION_HELPER_NAME, ProvisionTimeouts
 from tunneld.docker.api import DockerClient
 from tunneld.docker.models import ContainerDetails
+from tunneld.labels import ROLE_LABEL, ROLE_PROVISION_HELPER
 
 logger = logging.getLogger(__name__)
 

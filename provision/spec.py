@@ -1,4 +1,5 @@
-"""What to provision (a frozen model), the names and labels we use, and every provisioning default.
+"""What to provision (a frozen model), the names we use, and every provisioning default (the labels are
+in tunneld/labels.py).
 
 The model is serialised to JSON next to the daemon's config by ``kci-tunneld up`` so that the
 daemon's reconciler provisions exactly what ``up`` did (with the API server port already chosen).
@@ -26,17 +27,6 @@ MIN_KIND_VERSION = (0, 20, 0)
 LOCAL_REGISTRY_HELP = "https://kind.sigs.k8s.io/docs/user/local-registry/"
 DEFAULT_RECONCILE_INTERVAL = 5.0
 
-# Ownership: what carries ROLE_LABEL was made by kci-tunneld (the docker transport's helper uses the
-# same key with the value "helper"); teardown removes only containers with our label.
-ROLE_LABEL = "io.kci-tunneld.role"
-ROLE_REGISTRY = "registry"
-ROLE_PROVISION_HELPER = "provision-helper"
-REGISTRY_PORT_LABEL = "io.kci-tunneld.registry-port"
-# ctlptl finds registries by this label and reads the host port from the published 5000/tcp.
-CTLPTL_ROLE_LABEL = "dev.tilt.ctlptl.role"
-# kind's own node labels.
-KIND_CLUSTER_LABEL = "io.x-k8s.kind.cluster"
-KIND_ROLE_LABEL = "io.x-k8s.kind.role"
 # Written into the control-plane node of a cluster kci-tunneld created: `down` deletes only those.
 OWNER_MARKER = "/etc/kci-tunneld/created-by"
 

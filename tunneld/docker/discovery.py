@@ -36,12 +36,17 @@ from tunneld.docker.host import resolve_endpoint
 from tunneld.docker.models import PublishedPort
 from tunneld.engine.forward import backoff
 from tunneld.errors import TransportError
+from tunneld.labels import (
+    CTLPTL_REGISTRY,
+    CTLPTL_ROLE_LABEL,
+    KIND_CLUSTER_LABEL,
+    KIND_CONTROL_PLANE,
+    KIND_LOAD_BALANCER,
+    KIND_ROLE_LABEL,
+)
 
 logger = logging.getLogger(__name__)
 
-KIND_CLUSTER_LABEL = "io.x-k8s.kind.cluster"
-KIND_ROLE_LABEL = "io.x-k8s.kind.role"
-CTLPTL_ROLE_LABEL = "dev.tilt.ctlptl.role"
 API_SERVER_PORT = "6443/tcp"
 REGISTRY_PORT = "5000/tcp"
 
@@ -154,8 +159,8 @@ def _kind_api_servers(containers: Sequence[Container], bind: str) -> list[Found]
     out = []
     for cluster, nodes in sorted(clusters.items()):
         by_role = {role: sorted((n for n in nodes if n.labels.get(KIND_ROLE_LABEL) == role), key=lambda n: n.name)
-                   for role in ("external-load-balancer", "control-plane")}
-        for node in by_role["external-load-balancer"] or by_role["control-plane"]:
+                   for role in (KIND_LOAD_BALANCER, KIND_CONTROL_PLANE)}
+        for node in by_role[KIND_LOAD_BALANCER] or by_role[KIND_CONTROL_PLANE]:
             found = binding(node, API_SERVER_PORT)
             if found is None:
                 continue
@@ -177,7 +182,7 @@ def is_registry_image(image: str) -> bool:
 def _registries(containers: Sequence[Container], bind: str) -> list[Found]:
     out = []
     for c in sorted(containers, key=lambda c: c.name):
-        if not (c.labels.get(CTLPTL_ROLE_LABEL) == "registry" or is_registry_image(c.image)):
+        if not (c.labels.get(CTLPTL_ROLE_LABEL) == CTLPTL_REGISTRY or is_registry_image(c.image)):
             continue
         found = binding(c, REGISTRY_PORT)
         if found is None:
@@ -310,7 +315,7 @@ class Discovery:
         if self.auto.containers and not any(fnmatch.fnmatchcase(name, p) for p in self.auto.containers):
             return False
         return (any(f.container == name for f in self.current) or bool(attrs.get(KIND_CLUSTER_LABEL))
-                or attrs.get(CTLPTL_ROLE_LABEL) == "registry" or is_registry_image(str(attrs.get("image") or "")))
+                or attrs.get(CTLPTL_ROLE_LABEL) == CTLPTL_REGISTRY or is_registry_image(str(attrs.get("image") or "")))
 
     async def scan(self, client: DockerClient) -> None:
         """One look at the Docker host; apply what changed."""
