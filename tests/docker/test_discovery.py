@@ -18,10 +18,11 @@ import pytest
 
 from tests import kind_standin
 from tests.cli.runner import Cli
+from tests.docker.support import from_inspect
 from tests.kind_standin import ApiCerts
 from tests.lab.lab import LabInfo, docker
 from tunneld.config import AutoSettings, parse_config
-from tunneld.docker.discovery import Container, binding, from_inspect, is_registry_image, select
+from tunneld.docker.discovery import Container, binding, is_registry_image, select
 from tunneld.errors import ConfigError
 
 AUTO_REGISTRY = "kcilab-auto-registry"

@@ -27,6 +27,7 @@ import anyio.abc
 import pytest
 
 from tests.cli.runner import Cli
+from tests.docker.support import stop_container
 from tests.helpers import echo_roundtrip, parallel_echoes, running_forward
 from tests.lab.lab import LabInfo, docker
 from tests.oci import build_layout, roundtrip
@@ -566,7 +567,7 @@ async def test_helper_reused_started_and_recreated(lab: LabInfo) -> None:
         async with DockerClient(resolve_endpoint(s, {}), timeout=10) as client:
             info = await client.inspect_container(s.helper_name)
             assert info is not None and info.running and info.labels["io.kci-tunneld.role"] == "helper"
-            await client.stop_container(s.helper_name)  # stopped: started again
+            await stop_container(client, s.helper_name)  # stopped: started again
         async with DockerTransport(TransportSpec(kind="docker", docker=s), TIMEOUTS) as transport:
             assert transport.helper_id == first
             assert await _echo(transport, lab, b"restarted") == b"restarted"

@@ -325,11 +325,6 @@ class DockerClient:
         async with self._call(f"starting container {ref}"):
             await self.docker.containers.container(ref).start()
 
-    async def stop_container(self, ref: str, grace: int = 1) -> None:
-        """Stop (SIGTERM, then SIGKILL after ``grace`` seconds)."""
-        async with self._call(f"stopping container {ref}", self.timeout + grace):
-            await self.docker.containers.container(ref).stop(t=grace)
-
     async def remove_container(self, ref: str) -> bool:
         """Remove (killing it first if running); False when it did not exist."""
         try:
