@@ -33,7 +33,6 @@ from provision.registry import (
     RegistryAction,
     clash,
     connect,
-    ensure_image,
     ensure_registry,
     is_ours,
     local_registry_hosting,
@@ -46,6 +45,7 @@ from provision.waits import poll_until
 from tunneld.config import ForwardSpec
 from tunneld.docker.api import DockerClient
 from tunneld.docker.host import resolve_endpoint
+from tunneld.docker.images import ImageUnavailable, ensure_image
 from tunneld.engine.listener import bind_listeners
 from tunneld.errors import BindError, TransportError
 from tunneld.labels import ROLE_LABEL, ROLE_REGISTRY
@@ -201,7 +201,7 @@ class Provisioner:
         for image, what in wanted:
             try:
                 await ensure_image(client, image, deadline=self.spec.timeouts.pull)
-            except ProvisionError as e:
+            except ImageUnavailable as e:
                 problems.append(f"{e} ({what})")
         if problems:
             raise PreflightError(problems)

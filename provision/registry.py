@@ -17,6 +17,7 @@ from provision.remote import RemoteHost, describe
 from provision.spec import LOCAL_REGISTRY_HELP, REGISTRY_CONTAINER_PORT, RegistrySpec
 from provision.waits import poll_until
 from tunneld.docker.api import DockerAPIError, DockerClient
+from tunneld.docker.images import ImageUnavailable, ensure_image
 from tunneld.docker.models import ContainerDetails
 from tunneld.labels import CTLPTL_REGISTRY, CTLPTL_ROLE_LABEL, REGISTRY_PORT_LABEL, ROLE_LABEL, ROLE_REGISTRY
 
@@ -85,19 +86,6 @@ def mismatch(d: ContainerDetails, spec: RegistrySpec) -> str | None:
     return "; ".join(reasons) or None
 
 
-async def ensure_image(client: DockerClient, image: str, *, deadline: float) -> None:
-    """Make sure the Docker host has ``image``, pulling it if needed.
-
-    :raises ProvisionError: when it is missing and cannot be pulled.
-    """
-    if await client.image_id(image) is not None:
-        return
-    try:
-        await client.pull_image(image, deadline=deadline)
-    except DockerAPIError as e:
-        raise ProvisionError(f"image {image} is not on the Docker host and pulling it failed: {e}") from None
-
-
 async def ensure_registry(client: DockerClient, spec: RegistrySpec, *, network: str | None,
                           progress: Progress, deadline: float) -> RegistryAction:
     """Make the registry container exist, match ``spec``, run, and (if given) be on ``network``.
@@ -116,7 +104,10 @@ async def ensure_registry(client: DockerClient, spec: RegistrySpec, *, network: 
         await client.remove_container(d.id)
         d, action = None, "recreated"
     if d is None:
-        await ensure_image(client, spec.image, deadline=deadline)
+        try:
+            await ensure_image(client, spec.image, deadline=deadline)
+        except ImageUnavailable as e:
+            raise ProvisionError(str(e)) from None
         await client.create_container_json(spec.name, registry_body(spec))
         action = "created" if action == "reused" else action
     if d is None or not d.running:

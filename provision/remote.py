@@ -1,35 +1,23 @@
 """The remote Docker host as provisioning sees it: who holds a port there, files inside containers.
 
 Ports published on the remote's 127.0.0.1 are invisible from here, so one small helper container
-with the host's network (``kci-tunneld-provision``, the same image as the docker transport's helper)
-reads the host's listening sockets from /proc/net/tcp{,6} and talks HTTP to its loopback.
+with the host's network (``kci-tunneld-provision``, the same image as the docker transport's helper,
+made the same way: tunneld/docker/helper/) reads the host's listening sockets from /proc/net/tcp{,6}
+and talks HTTP to its loopback.
 """
 
 from __future__ import annotations
 
-import logging
 import shlex
-from typing import Any
 
 from provision.errors import ProvisionError
 from provision.spec import PROVISION_HELPER_NAME, ProvisionTimeouts
 from tunneld.docker.api import DockerClient
+from tunneld.docker.helper import Helper, HelperClash, ensure_helper, find_clash, remove_helper
 from tunneld.docker.models import ContainerDetails
-from tunneld.labels import ROLE_LABEL, ROLE_PROVISION_HELPER
+from tunneld.labels import ROLE_PROVISION_HELPER
 
-logger = logging.getLogger(__name__)
-
-# Idle forever, but end at once on `docker stop`.
-_IDLE = "trap 'exit 0' TERM INT; while :; do sleep 86400 & wait $!; done"
 _LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp
-
-
-def helper_body(image: str) -> dict[str, Any]:
-    return {
-        "Image": image, "Entrypoint": ["/bin/sh", "-c", _IDLE], "Cmd": [],
-        "Labels": {ROLE_LABEL: ROLE_PROVISION_HELPER},
-        "HostConfig": {"NetworkMode": "host", "RestartPolicy": {"Name": "no"}},
-    }
 
 
 def parse_listening(text: str) -> set[int]:
@@ -50,40 +38,28 @@ class RemoteHost:
 
     def __init__(self, client: DockerClient, helper_image: str, timeouts: ProvisionTimeouts) -> None:
         self.client = client
-        self.helper_image = helper_image
+        self.helper = Helper(PROVISION_HELPER_NAME, helper_image, ROLE_PROVISION_HELPER, instead="rename it")
         self.timeouts = timeouts
         self.created_helper = False
 
     async def helper_clash(self) -> str | None:
         """Why the helper's name cannot be ours, or None."""
-        d = await self.client.container_details(PROVISION_HELPER_NAME)
-        if d is not None and d.labels.get(ROLE_LABEL) != ROLE_PROVISION_HELPER:
-            return (f"a container named {PROVISION_HELPER_NAME} exists on the Docker host and was not created by "
-                    f"kci-tunneld (no {ROLE_LABEL}={ROLE_PROVISION_HELPER} label); remove it or rename it")
-        return None
+        return await find_clash(self.client, self.helper)
 
     async def ensure_helper(self) -> None:
-        """Create or start the helper unless it runs.
+        """Create or start the helper unless it runs (whatever image it runs: pre-flight pulled ours).
 
         :raises ProvisionError: when the name is taken by someone else's container.
         """
-        d = await self.client.container_details(PROVISION_HELPER_NAME)
-        if d is not None and d.labels.get(ROLE_LABEL) != ROLE_PROVISION_HELPER:
-            raise ProvisionError(await self.helper_clash() or "helper name taken")
-        if d is not None and d.running:
-            return
-        if d is None:
-            await self.client.create_container_json(PROVISION_HELPER_NAME, helper_body(self.helper_image))
-            self.created_helper = True
-            logger.info("created helper container %s (%s)", PROVISION_HELPER_NAME, self.helper_image)
-        await self.client.start_container(PROVISION_HELPER_NAME)
+        try:
+            _, created = await ensure_helper(self.client, self.helper)
+        except HelperClash as e:
+            raise ProvisionError(str(e)) from None
+        self.created_helper = self.created_helper or created
 
     async def remove_helper(self) -> bool:
         """Remove the helper if it is ours; True if something was removed."""
-        d = await self.client.container_details(PROVISION_HELPER_NAME)
-        if d is None or d.labels.get(ROLE_LABEL) != ROLE_PROVISION_HELPER:
-            return False
-        return await self.client.remove_container(d.id)
+        return await remove_helper(self.client, self.helper)
 
     async def listening_ports(self) -> set[int]:
         """TCP ports something listens on in the Docker host's network namespace."""

@@ -12,8 +12,9 @@ How it works (docs/docker-transport.md has the full story and the numbers):
   request costs no process start; it connects only when a request opens the FIFO.
 
 The relay script and the objects that speak to one exec (framing, half-close over TLS, the end
-marker) are in tunneld/docker/execs.py; this module owns the helper container, the pool
-and ``connect()``.
+marker) are in tunneld/docker/execs.py; how the helper container is made, reused and removed is
+tunneld/docker/helper/. This module keeps the helper running (repairing it when it goes away), owns
+the pool and ``connect()``.
 """
 
 from __future__ import annotations
@@ -44,20 +45,18 @@ from tunneld.docker.execs import (
     relay_key,
     short_reason,
 )
+from tunneld.docker.helper import Helper, ensure_helper, remove_helper
 from tunneld.docker.host import Endpoint, resolve_endpoint
+from tunneld.docker.images import ensure_image
 from tunneld.errors import TransportError
+from tunneld.labels import ROLE_HELPER
 from tunneld.transports import send_first
 
 logger = logging.getLogger(__name__)
 
-HELPER_LABELS = {"io.kci-tunneld.role": "helper"}
-# The helper's main process: idle forever, but let `docker stop` end it at once.
-HELPER_ENTRYPOINT = ["/bin/sh", "-c", "trap 'exit 0' TERM INT; while :; do sleep 86400 & wait $!; done"]
-
 MAX_SLOTS = 512  # one exec (and one Docker connection) each
 IDLE_TTL = 60.0  # idle slots beyond pool_size are closed after this long
 EXEC_STARTS_AT_ONCE = 4  # runc starts barely overlap on small hosts: more would only queue
-PULL_TIMEOUT = 600.0
 
 _HOST_RE = re.compile(r"^[A-Za-z0-9._:%-]+$")
 
@@ -79,6 +78,8 @@ class DockerTransport:
         self.timeouts = timeouts
         self.endpoint: Endpoint | None = None
         self.client: DockerClient | None = None
+        self.helper = Helper(self.settings.helper_name, self.settings.helper_image, ROLE_HELPER,
+                             instead="choose another docker.helper_name")
         self.helper_id: str | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._helper_lock = anyio.Lock()
@@ -183,59 +184,10 @@ class DockerTransport:
         async with self._helper_lock:
             if self.helper_id is not None and self.helper_id != stale_id:
                 return self.helper_id  # someone else already repaired it
-            name, image = self.settings.helper_name, self.settings.helper_image
-            image_id = await self._image_id(image)
-            info = await self.client.inspect_container(name)
-            if info is not None and info.labels.get("io.kci-tunneld.role") != "helper":
-                raise TransportError(
-                    f"a container named {name} exists on {self.client.endpoint.host} but was not created by "
-                    "kci-tunneld; remove it or choose another docker.helper_name"
-                )
-            if info is not None and info.image_id != image_id:
-                logger.info("docker: helper %s runs another image than %s; recreating it", name, image)
-                await self.client.remove_container(info.id)
-                info = None
-            if info is None:
-                cid = await self._create_helper(name, image)
-                logger.info("docker: created helper container %s (%s) on %s", name, image, self.client.endpoint.host)
-            else:
-                cid = info.id
-            if info is None or not info.running:
-                await self.client.start_container(cid)
-            self.helper_id = cid
-            return cid
-
-    async def _image_id(self, image: str) -> str:
-        assert self.client is not None
-        image_id = await self.client.image_id(image)
-        if image_id is None:
-            logger.info("docker: pulling helper image %s", image)
-            try:
-                await self.client.pull_image(image, deadline=PULL_TIMEOUT)
-            except TransportError as e:
-                raise TransportError(
-                    f"helper image {image} is not on the Docker host and could not be pulled ({e}); "
-                    "load it there or set --helper-image"
-                ) from None
-            image_id = await self.client.image_id(image)
-        if image_id is None:
-            raise TransportError(f"helper image {image} is still missing on the Docker host after a pull")
-        return image_id
-
-    async def _create_helper(self, name: str, image: str) -> str:
-        assert self.client is not None
-        try:
-            return await self.client.create_container(
-                name, image, entrypoint=HELPER_ENTRYPOINT[:1], cmd=HELPER_ENTRYPOINT[1:], labels=HELPER_LABELS
-            )
-        except DockerAPIError as e:
-            if e.status != 409:
-                raise
-        # Another daemon created it between our inspect and create: use theirs.
-        info = await self.client.inspect_container(name)
-        if info is None:
-            raise TransportError(f"helper container {name} vanished while being created; try again")
-        return info.id
+            image_id = await ensure_image(self.client, self.helper.image, what="helper image",
+                                          hint="load it there or set --helper-image")
+            self.helper_id, _ = await ensure_helper(self.client, self.helper, image_id=image_id)
+            return self.helper_id
 
     async def cleanup(self) -> None:
         """Remove the helper container (``stop --cleanup``)."""
@@ -244,9 +196,7 @@ class DockerTransport:
             slot.kill("cleanup")
         if self.client is None:
             return
-        info = await self.client.inspect_container(self.settings.helper_name)
-        if info is not None and info.labels.get("io.kci-tunneld.role") == "helper":
-            await self.client.remove_container(info.id)
+        if await remove_helper(self.client, self.helper):
             logger.info("docker: removed helper container %s", self.settings.helper_name)
 
     # ---------------------------------------------------------------- the slot pool
