@@ -5,6 +5,14 @@ CLI chooses). Every aiodocker, aiohttp and ssl exception is translated here into
 ``TransportError`` that names the Docker host and says what to check; nothing foreign leaves this
 module. ``ssh://`` hosts go through the SSH transport (``tunneld.ssh.client`` and
 ``tunneld.ssh.target`` hold asyncssh) and ``docker system dial-stdio`` (``tunneld.docker.over_ssh``).
+
+Why one module of this size: it is the seam itself. Every call goes through ``_call`` (its deadline
+and the translation of aiodocker's, aiohttp's and ssl's exceptions, which need the endpoint to say
+what to check), and the exec and event streams reach into aiodocker's and aiohttp's internals (the
+upgraded connection, ``_query``). Split, the foreign objects and the ``except`` clauses naming them
+would spread over several modules; together, one grep shows everything the project knows about
+aiodocker. What is built on it lives beside it: the records (models.py), the images (images.py),
+the helper container (helper/), the exec relay (execs.py).
 """
 
 from __future__ import annotations
@@ -236,7 +244,7 @@ class DockerClient:
             return TransportError(f"{what}: cannot reach the Docker host at {host}: {_errno_text(os_error)}")
         return TransportError(f"{what}: cannot reach the Docker host at {host}: {_reason(e)}")
 
-    # ---------------------------------------------------------------- calls
+    # ---------------------------------------------------------------- containers, images, exec streams
 
     async def ping(self) -> dict[str, Any]:
         """The engine's version document (proves the host is reachable and TLS works).
@@ -360,7 +368,8 @@ class DockerClient:
             with anyio.CancelScope(shield=True):
                 await wrapped.aclose()
 
-    # ---------------------------------------------------------------- calls for provision/ (issue 6)
+    # ---------------------------------------------------------------- details, bodies, networks, short execs
+    # (provisioning's calls; --auto reads container_details and published_ports too)
 
     async def container_details(self, ref: str) -> ContainerDetails | None:
         """What ``docker inspect`` says about ``ref`` (env, published ports, networks...), or None."""
@@ -415,8 +424,7 @@ class DockerClient:
         code = info.get("ExitCode")
         return ExecResult(exit_code=-1 if code is None else int(code), stdout=bytes(out), stderr=bytes(err))
 
-
-    # ---------------------------------------------------------------- for --auto (issue 5)
+    # ---------------------------------------------------------------- the event stream (--auto follows it)
 
     @asynccontextmanager
     async def container_events(self, since: int | None = None) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
@@ -452,6 +460,7 @@ class DockerClient:
         finally:
             with anyio.CancelScope(shield=True):
                 await query.__aexit__(None, None, None)
+
 
 class _Abortable(Protocol):
     def abort(self) -> None: ...

@@ -15,6 +15,11 @@ to the address the binding listens on as seen from the remote host.
 containers publishing 6443/tcp or 5000/tcp for their labels and image). A container that vanishes
 keeps its forward for ``auto.linger`` seconds (a ``docker restart`` or a dockerd restart should not
 unbind the port under a client's feet); while the Docker host cannot be reached nothing changes.
+
+One module for both halves, on purpose: the rules (which label, which port, which binding wins)
+and the poller that feeds them are one feature that changes together, the poller's event filter
+(``_relevant``) applies the same rules to event attributes, and the pure half alone is ~130 lines
+with no other user. The labels themselves are spelled in tunneld/labels.py.
 """
 
 from __future__ import annotations

@@ -12,7 +12,15 @@ speak to it from here.
 - With python3 in the helper, RELAY_PYTHON (helper/relay.py) replaces the script: same stdin, but
   bytes and events come in frames on stdout, in one ordered stream: no nonce, no ``F``, no ``Q``.
 
-The pool of slots, the helper container and ``connect()`` live in tunneld/docker/transport.py.
+The pool of slots and ``connect()`` live in tunneld/docker/transport.py, the helper container in
+tunneld/docker/helper/.
+
+Why one module of this size: it is one wire protocol seen from two ends. What a ``DockerStream``
+knows of the far side (reached or refused, its bytes and their end, errors) is set by its slot's
+reader as frames and events arrive, and everything it sends leaves through its slot's writer. The
+relays' events (``R``, ``P``, ``C``, ``E``, ``X``, ``D`` and socat's stderr) are read in one place
+because one event moves both objects at once. Split into a stream module and a slot module, each
+would reach into the other's state.
 """
 
 from __future__ import annotations

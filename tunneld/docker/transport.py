@@ -15,6 +15,12 @@ The relay script and the objects that speak to one exec (framing, half-close ove
 marker) are in tunneld/docker/execs.py; how the helper container is made, reused and removed is
 tunneld/docker/helper/. This module keeps the helper running (repairing it when it goes away), owns
 the pool and ``connect()``.
+
+Why one module of this size: the pool is one state machine. The idle slots, the waiting
+``connect()`` calls, the starts in flight and the failure count are read and changed together by
+``_top_up``, ``release``, ``_acquire``, ``_run_slot`` and ``connect``, all in one task group whose
+closing waits for the starts; a helper repair is triggered from the same places. Split along those
+methods, each part would reach into the others' state.
 """
 
 from __future__ import annotations
