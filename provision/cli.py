@@ -25,7 +25,6 @@ from typing import Any
 
 import anyio
 
-from provision import kubeconfig
 from provision.plan import Plan, Provisioned, Provisioner, forwards
 from provision.reconcile import run_reconciler
 from provision.spec import (
@@ -40,7 +39,7 @@ from provision.spec import (
     spec_from_json,
     spec_to_json,
 )
-from tunneld import loop
+from tunneld import kubeconfig, loop
 from tunneld.config import Config, ForwardSpec, load_config, parse_config
 from tunneld.daemon.control import default_control_path, probe_existing, request
 from tunneld.daemon.lifecycle import Daemon, not_ready_reason

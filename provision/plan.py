@@ -26,7 +26,6 @@ from typing import Any, Literal
 import anyio
 
 from provision import kind as kind_mod
-from provision import kubeconfig
 from provision.errors import PreflightError, ProvisionError
 from provision.kube import KubeApi
 from provision.registry import (
@@ -42,12 +41,14 @@ from provision.registry import (
 from provision.remote import RemoteHost
 from provision.spec import KIND_NETWORK, MIN_KIND_VERSION, ClusterSpec, ProvisionSpec
 from provision.waits import poll_until
+from tunneld import kubeconfig
 from tunneld.config import ForwardSpec
 from tunneld.docker.api import DockerClient
 from tunneld.docker.host import resolve_endpoint
 from tunneld.docker.images import ImageUnavailable, ensure_image
 from tunneld.engine.listener import bind_listeners
 from tunneld.errors import BindError, TransportError
+from tunneld.kubeconfig import KubeconfigError
 from tunneld.labels import ROLE_LABEL, ROLE_REGISTRY
 
 logger = logging.getLogger(__name__)
@@ -286,10 +287,14 @@ class Provisioner:
         nodes = await kind_mod.wire_nodes(remote, cluster, reg, strict=cluster_action == "created", progress=self.say)
         self.say(f"hosts.toml for {reg.host} and {reg.in_network} written in {len(nodes)} node(s) "
                  f"({', '.join(nodes)}); containerd config_path checked")
-        config = kubeconfig.parse(await self.kind.kubeconfig(cluster.name), "`kind get kubeconfig`")
-        _point_at_forward(config, cluster)
-        # Before the forwards start: the API server forward's https probe takes its credentials from here.
-        kubeconfig.merge(path, config, cluster.context)
+        text = await self.kind.kubeconfig(cluster.name)
+        try:
+            config = kubeconfig.parse(text, "`kind get kubeconfig`")
+            _point_at_forward(config, cluster)
+            # Before the forwards start: the API server forward's https probe takes its credentials from here.
+            kubeconfig.merge(path, config, cluster.context)
+        except KubeconfigError as e:
+            raise ProvisionError(str(e)) from None
         self.say(f"kubeconfig: context {cluster.context} (https://127.0.0.1:{cluster.api_port}) in {path}")
         return Provisioned(spec=spec, registry=action, cluster=cluster_action, nodes=tuple(nodes), kubeconfig=config)
 
@@ -367,7 +372,10 @@ class Provisioner:
             return
         path = cluster.kubeconfig or kubeconfig.default_path()
         await self.kind.delete(cluster.name, path)
-        kubeconfig.remove(path, cluster.context)
+        try:
+            kubeconfig.remove(path, cluster.context)
+        except KubeconfigError as e:
+            raise ProvisionError(str(e)) from None
         self.say(f"cluster {cluster.name}: deleted; context {cluster.context} removed from {path}")
 
 

@@ -1,15 +1,14 @@
-"""Pure parts of provisioning: the kind config, hosts.toml, the KEP-1755 data, parsing, kubeconfig merging,
-the generated daemon config, and the stand-in kind's own strictness. No lab needed."""
+"""Pure parts of provisioning: the kind config, hosts.toml, the KEP-1755 data, parsing, the generated
+daemon config, and the stand-in kind's own strictness (kubeconfig merging: tests/test_kubeconfig.py).
+No lab needed."""
 
 from __future__ import annotations
 
-import stat
 from pathlib import Path
 
 import pytest
 import yaml  # type: ignore[import-untyped]
 
-from provision import kubeconfig
 from provision.cli import daemon_config
 from provision.errors import PreflightError, ProvisionError
 from provision.kind import check_containerd_config, hosts_paths, hosts_toml, kind_config, parse_version
@@ -110,41 +109,6 @@ def test_generated_daemon_config_parses_back(tmp_path: Path) -> None:
     assert (api.name, api.port, api.host_port, api.probe, api.bind) == ("kube-apiserver", 40000, 40000, "https",
                                                                        "localhost")
     assert loaded.transport.docker.pool_size == 2 and loaded.timeouts.ready == 30.0
-
-
-def _kind_kubeconfig(name: str, server: str) -> dict[str, object]:
-    ctx = f"kind-{name}"
-    return {"apiVersion": "v1", "kind": "Config", "clusters": [{"name": ctx, "cluster": {"server": server}}],
-            "users": [{"name": ctx, "user": {"client-key-data": "S0VZ"}}],
-            "contexts": [{"name": ctx, "context": {"cluster": ctx, "user": ctx}}], "current-context": ctx}
-
-
-def test_kubeconfig_merge_keeps_other_entries_and_is_private(tmp_path: Path) -> None:
-    path = tmp_path / "kube" / "config"
-    kubeconfig.merge(str(path), _kind_kubeconfig("other", "https://10.0.0.1:6443"), "kind-other")
-    kubeconfig.merge(str(path), _kind_kubeconfig("ci", "https://127.0.0.1:1111"), "kind-ci")
-    kubeconfig.merge(str(path), _kind_kubeconfig("ci", "https://127.0.0.1:2222"), "kind-ci")  # replaced, not doubled
-    data = yaml.safe_load(path.read_text())
-    assert [c["name"] for c in data["contexts"]] == ["kind-other", "kind-ci"]
-    assert data["current-context"] == "kind-ci"
-    assert kubeconfig.server_of(data, "kind-ci") == "https://127.0.0.1:2222"
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600  # it holds a client key
-    assert kubeconfig.remove(str(path), "kind-ci")
-    data = yaml.safe_load(path.read_text())
-    assert [c["name"] for c in data["contexts"]] == ["kind-other"] and data["current-context"] == ""
-    assert not kubeconfig.remove(str(path), "kind-ci")
-
-
-def test_kubeconfig_that_is_not_one(tmp_path: Path) -> None:
-    path = tmp_path / "config"
-    path.write_text("- just\n- a list\n")
-    with pytest.raises(ProvisionError, match="not a kubeconfig"):
-        kubeconfig.merge(str(path), _kind_kubeconfig("ci", "https://127.0.0.1:1"), "kind-ci")
-
-
-def test_default_kubeconfig_path() -> None:
-    assert kubeconfig.default_path({"KUBECONFIG": "/a:/b", "HOME": "/h"}) == "/a"
-    assert kubeconfig.default_path({"HOME": "/h"}) == "/h/.kube/config"
 
 
 def test_preflight_error_lists_every_problem() -> None:
