@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Lowest first. A module belongs to the layer of the longest prefix that names it.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("tunneld.errors", "tunneld.config", "tunneld.sockets", "tunneld.tls", "tunneld.loop", "tunneld.logs",
-              "tunneld.kubeconfig", "tunneld.backoff", "tunneld.labels")),
+              "tunneld.kubeconfig", "tunneld.backoff", "tunneld.labels", "tunneld.version")),
     ("transport seam", ("tunneld.transports",)),
     ("engine", ("tunneld.engine",)),
     ("ssh", ("tunneld.ssh",)),
