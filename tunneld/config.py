@@ -429,20 +429,29 @@ def validate(config: Config) -> Config:
     return config
 
 
-def load_config(path: str | Path) -> Config:
-    """Read and parse a TOML config file.
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config file into plain data (not yet checked: ``parse_config`` does that).
 
-    :raises ConfigError: when the file is missing, not TOML, or has a bad key.
+    :raises ConfigError: when the file is missing, unreadable or not TOML, naming it.
     """
     p = Path(path)
     try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
+        return tomllib.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{p}: config file not found") from None
     except OSError as e:
         raise ConfigError(f"{p}: cannot read config file: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: not valid TOML: {e}") from None
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and parse a TOML config file.
+
+    :raises ConfigError: when the file is missing, not TOML, or has a bad key.
+    """
+    p = Path(path)
+    data = read_toml(p)
     try:
         return parse_config(data)
     except ConfigError as e:
