@@ -1,12 +1,16 @@
-"""`kci-tunneld up` and `kci-tunneld down`: provision the registry (and a kind cluster) on the remote
-Docker host, forward them on the same port numbers here, wait until they really work.
+"""`kci-tunneld up`, `kci-tunneld down` (and the hidden `serve` the detached daemon runs): provision
+the registry (and a kind cluster) on the remote Docker host, forward them on the same port numbers
+here, wait until they really work.
 
 ``up`` runs pre-flight, provisions (provision.plan), writes the daemon's config next to the control
 socket (``<control>.up.toml``, plus ``<control>.provision.json`` for the reconciler), starts the
 daemon with the reconciler, waits until every forward is ready, then finishes the cluster through
 the forwarded API server (readiness waits, the KEP-1755 ConfigMap). ``down`` stops that daemon and
-removes what kci-tunneld made. Until the lead wires them into tunneld/cli/main.py, run them as
-``python -m provision.cli up|down ...``.
+removes what kci-tunneld made. tunneld/cli/main.py adds these subcommands to ``kci-tunneld``
+(``add_subcommands``); each sets ``args.run`` to its handler.
+
+The Docker and Kubernetes clients (aiodocker, kubernetes-asyncio) are imported inside the handlers:
+every other ``kci-tunneld`` command builds this parser and must not pay for them.
 """
 
 from __future__ import annotations
@@ -15,18 +19,13 @@ import argparse
 import functools
 import json
 import os
-import subprocess
 import sys
-import time
-import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from provision.plan import Plan, Provisioned, Provisioner, forwards
-from provision.reconcile import run_reconciler
 from provision.spec import (
     DEFAULT_CLUSTER_NAME,
     DEFAULT_RECONCILE_INTERVAL,
@@ -39,14 +38,16 @@ from provision.spec import (
     spec_from_json,
     spec_to_json,
 )
-from tunneld import kubeconfig, loop
-from tunneld.config import Config, ForwardSpec, load_config, parse_config
-from tunneld.daemon.control import default_control_path, probe_existing, request
-from tunneld.daemon.lifecycle import Daemon, not_ready_reason
-from tunneld.daemon.notify import Notifier
-from tunneld.daemon.processes import first_error, log_size, log_tail, pid_alive
-from tunneld.errors import AlreadyRunningError, ConfigError, ExitCode, NotReadyError, NotRunningError, TunneldError
+from tunneld import loop
+from tunneld.config import Config, ForwardSpec, load_config, parse_config, read_toml
+from tunneld.daemon import launch, options
+from tunneld.daemon.control import default_control_path, probe_existing
+from tunneld.errors import AlreadyRunningError, ConfigError, ExitCode, TunneldError
 from tunneld.logs import setup_logging
+
+if TYPE_CHECKING:
+    from provision.plan import Plan, Provisioned, Provisioner
+    from tunneld.daemon.lifecycle import Daemon
 
 UP_EXAMPLES = """\
 examples:
@@ -58,9 +59,6 @@ examples:
 
   # take it all down again (same selection)
   kci-tunneld down --cluster ci --registry-port 5001"""
-
-Say = Callable[[str], None]
-
 
 def _port(text: str) -> int:
     value = int(text)
@@ -91,39 +89,42 @@ def _selection(p: argparse.ArgumentParser) -> None:
                    help="a daemon config whose [transport] and [timeouts] to use (its [[forwards]] are ignored)")
 
 
-def add_subcommands(sub: Any, parents: Sequence[argparse.ArgumentParser]) -> None:
-    """Add ``up``, ``down`` (and the hidden ``serve`` the detached daemon runs) to kci-tunneld's subparsers."""
+def _reconcile_interval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reconcile-interval", type=float, default=DEFAULT_RECONCILE_INTERVAL, metavar="SECONDS",
+                   help=f"how often the daemon re-checks the registry (default {DEFAULT_RECONCILE_INTERVAL:g})")
+
+
+def add_subcommands(sub: Any) -> None:
+    """Add ``up``, ``down`` (and the hidden ``serve`` the detached daemon runs) to kci-tunneld's
+    subparsers; each sets ``run`` to its handler (``run(args) -> exit code``)."""
     formatter = argparse.RawDescriptionHelpFormatter
+    common = [options.control(), options.logging()]
     up = sub.add_parser(
-        "up", parents=list(parents), help="provision the registry (and a kind cluster) remotely, forward, wait",
+        "up", parents=[*common, options.launch(via_default="docker")],
+        help="provision the registry (and a kind cluster) remotely, forward, wait",
         description="Ensure a registry (and a kind cluster wired to it) on the remote Docker host, forward them "
                     "on the same port numbers here, and wait until they answer.",
         epilog=UP_EXAMPLES, formatter_class=formatter)
     _selection(up)
-    up.add_argument("--via", metavar="TRANSPORT", help="direct, docker (default) or ssh://[user@]host[:port]")
-    up.add_argument("--detach", action="store_true", help="leave the daemon in the background; return when ready")
     up.add_argument("--registry-image", metavar="IMAGE", default=DEFAULT_REGISTRY_IMAGE)
     up.add_argument("--api-port", type=_port, metavar="PORT",
                     help="API server port on both sides (default: one free on both, picked for you)")
     up.add_argument("--node-image", metavar="IMAGE", help="kind node image (default: kind's own)")
     up.add_argument("--workers", type=_count, default=0, metavar="N", help="kind worker nodes (default 0)")
-    up.add_argument("--helper-image", metavar="IMAGE", help="image of the small helper container (alpine/socat)")
-    up.add_argument("--ready-timeout", type=float, metavar="SECONDS",
-                    help="how long to wait for the forwards (default: timeouts.ready, 60)")
-    up.add_argument("--reconcile-interval", type=float, default=DEFAULT_RECONCILE_INTERVAL, metavar="SECONDS",
-                    help=f"how often the daemon re-checks the registry (default {DEFAULT_RECONCILE_INTERVAL:g})")
-    up.add_argument("--log-file", type=Path, metavar="FILE", help="daemon log (default: next to the control socket)")
+    _reconcile_interval(up)
+    up.set_defaults(run=run_up)
     down = sub.add_parser(
-        "down", parents=list(parents), help="stop the daemon `up` started and remove what kci-tunneld provisioned",
+        "down", parents=common, help="stop the daemon `up` started and remove what kci-tunneld provisioned",
         description="Stop the daemon on the control socket, delete the kind cluster and the registry if "
                     "kci-tunneld created them (containers it did not create are left alone).",
         epilog="examples:\n  kci-tunneld down --no-cluster --registry-port 5555", formatter_class=formatter)
     _selection(down)
-    serve = sub.add_parser("serve", parents=list(parents))  # no help=: kept out of the listing
+    down.set_defaults(run=run_down)
+    serve = sub.add_parser("serve", parents=[*common, options.log_file()])  # no help=: kept out of the listing
     serve.add_argument("--config", type=Path, required=True)
     serve.add_argument("--provision", type=Path, required=True)
-    serve.add_argument("--log-file", type=Path)
-    serve.add_argument("--reconcile-interval", type=float, default=DEFAULT_RECONCILE_INTERVAL)
+    _reconcile_interval(serve)
+    serve.set_defaults(run=run_serve)
 
 
 # ---------------------------------------------------------------- the model from the flags
@@ -131,14 +132,7 @@ def add_subcommands(sub: Any, parents: Sequence[argparse.ArgumentParser]) -> Non
 
 def _base(args: argparse.Namespace) -> dict[str, Any]:
     """The raw TOML of --config without its forwards, with --via applied (docker by default)."""
-    data: dict[str, Any] = {}
-    if args.config:
-        try:
-            data = tomllib.loads(Path(args.config).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{args.config}: config file not found") from None
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise ConfigError(f"{args.config}: {e}") from None
+    data = read_toml(args.config) if args.config else {}
     data.pop("forwards", None)
     transport = dict(data.get("transport") or {})
     if getattr(args, "via", None):
@@ -167,6 +161,8 @@ def _spec(args: argparse.Namespace, base: Config) -> ProvisionSpec:
 
 def daemon_config(base: Mapping[str, Any], spec: ProvisionSpec) -> tuple[Config, str]:
     """The daemon's config (model and TOML text): the base transport and timeouts, our same-port forwards."""
+    from provision.plan import forwards
+
     data = {**base, "forwards": [_forward_table(f) for f in forwards(spec)]}
     return parse_config(data), "# written by `kci-tunneld up`; `kci-tunneld down` removes it\n" + to_toml(data)
 
@@ -239,6 +235,8 @@ def run_up(args: argparse.Namespace) -> int:
 
     :raises TunneldError: (PreflightError, ProvisionError, TransportError...) for the CLI to map.
     """
+    from provision.plan import Provisioner
+
     control: Path = args.control or default_control_path()
     raw = _base(args)
     base = parse_config({**raw, "forwards": []})
@@ -256,7 +254,7 @@ def run_up(args: argparse.Namespace) -> int:
         decided.update(config=config, text=text)
 
     if not args.detach:
-        setup_logging(args.log_level, args.log_format, None)
+        setup_logging(args.log_level, args.log_format, args.log_file)
     done = loop.run(functools.partial(provisioner.up, before_changes))
     config: Config = decided["config"]
     config_path, spec_path = generated_paths(control)
@@ -265,73 +263,46 @@ def run_up(args: argparse.Namespace) -> int:
     ready_timeout = args.ready_timeout or config.timeouts.ready
     if not args.detach:
         return _foreground(args, control, config_path, done, provisioner, ready_timeout)
+    started: launch.Started | None = None
     if existing is None:
-        log_file = args.log_file or control.with_suffix(".log")
-        log_start = log_size(log_file)
-        child = _spawn(args, control, config_path, spec_path, log_file, done.spec)
-        _say(f"daemon started (pid {child.pid}); log: {log_file}")
+        log_file: Path = args.log_file or control.with_suffix(".log")
+        started = launch.spawn(daemon_argv(control, config_path, spec_path, log_file, args), log_file,
+                               env=_daemon_env(done.spec))
+        _say(f"daemon started (pid {started.pid}); log: {log_file}")
     else:
-        child, log_file, log_start = None, existing.get("log_file"), 0
         _say(f"daemon already running with these forwards (pid {existing.get('pid')})")
-    reply = _await_ready(control, child, ready_timeout, str(log_file), log_start)
+    reply = loop.run(functools.partial(
+        launch.wait_ready, control, ready_timeout, started=started,
+        log_file=existing.get("log_file") if existing else None, stop_hint=DOWN_HINT))
     loop.run(functools.partial(provisioner.configure_cluster, done))
     _print_ready(reply, done)
     return int(ExitCode.OK)
 
 
+DOWN_HINT = "remove it all with `kci-tunneld down`"
+
+
 def daemon_argv(control: Path, config_path: Path, spec_path: Path, log_file: Path,
                 args: argparse.Namespace) -> list[str]:
-    """How the detached daemon is started: the hidden `serve` subcommand (forwards + reconciler)."""
-    return [sys.executable, "-m", "tunneld", "serve", "--config", str(config_path),
-            "--provision", str(spec_path), "--control", str(control), "--log-file", str(log_file),
-            "--log-level", args.log_level, "--log-format", args.log_format,
+    """How the detached daemon is started: ``kci-tunneld serve ...`` (forwards + reconciler)."""
+    return ["serve", "--config", str(config_path), "--provision", str(spec_path), "--control", str(control),
+            "--log-file", str(log_file), "--log-level", args.log_level, "--log-format", args.log_format,
             "--reconcile-interval", str(args.reconcile_interval)]
 
 
-def _spawn(args: argparse.Namespace, control: Path, config_path: Path, spec_path: Path, log_file: Path,
-           spec: ProvisionSpec) -> subprocess.Popen[bytes]:
-    log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+def _daemon_env(spec: ProvisionSpec) -> dict[str, str]:
     env = dict(os.environ)
     if spec.cluster is not None and spec.cluster.kubeconfig:
         # The API server forward's https probe finds its credentials through $KUBECONFIG.
         env["KUBECONFIG"] = os.pathsep.join(p for p in (spec.cluster.kubeconfig, env.get("KUBECONFIG")) if p)
-    with open(log_file, "ab") as log:
-        # A new session and no inherited stdio: a CI step must never hang on the daemon.
-        return subprocess.Popen(daemon_argv(control, config_path, spec_path, log_file, args), env=env,
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                                close_fds=True)
-
-
-def _await_ready(control: Path, child: subprocess.Popen[bytes] | None, timeout: float,
-                 log_file: str, log_start: int = 0) -> dict[str, Any]:
-    """The daemon's status once every forward is ready.
-
-    :raises NotReadyError: naming what is not ready (the daemon keeps running and retrying).
-    :raises TunneldError: when the daemon exited.
-    """
-    deadline = time.monotonic() + timeout
-    reply: dict[str, Any] | None = None
-    while time.monotonic() < deadline:
-        if child is not None and child.poll() is not None:
-            raise TunneldError(f"the daemon exited with code {child.returncode} before it was ready; "
-                               f"see its log {log_file}:\n{log_tail(log_file, start=log_start)}")
-        try:
-            step = min(1.0, max(0.05, deadline - time.monotonic()))
-            reply = loop.run(functools.partial(request, control, "wait", timeout=step))
-        except NotRunningError:
-            time.sleep(0.05)  # still binding its control socket
-            continue
-        if reply.get("ok"):
-            return reply
-    reason = not_ready_reason(reply["forwards"], timeout) if reply else "the daemon did not answer"
-    raise NotReadyError(f"{reason}; the daemon keeps running and retrying (log: {log_file}); "
-                        "`kci-tunneld wait` to keep waiting, `kci-tunneld down` to remove it all")
+    return env
 
 
 def _print_ready(reply: Mapping[str, Any], done: Provisioned) -> None:
+    from tunneld import kubeconfig
+
     reg, cluster = done.spec.registry, done.spec.cluster
-    log = f"; log: {reply['log_file']}" if reply.get("log_file") else ""
-    print(f"kci-tunneld: ready (pid {reply.get('pid')}){log}")
+    print(launch.ready_headline(reply))
     print(f"  registry: {reg.host} -> {reg.name} ({done.registry}); push to {reg.host}/IMAGE")
     if cluster is not None:
         print(f"  pods pull {reg.host}/IMAGE (or {reg.in_network}/IMAGE) from it")
@@ -347,12 +318,17 @@ def _foreground(args: argparse.Namespace, control: Path, config_path: Path, done
         await provisioner.configure_cluster(done)
         _print_ready(daemon.status(), done)
 
-    return _run_daemon(config_path, done.spec, control, None, args.reconcile_interval, after_ready)
+    return _run_daemon(config_path, done.spec, control, args.log_file, args.reconcile_interval, after_ready)
 
 
 def _run_daemon(config_path: Path, spec: ProvisionSpec, control: Path, log_file: Path | None, interval: float,
                 after_ready: Callable[[Daemon], Any] | None = None) -> int:
     """The daemon for config_path plus the reconciler for spec, until the daemon stops."""
+    from provision.reconcile import run_reconciler
+    from tunneld.daemon.lifecycle import Daemon
+    from tunneld.daemon.notify import Notifier
+    from tunneld.daemon.processes import first_error
+
     daemon = Daemon(lambda: load_config(config_path), control_path=control, notifier=Notifier(),
                     log_file=str(log_file) if log_file else None)
     failed: list[BaseException] = []
@@ -403,58 +379,16 @@ def run_down(args: argparse.Namespace) -> int:
 
     :raises TunneldError: for the CLI to map.
     """
+    from provision.plan import Provisioner
+
     control: Path = args.control or default_control_path()
     raw = _base(args)
     spec = _spec(args, parse_config({**raw, "forwards": []}))
     existing = loop.run(functools.partial(probe_existing, control))
     if existing is not None:
-        pid = int(existing["pid"])
-        loop.run(functools.partial(request, control, "stop"))
-        deadline = time.monotonic() + 30
-        while pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if pid_alive(pid):
-            raise TunneldError(f"the daemon (pid {pid}) on {control} did not stop within 30s")
+        pid = loop.run(functools.partial(launch.stop, control))
         print(f"down: daemon stopped (pid {pid})", file=sys.stderr)
     loop.run(Provisioner(spec, progress=lambda line: print(f"down: {line}", file=sys.stderr, flush=True)).down)
     for path in generated_paths(control):
         path.unlink(missing_ok=True)
     return int(ExitCode.OK)
-
-
-# ---------------------------------------------------------------- entry points
-
-
-def dispatch(args: argparse.Namespace) -> int:
-    """Run the subcommand ``args.command`` names (``up``, ``down`` or ``serve``)."""
-    runner = {"up": run_up, "down": run_down, "serve": run_serve}[args.command]
-    return runner(args)
-
-
-def _parser() -> argparse.ArgumentParser:
-    control = argparse.ArgumentParser(add_help=False)
-    control.add_argument("--control", type=Path, metavar="PATH",
-                         help=f"control socket of the daemon (default: {default_control_path()})")
-    logging_opts = argparse.ArgumentParser(add_help=False)
-    logging_opts.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    logging_opts.add_argument("--log-format", default="text", choices=["text", "json"])
-    parser = argparse.ArgumentParser(prog="kci-tunneld")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_subcommands(sub, [control, logging_opts])
-    return parser
-
-
-def main_for_tests(argv: Sequence[str]) -> int:
-    """``kci-tunneld up|down ...`` as the CLI will run it, errors mapped to exit codes."""
-    args = _parser().parse_args(list(argv))
-    try:
-        return dispatch(args)
-    except TunneldError as e:
-        print(f"kci-tunneld: {e}", file=sys.stderr)
-        return int(e.exit_code)
-    except KeyboardInterrupt:
-        return int(ExitCode.INTERRUPTED)
-
-
-if __name__ == "__main__":
-    sys.exit(main_for_tests(sys.argv[1:]))

@@ -15,7 +15,7 @@ import pytest
 
 from tests.cli.runner import Cli
 from tests.servers import EchoServer, free_port_holder
-from tunneld.cli.main import format_status
+from tunneld.cli.status import format_status
 from tunneld.daemon.metrics import render
 
 pytestmark = pytest.mark.timeout(60)

@@ -62,8 +62,8 @@ def removed_after(*names: str) -> Iterator[None]:
 
 
 def run_cli(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """`python -m provision.cli ARGS` (what `kci-tunneld up|down` will run)."""
-    return subprocess.run([sys.executable, "-m", "provision.cli", *args], capture_output=True, text=True,
+    """`kci-tunneld ARGS` through its real entry point (`python -m tunneld`, the console script's module)."""
+    return subprocess.run([sys.executable, "-m", "tunneld", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=REPO, stdin=subprocess.DEVNULL)
 
 

@@ -161,7 +161,7 @@ def test_up_in_the_foreground_serves_until_sigterm(lab: LabInfo, control: Path) 
     env = cli_env(lab, tls=True)
     args = ["--no-cluster", "--registry-name", name, "--registry-port", str(port), "--control", str(control)]
     with removed_after(name):
-        proc = subprocess.Popen([sys.executable, "-m", "provision.cli", "up", *args], env=env, cwd=REPO,
+        proc = subprocess.Popen([sys.executable, "-m", "tunneld", "up", *args], env=env, cwd=REPO,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             deadline = time.monotonic() + 30

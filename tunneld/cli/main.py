@@ -9,24 +9,19 @@ import functools
 import json
 import logging
 import resource
-import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import anyio
-
 from provision import cli as provision_cli
 from tunneld import loop
+from tunneld.cli.status import format_status
 from tunneld.config import Config, load_config, merge_cli
+from tunneld.daemon import launch, options
 from tunneld.daemon.control import default_control_path, probe_existing, request
-from tunneld.daemon.lifecycle import Daemon, not_ready_reason
-from tunneld.daemon.notify import Notifier
-from tunneld.daemon.processes import first_error, log_size, log_tail, pid_alive
-from tunneld.errors import AlreadyRunningError, ConfigError, ExitCode, NotReadyError, NotRunningError, TunneldError
-from tunneld.logs import setup_logging
+from tunneld.errors import AlreadyRunningError, ConfigError, ExitCode, NotReadyError, TunneldError
+from tunneld.version import __version__
 
 logger = logging.getLogger("tunneld")
 
@@ -64,47 +59,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kci-tunneld", description=DESCRIPTION, epilog=EXIT_CODES, formatter_class=formatter
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    control = argparse.ArgumentParser(add_help=False)
-    control.add_argument(
-        "--control", type=Path, metavar="PATH",
-        help=f"control socket of the daemon (default: {default_control_path()}; env KCI_TUNNELD_CONTROL)",
-    )
-    logging_opts = argparse.ArgumentParser(add_help=False)
-    logging_opts.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    logging_opts.add_argument("--log-format", default="text", choices=["text", "json"],
-                              help="text lines, or one JSON object per line")
-
+    control = options.control()
     start = sub.add_parser(
-        "start", parents=[control, logging_opts], help="run the forwarding daemon",
+        "start", parents=[control, options.logging(), options.launch(via_default="direct")],
+        help="run the forwarding daemon",
         description="Run the daemon: listen here, reach HOST:HOSTPORT on the far side.",
         epilog=START_EXAMPLES + "\n\n" + EXIT_CODES, formatter_class=formatter,
     )
     start.add_argument("-L", dest="forwards", action="append", default=[], metavar="[BIND:]PORT:HOST:HOSTPORT",
                        help="forward BIND:PORT here to HOST:HOSTPORT as the far side sees it (BIND defaults to "
                             "localhost = 127.0.0.1 and ::1; PORT 0 picks a free port); repeatable")
-    start.add_argument("--via", metavar="TRANSPORT",
-                       help="direct (default), docker (the Docker host the docker CLI would use), "
-                            "or ssh://[user@]host[:port]")
     start.add_argument("--config", type=Path, metavar="FILE", help="TOML config file (see docs/configuration.md)")
     start.add_argument("--provision", action="store_true",
                        help="first provision the registry (and a kind cluster) on the Docker host and keep "
                             "reconciling them: the same as `kci-tunneld up`, whose options it takes")
-    start.add_argument("--detach", action="store_true",
-                       help="run in the background; return once every forward is ready")
-    start.add_argument("--log-file", type=Path, metavar="FILE",
-                       help="log here (default with --detach: next to the control socket)")
     start.add_argument("--allow-non-loopback", action="store_true",
                        help="allow BIND addresses other than loopback (exposes the far side to the network)")
-    start.add_argument("--helper-image", metavar="IMAGE",
-                       help="docker transport: helper image (default alpine/socat; one with python3, such as "
-                       "python:3-alpine, sets up connections faster)")
     start.add_argument("-i", dest="identity_files", action="append", default=[], metavar="FILE",
                        help="ssh transport: private key file; repeatable")
-    start.add_argument("--ready-timeout", type=float, metavar="SECONDS",
-                       help="with --detach, how long to wait for readiness (default: timeouts.ready, 60)")
     start.add_argument("--auto", action="store_true",
                        help="discover kind API servers and registries the remote Docker publishes and forward "
                             "each on the same port number here; follow them as they come, go and move "
@@ -142,8 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Re-read the config; only changed forwards restart, unchanged ones keep their connections.",
         epilog="examples:\n  kci-tunneld reload", formatter_class=formatter,
     )
-    provision_cli.add_subcommands(sub, [control, logging_opts])
+    provision_cli.add_subcommands(sub)  # up, down and the hidden serve: provision/cli.py
     return parser
+
+
+CLIENT_COMMANDS = ("status", "wait", "reload", "stop")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -154,11 +132,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.control = args.control or default_control_path()
     try:
-        if args.command in ("up", "down", "serve"):
-            return provision_cli.dispatch(args)
         if args.command == "start":
             return _start(args, argv)
-        return loop.run(lambda: _client(args))
+        if args.command in CLIENT_COMMANDS:
+            return loop.run(lambda: _client(args))
+        return int(args.run(args))  # provision/cli.py's up, down, serve
     except TunneldError as e:
         print(f"kci-tunneld: {e}", file=sys.stderr)
         return int(e.exit_code)
@@ -199,9 +177,23 @@ def _start(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"kci-tunneld: already running with this config (pid {existing.get('pid')})", file=sys.stderr)
         if not args.detach:
             return int(ExitCode.OK)
-        return _await_ready(args, config, child=None, log_file=existing.get("log_file"))
+        return _await_ready(args, config, None, existing.get("log_file"))
     if args.detach:
-        return _detach(args, argv, config)
+        log_file = args.log_file or args.control.with_suffix(".log")
+        child_argv = [a for a in argv if a != "--detach"]
+        child_argv += ["--control", str(args.control), "--log-file", str(log_file)]
+        return _await_ready(args, config, launch.spawn(child_argv, log_file), log_file)
+    return _serve(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """The daemon itself, in the foreground (also what ``--detach`` starts)."""
+    # The engine and the daemon are imported here: the client commands never need them.
+    from tunneld.daemon.lifecycle import Daemon
+    from tunneld.daemon.notify import Notifier
+    from tunneld.daemon.processes import first_error
+    from tunneld.logs import setup_logging
+
     setup_logging(args.log_level, args.log_format, args.log_file)
     _raise_open_file_limit()
     daemon = Daemon(lambda: _config(args), control_path=args.control, notifier=Notifier(),
@@ -210,6 +202,15 @@ def _start(args: argparse.Namespace, argv: list[str]) -> int:
         return int(loop.run(daemon.run))
     except BaseExceptionGroup as group:
         raise first_error(group) from None
+
+
+def _await_ready(args: argparse.Namespace, config: Config, started: launch.Started | None,
+                 log_file: str | Path | None) -> int:
+    timeout = args.ready_timeout or config.timeouts.ready
+    reply = loop.run(functools.partial(launch.wait_ready, args.control, timeout, started=started,
+                                       log_file=log_file))
+    print("\n".join(launch.ready_lines(reply)))
+    return int(ExitCode.OK)
 
 
 def _raise_open_file_limit() -> None:
@@ -223,55 +224,6 @@ def _raise_open_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     except (ValueError, OSError) as e:
         logger.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, e)
-
-def _detach(args: argparse.Namespace, argv: list[str], config: Config) -> int:
-    log_file = args.log_file or args.control.with_suffix(".log")
-    log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    child_argv = [a for a in argv if a != "--detach"]
-    child_argv += ["--control", str(args.control), "--log-file", str(log_file)]
-    log_start = log_size(log_file)
-    with open(log_file, "ab") as log:
-        # A new session, and no inherited stdin/stdout/stderr: a CI step must never hang on us.
-        child = subprocess.Popen(
-            [sys.executable, "-m", "tunneld", *child_argv],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True,
-        )
-    return _await_ready(args, config, child=child, log_file=str(log_file), log_start=log_start)
-
-
-def _await_ready(args: argparse.Namespace, config: Config, *, child: subprocess.Popen[bytes] | None,
-                 log_file: str | None, log_start: int = 0) -> int:
-    timeout = args.ready_timeout or config.timeouts.ready
-    deadline = time.monotonic() + timeout
-    reply: dict[str, Any] | None = None
-    while time.monotonic() < deadline:
-        if child is not None and child.poll() is not None:
-            print(f"kci-tunneld: the daemon exited with code {child.returncode} before it was ready:", file=sys.stderr)
-            print(log_tail(log_file, start=log_start), file=sys.stderr)
-            return child.returncode or int(ExitCode.ERROR)
-        try:
-            step = min(1.0, max(0.05, deadline - time.monotonic()))
-            reply = loop.run(functools.partial(request, args.control, "wait", timeout=step))
-        except NotRunningError:
-            time.sleep(0.05)  # the daemon is still binding its control socket
-            continue
-        if reply.get("ok"):
-            _print_ready(reply)
-            return int(ExitCode.OK)
-    reason = not_ready_reason(reply["forwards"], timeout, reply.get("auto")) if reply else "the daemon did not answer"
-    pid = child.pid if child is not None else (reply or {}).get("pid")
-    print(f"kci-tunneld: {reason}\n  the daemon (pid {pid}) keeps running and retrying; log: {log_file}\n"
-          "  keep waiting with `kci-tunneld wait`, or end it with `kci-tunneld stop`", file=sys.stderr)
-    return int(ExitCode.NOT_READY)
-
-
-def _print_ready(reply: dict[str, Any]) -> None:
-    print(f"kci-tunneld: ready (pid {reply.get('pid')}); log: {reply.get('log_file')}")
-    for f in reply.get("forwards", []):
-        found = f" (found: {f['container']})" if f.get("container") else ""
-        print(f"  {f['name']}: {', '.join(f['listen'])} -> {f['target']}{found}")
-    if (reply.get("auto") or {}).get("enabled") and not reply.get("forwards"):
-        print("  --auto found nothing to forward yet; it keeps looking (see `kci-tunneld status`)")
 
 
 async def _client(args: argparse.Namespace) -> int:
@@ -292,111 +244,7 @@ async def _client(args: argparse.Namespace) -> int:
         print("kci-tunneld: reloaded")
         return int(ExitCode.OK)
     if args.command == "stop":
-        reply = await request(args.control, "stop", cleanup=args.cleanup)
-        pid = int(reply["pid"])
-        with anyio.move_on_after(args.timeout):
-            # Another process's exit has no event to await here (not our child): poll it.
-            while pid_alive(pid):  # noqa: ASYNC110
-                await anyio.sleep(0.05)
-            print(f"kci-tunneld: stopped (pid {pid})")
-            return int(ExitCode.OK)
-        print(f"kci-tunneld: pid {pid} still running after {args.timeout:g}s", file=sys.stderr)
-        return int(ExitCode.ERROR)
+        pid = await launch.stop(args.control, cleanup=args.cleanup, timeout=args.timeout)
+        print(f"kci-tunneld: stopped (pid {pid})")
+        return int(ExitCode.OK)
     raise AssertionError(args.command)
-
-
-def format_status(reply: dict[str, Any], now: float | None = None) -> str:
-    """The human table `status` prints: a header, one row per forward, then what went wrong."""
-    now = time.time() if now is None else now
-    rows = [("NAME", "STATE", "SINCE", "LISTEN", "TARGET", "ACTIVE", "TOTAL", "UP", "DOWN", "ERRORS", "RECONN",
-             "PROBE")]
-    problems = []
-    for f in reply.get("forwards", []):
-        probe = f.get("last_probe") or {}
-        if not probe:
-            probe_text = "-"
-        elif probe.get("ok"):
-            probe_text = f"ok {probe['latency_ms']}ms" + (f" ({probe['detail']})" if probe.get("detail") else "")
-        else:
-            probe_text = f"failed after {probe['latency_ms']}ms"
-        since = _ago(now, f.get("state_since"))
-        name = f["name"] + (" (auto)" if f.get("source") == "auto" else "")
-        rows.append((name, f["state"], since, ",".join(f["listen"]), f["target"], str(f["active"]), str(f["total"]),
-                     _bytes(f["bytes_up"]), _bytes(f["bytes_down"]), str(f["errors"]), str(f.get("reconnects", 0)),
-                     probe_text))
-        if f.get("last_error") and (f["state"] != "ready" or not probe.get("ok")):
-            problems.append(f"  {f['name']}: {f['last_error']}")
-        elif f.get("last_error"):
-            problems.append(f"  {f['name']} (earlier; ready again): {f['last_error']}")
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1] for r in rows]
-    out = [_status_header(reply, now), *lines]
-    if problems:
-        out += ["last errors:", *problems]
-    events = _recent_events(reply)
-    if events:
-        out += ["recent events:", *events]
-    return "\n".join(out)
-
-
-def _recent_events(reply: dict[str, Any], limit: int = 10) -> list[str]:
-    """State changes of the forwards and what --auto found, newest last: what happened, and when."""
-    rows: list[tuple[float, str]] = []
-    for f in reply.get("forwards", []):
-        for h in f.get("history") or []:
-            if h["from"] == "starting" and h["to"] == "ready":
-                continue  # every start looks like this: not news
-            text = f"{f['name']}: {h['from']} -> {h['to']} after {h['after']:.1f}s"
-            rows.append((h["at"], text + (f" ({h['reason']})" if h.get("reason") else "")))
-    for e in (reply.get("auto") or {}).get("events") or []:
-        rows.append((e["at"], f"auto: {e['event']}"))
-    rows.sort(key=lambda r: r[0])
-    return [f"  {time.strftime('%H:%M:%S', time.localtime(at))} {text}" for at, text in rows[-limit:]]
-
-
-def _status_header(reply: dict[str, Any], now: float) -> str:
-    transport = reply.get("transport") or {}
-    head = f"kci-tunneld pid {reply.get('pid')} {reply.get('state')} via {transport.get('kind', '?')}"
-    facts = [f"{k} {transport[k]}" for k in ("state", "relay", "reconnects") if transport.get(k) is not None]
-    if transport.get("last_error") and transport.get("state") not in (None, "connected", "ready"):
-        facts.append(f"last error: {transport['last_error']}")
-    if facts:
-        head += " (" + ", ".join(facts) + ")"
-    auto = reply.get("auto") or {}
-    if auto.get("enabled"):
-        found = len(auto.get("found") or [])
-        head += f"\nauto: {found} found, {auto.get('scans', 0)} scans, last {_ago(now, auto.get('last_scan'))} ago"
-        if auto.get("last_error"):
-            head += f"; cannot list containers: {auto['last_error']}"
-    for address in reply.get("metrics") or []:
-        head += f"\nmetrics: http://{address}/metrics"
-        break
-    return head
-
-
-def _ago(now: float, then: object) -> str:
-    if not isinstance(then, (int, float)):
-        return "-"
-    secs = max(0.0, now - then)
-    if secs < 120:
-        return f"{secs:.0f}s"
-    if secs < 7200:
-        return f"{secs / 60:.0f}m"
-    return f"{secs / 3600:.1f}h"
-
-
-def _bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("kci-tunneld")
-    except PackageNotFoundError:
-        return "dev"

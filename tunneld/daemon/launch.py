@@ -1,0 +1,145 @@
+"""Start a daemon in the background and wait until it is ready; stop one and wait until it is gone.
+
+``start --detach`` and ``stop`` (tunneld/cli/main.py), ``up --detach`` and ``down``
+(provision/cli.py) all go through here. Nothing here prints: the callers say what happened.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from tunneld.daemon.control import request
+from tunneld.daemon.processes import log_size, log_tail, pid_alive
+from tunneld.errors import ExitCode, NotReadyError, NotRunningError, TunneldError
+
+POLL = 0.05  # seconds between looks at what has no event to await: a socket being bound, another process's exit
+STEP = 1.0  # the longest single `wait` request, so a daemon that exits meanwhile is noticed this soon
+STOP_HINT = "end it with `kci-tunneld stop`"
+
+
+class DaemonExitedError(TunneldError):
+    """The daemon this process started exited before it was ready; its exit code is passed on."""
+
+    def __init__(self, message: str, code: int | None) -> None:
+        super().__init__(message)
+        self.exit_code = _exit_code(code)
+
+
+def _exit_code(code: int | None) -> ExitCode:
+    try:
+        return ExitCode(code) if code else ExitCode.ERROR  # 0 before ready is no success
+    except ValueError:  # a signal (negative), or a code that is not ours
+        return ExitCode.ERROR
+
+
+@dataclass(frozen=True)
+class Started:
+    """A daemon this process started in the background."""
+
+    process: subprocess.Popen[bytes]
+    log_file: Path
+    log_start: int  # where this start's lines begin: the log is appended to by every daemon that used it
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+def spawn(argv: Sequence[str], log_file: Path, *, env: Mapping[str, str] | None = None) -> Started:
+    """Start ``kci-tunneld ARGV`` detached, its output appended to ``log_file``.
+
+    :raises TunneldError: when the log file or the process cannot be created.
+    """
+    try:
+        log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        log_start = log_size(log_file)
+        with open(log_file, "ab") as log:
+            # A new session, and no inherited stdin/stdout/stderr: a CI step must never hang on us.
+            process = subprocess.Popen(
+                [sys.executable, "-m", "tunneld", *argv], env=dict(env) if env is not None else None,
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True,
+            )
+    except OSError as e:
+        raise TunneldError(f"cannot start the daemon (log {log_file}): {e.strerror or e}") from None
+    return Started(process, log_file, log_start)
+
+
+async def wait_ready(control: Path, timeout: float, *, started: Started | None = None,
+                     log_file: str | os.PathLike[str] | None = None, stop_hint: str = STOP_HINT) -> dict[str, Any]:
+    """The status of the daemon on ``control`` once every forward is ready.
+
+    ``started`` is the daemon this process spawned (None: one that already ran), watched so that its
+    exit ends the wait at once; ``log_file`` is named in the errors when there is no ``started``.
+
+    :raises DaemonExitedError: when ``started`` exited first, with its code and its log's lines from this start.
+    :raises NotReadyError: naming what is not ready after ``timeout``; the daemon keeps running and retrying.
+    """
+    log = started.log_file if started is not None else log_file
+    deadline = anyio.current_time() + timeout
+    reply: dict[str, Any] | None = None
+    while (left := deadline - anyio.current_time()) > 0:
+        if started is not None and started.process.poll() is not None:
+            code = started.process.returncode
+            raise DaemonExitedError(f"the daemon exited with code {code} before it was ready:\n"
+                                    + log_tail(str(started.log_file), start=started.log_start), code)
+        try:
+            reply = await request(control, "wait", timeout=min(STEP, max(POLL, left)))
+        except NotRunningError:
+            await anyio.sleep(POLL)  # the daemon is still binding its control socket
+            continue
+        if reply.get("ok"):
+            return reply
+    if reply:
+        # Only a failed start needs the engine's wording (and so the engine's imports).
+        from tunneld.daemon.lifecycle import not_ready_reason
+
+        reason = not_ready_reason(reply["forwards"], timeout, reply.get("auto"))
+    else:
+        reason = "the daemon did not answer"
+    pid = started.pid if started is not None else (reply or {}).get("pid")
+    raise NotReadyError(f"{reason}\n  the daemon (pid {pid}) keeps running and retrying; log: {log}\n"
+                        f"  keep waiting with `kci-tunneld wait`, or {stop_hint}")
+
+
+def ready_headline(reply: Mapping[str, Any]) -> str:
+    """The first line a detached start says once ready: the daemon's pid and its log."""
+    log = f"; log: {reply['log_file']}" if reply.get("log_file") else ""
+    return f"kci-tunneld: ready (pid {reply.get('pid')}){log}"
+
+
+def ready_lines(reply: Mapping[str, Any]) -> list[str]:
+    """What ``start --detach`` says once ready: the headline, then each forward's listen -> target."""
+    lines = [ready_headline(reply)]
+    for f in reply.get("forwards", []):
+        found = f" (found: {f['container']})" if f.get("container") else ""
+        lines.append(f"  {f['name']}: {', '.join(f['listen'])} -> {f['target']}{found}")
+    if (reply.get("auto") or {}).get("enabled") and not reply.get("forwards"):
+        lines.append("  --auto found nothing to forward yet; it keeps looking (see `kci-tunneld status`)")
+    return lines
+
+
+async def stop(control: Path, *, cleanup: bool = False, timeout: float = 30.0) -> int:
+    """Ask the daemon on ``control`` to stop (``cleanup``: and remove what its transport made
+    remotely) and return its pid once its process is gone.
+
+    :raises NotRunningError: when no daemon answers on ``control``.
+    :raises TunneldError: when it refuses, or still runs ``timeout`` seconds later.
+    """
+    reply = await request(control, "stop", cleanup=cleanup)
+    if not reply.get("ok"):
+        raise TunneldError(f"the daemon on {control} refused to stop: {reply.get('error')}")
+    pid = int(reply["pid"])
+    with anyio.move_on_after(timeout):
+        # Another process's exit has no event to await here (not our child): poll it.
+        while pid_alive(pid):  # noqa: ASYNC110
+            await anyio.sleep(POLL)
+        return pid
+    raise TunneldError(f"the daemon (pid {pid}) on {control} did not stop within {timeout:g}s")
