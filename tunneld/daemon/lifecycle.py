@@ -15,7 +15,7 @@ import signal
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
@@ -24,10 +24,12 @@ from tunneld.config import Config, ForwardSpec
 from tunneld.daemon.control import Request, serve_control
 from tunneld.daemon.metrics import serve_metrics
 from tunneld.daemon.notify import Notifier
-from tunneld.docker.discovery import Discovery, Found
 from tunneld.engine.forward import Forward, ForwardState
 from tunneld.errors import ConfigError, ExitCode, NotReadyError, TunneldError
 from tunneld.transports import Transport, create_transport
+
+if TYPE_CHECKING:
+    from tunneld.docker.discovery import Discovery, Found
 
 logger = logging.getLogger(__name__)
 
@@ -256,6 +258,9 @@ class Daemon:
             await self._stop_service("auto")
             self.discovery, self._auto_settled = None, False
             if config.auto.enabled:
+                # Only --auto needs the Docker API client (aiodocker): a --via direct daemon never loads it.
+                from tunneld.docker.discovery import Discovery
+
                 discovery = Discovery(config.transport.docker, config.auto, config.timeouts, self._apply_discovered,
                                       reserved=lambda: {f.port for f in self.config.forwards if f.port})
                 self.discovery = discovery
