@@ -61,6 +61,24 @@ def free_port_holder(host: str = "127.0.0.1") -> socket.socket:
     return s
 
 
+def free_local_port() -> int:
+    """A port free on this machine's 127.0.0.1 and ::1 right now, for a lab container to publish.
+
+    Pick-then-release, on purpose: --auto forwards on the SAME port number the remote host
+    publishes, so a test must pick one that is free here too (Docker's own choice starts at 32768,
+    the bottom of this machine's ephemeral range, and collides with other tests' listeners).
+    """
+    with socket.socket() as v4:
+        v4.bind(("127.0.0.1", 0))
+        port: int = v4.getsockname()[1]
+        try:
+            with socket.socket(socket.AF_INET6) as v6:
+                v6.bind(("::1", port))
+        except OSError:
+            return free_local_port()
+    return port
+
+
 def refusing_socket() -> socket.socket:
     """A socket bound on 127.0.0.1 but not listening: connects to its port are refused, and the
     port stays ours for the test (no pick-then-release race)."""

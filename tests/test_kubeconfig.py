@@ -1,5 +1,6 @@
-"""kubeconfig files (tunneld/kubeconfig.py): kind's entries merged in and taken out again, the
-default path, and that loading the module does not load PyYAML. No lab needed."""
+"""kubeconfig files (tunneld/kubeconfig.py): the https probe's credentials read from them, kind's
+entries merged in and taken out again, the default path, and that loading the module does not load
+PyYAML. No lab needed."""
 
 from __future__ import annotations
 
@@ -13,10 +14,48 @@ from typing import Any
 import pytest
 import yaml  # type: ignore[import-untyped]
 
+from tests.standins.apiserver import ApiCerts, ensure_certs, write_kubeconfig
 from tunneld import kubeconfig
-from tunneld.kubeconfig import KubeconfigError
+from tunneld.kubeconfig import KubeconfigError, credentials_for_port
 
 pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture(scope="module")
+def certs() -> ApiCerts:
+    return ensure_certs()
+
+
+# ---------------------------------------------------------------- reading: the probe's credentials
+
+
+def test_credentials_are_those_of_the_context_whose_server_has_the_port(certs: ApiCerts, tmp_path: Path) -> None:
+    inline = write_kubeconfig(tmp_path / "inline", 46443, certs)
+    creds = credentials_for_port(46443, [tmp_path / "missing", inline])
+    assert creds is not None and creds.authenticates
+    assert creds.ca == certs.ca.read_bytes() and creds.key == certs.client_key.read_bytes()
+    assert creds.server_name == "127.0.0.1" and "context kind-standin" in creds.source
+    assert credentials_for_port(46444, [inline]) is None
+    assert "BEGIN" not in repr(creds)  # no key material in reprs (logs, tracebacks)
+
+
+def test_credentials_from_file_references(certs: ApiCerts, tmp_path: Path) -> None:
+    path = write_kubeconfig(tmp_path / "files", 6443, certs, inline=False)
+    creds = credentials_for_port(6443, [path])
+    assert creds is not None and creds.cert == certs.client_cert.read_bytes()
+
+
+def test_unreadable_credentials_name_the_file_and_key(tmp_path: Path) -> None:
+    path = tmp_path / "broken"
+    path.write_text(
+        "clusters:\n- name: c\n  cluster: {server: 'https://localhost:7443', certificate-authority-data: '!!'}\n"
+        "contexts:\n- name: x\n  context: {cluster: c, user: u}\nusers:\n- name: u\n  user: {token: t}\n"
+    )
+    with pytest.raises(KubeconfigError, match="context x: certificate-authority-data is not valid base64"):
+        credentials_for_port(7443, [path])
+
+
+# ---------------------------------------------------------------- writing: provisioning's merge
 
 
 def server_of(config: Mapping[str, Any], context: str) -> str:

@@ -22,7 +22,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests import kind_standin
 from tests.lab import lab as labmod
 from tests.lab.lab import LabInfo, docker
 from tests.lab_daemons import (
@@ -40,6 +39,7 @@ from tests.lab_daemons import (
     start_daemon,
     wait_until,
 )
+from tests.servers import free_local_port
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.lab]
 
@@ -59,7 +59,7 @@ SSHD_KILLED_BOUND = 10.0
 def daemons(lab: LabInfo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Daemon]]:
     tmp = tmp_path_factory.mktemp("faults")
     docker("rm", "-f", FAULTS_REGISTRY, TLS_HELPER, UNIX_HELPER, check=False)
-    remote_port = kind_standin.free_local_port()
+    remote_port = free_local_port()
     docker("run", "-d", "--name", FAULTS_REGISTRY, "--restart", "always", "-p", f"127.0.0.1:{remote_port}:5000",
            lab.registry_image)
     registry = forward_toml("registry", remote_port, "http", "/v2/")

@@ -1,7 +1,8 @@
 """--auto: what is chosen from `docker inspect` documents, and following real containers in the lab.
 
-The kind API server in the lab is a STAND-IN (tests/kind_standin.py): kind's labels and publishing,
-a TLS server requiring client certificates, /readyz; no Kubernetes behind it.
+The kind API server in the lab is a STAND-IN (tests/standins/apiserver.py): a container with kind's
+labels and publishing, relaying to the stand-in API server (TLS requiring client certificates,
+/readyz); no Kubernetes behind it.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from typing import Any
 
 import pytest
 
-from tests import kind_standin
 from tests.cli.runner import Cli
 from tests.docker.support import from_inspect
-from tests.kind_standin import ApiCerts
 from tests.lab.lab import LabInfo, docker
+from tests.servers import free_local_port
+from tests.standins import apiserver
+from tests.standins.apiserver import StandinApiServer
 from tunneld.config import AutoSettings, parse_config
 from tunneld.docker.discovery import Container, binding, is_registry_image, select
 from tunneld.errors import ConfigError
@@ -151,9 +153,9 @@ def test_cli_needs_a_forward_or_auto(tmp_path: Path) -> None:
 def lab_registry(name: str = AUTO_REGISTRY, host_ip: str = "127.0.0.1") -> int:
     """A registry container of our own (port 5000 belongs to the lab's), published on a port free here."""
     docker("rm", "-f", name, check=False)
-    port = kind_standin.free_local_port()
+    port = free_local_port()
     docker("run", "-d", "--name", name, "--restart", "always", "-p", f"{host_ip}:{port}:5000", "registry:2")
-    return kind_standin.published_port(name, "5000/tcp")
+    return apiserver.published_port(name, "5000/tcp")
 
 
 def auto_config(path: Path, *, patterns: list[str], extra: str = "") -> Path:
@@ -193,8 +195,10 @@ def cli(tmp_path: Path, lab: LabInfo) -> Iterator[Cli]:
 
 
 @pytest.fixture(scope="module")
-def certs() -> ApiCerts:
-    return kind_standin.ensure_certs()
+def api(lab: LabInfo) -> Iterator[StandinApiServer]:
+    """The stand-in API server where the lab's containers reach it."""
+    with StandinApiServer(lab.host_ip) as server:
+        yield server
 
 
 @pytest.mark.timeout(120)
@@ -231,11 +235,11 @@ def test_auto_follows_registries_that_appear_move_and_go(cli: Cli, tmp_path: Pat
 
 @pytest.mark.timeout(120)
 def test_kind_standin_is_forwarded_on_its_port_and_kubeconfig_works_unchanged(
-        cli: Cli, tmp_path: Path, certs: ApiCerts) -> None:
+        cli: Cli, tmp_path: Path, api: StandinApiServer) -> None:
     name = "kcilab-kind-auto-control-plane"
     try:
-        port = kind_standin.run_standin(certs, name=name, cluster="auto")
-        kubeconfig = kind_standin.write_kubeconfig(tmp_path / "kubeconfig", port, certs, cluster="auto")
+        port = apiserver.run_control_plane(api, name=name, cluster="auto")
+        kubeconfig = apiserver.write_kubeconfig(tmp_path / "kubeconfig", port, api.certs, cluster="auto")
         result = cli.start_detached("--config", str(auto_config(tmp_path / "c.toml", patterns=[name])))
         assert result.returncode == 0, result.stderr
         assert f"kind-auto: 127.0.0.1:{port}, [::1]:{port} -> 127.0.0.1:{port} (found: {name})" in result.stdout
@@ -247,7 +251,7 @@ def test_kind_standin_is_forwarded_on_its_port_and_kubeconfig_works_unchanged(
                                  capture_output=True, text=True, timeout=30)
         assert (kubectl.returncode, kubectl.stdout.strip()) == (0, "ok"), kubectl.stderr
     finally:
-        kind_standin.remove(name)
+        apiserver.remove(name)
 
 
 @pytest.mark.timeout(60)

@@ -1,7 +1,7 @@
 """Probes end to end through a transport, and the forward states they drive (no lab needed).
 
-HTTPS probes run against a TLS stand-in of an API server on loopback (tests/kind_standin.py),
-with credentials from a real kubeconfig file.
+HTTPS probes run against the API-server stand-in on loopback (tests/standins/apiserver.py),
+with credentials from a real kubeconfig file (reading those: tests/test_kubeconfig.py).
 """
 
 from __future__ import annotations
@@ -19,12 +19,11 @@ import anyio.abc
 import pytest
 
 from tests.helpers import echo_roundtrip
-from tests.kind_standin import ApiCerts, TlsApiServer, ensure_certs, write_kubeconfig
 from tests.servers import EchoServer, free_port_holder
+from tests.standins.apiserver import ApiCerts, StandinApiServer, ensure_certs, write_kubeconfig
 from tunneld.config import ForwardSpec, Timeouts, TransportSpec
 from tunneld.engine.forward import Forward, ForwardState, backoff
 from tunneld.engine.probe import probe
-from tunneld.kubeconfig import KubeconfigError, credentials_for_port
 from tunneld.transports.direct import DirectTransport
 
 pytestmark = pytest.mark.timeout(30)
@@ -54,51 +53,22 @@ def direct() -> DirectTransport:
     return DirectTransport(TransportSpec(), QUICK)
 
 
-# ---------------------------------------------------------------- kubeconfig
-
-
-def test_credentials_are_those_of_the_context_whose_server_has_the_port(certs: ApiCerts, tmp_path: Path) -> None:
-    inline = write_kubeconfig(tmp_path / "inline", 46443, certs)
-    creds = credentials_for_port(46443, [tmp_path / "missing", inline])
-    assert creds is not None and creds.authenticates
-    assert creds.ca == certs.ca.read_bytes() and creds.key == certs.client_key.read_bytes()
-    assert creds.server_name == "127.0.0.1" and "context kind-standin" in creds.source
-    assert credentials_for_port(46444, [inline]) is None
-    assert "BEGIN" not in repr(creds)  # no key material in reprs (logs, tracebacks)
-
-
-def test_credentials_from_file_references(certs: ApiCerts, tmp_path: Path) -> None:
-    path = write_kubeconfig(tmp_path / "files", 6443, certs, inline=False)
-    creds = credentials_for_port(6443, [path])
-    assert creds is not None and creds.cert == certs.client_cert.read_bytes()
-
-
-def test_unreadable_credentials_name_the_file_and_key(tmp_path: Path) -> None:
-    path = tmp_path / "broken"
-    path.write_text(
-        "clusters:\n- name: c\n  cluster: {server: 'https://localhost:7443', certificate-authority-data: '!!'}\n"
-        "contexts:\n- name: x\n  context: {cluster: c, user: u}\nusers:\n- name: u\n  user: {token: t}\n"
-    )
-    with pytest.raises(KubeconfigError, match="context x: certificate-authority-data is not valid base64"):
-        credentials_for_port(7443, [path])
-
-
 # ---------------------------------------------------------------- https
 
 
 @pytest.mark.anyio
 async def test_https_probe_gets_readyz_with_the_kubeconfigs_client_cert(certs: ApiCerts, kubeconfig_env: Path) -> None:
-    with TlsApiServer(certs, require_client_cert=True) as server:
+    with StandinApiServer(certs=certs, require_client_cert=True) as server:
         write_kubeconfig(kubeconfig_env, server.port, certs)
         result = await probe(direct(), spec_for(server.port, "https"), deadline=5, local_port=server.port)
     assert result.ok, result.error
     assert result.detail is not None and "GET /readyz HTTP 200" in result.detail
-    assert server.requests == ["GET /readyz HTTP/1.1"]
+    assert [r.line for r in server.requests] == ["GET /readyz HTTP/1.1"]
 
 
 @pytest.mark.anyio
 async def test_https_probe_without_credentials_is_only_a_handshake(certs: ApiCerts, kubeconfig_env: Path) -> None:
-    with TlsApiServer(certs, require_client_cert=False) as server:
+    with StandinApiServer(certs=certs, require_client_cert=False) as server:
         result = await probe(direct(), spec_for(server.port, "https"), deadline=5, local_port=server.port)
         assert await anyio.to_thread.run_sync(server.handshaken.wait, 5)  # the server side finished too
     assert result.ok, result.error
@@ -108,7 +78,7 @@ async def test_https_probe_without_credentials_is_only_a_handshake(certs: ApiCer
 
 @pytest.mark.anyio
 async def test_https_probe_fails_when_readyz_is_not_200(certs: ApiCerts, kubeconfig_env: Path) -> None:
-    with TlsApiServer(certs, status=500) as server:
+    with StandinApiServer(certs=certs, readyz_failures=1) as server:  # /readyz answers 500 once
         write_kubeconfig(kubeconfig_env, server.port, certs)
         result = await probe(direct(), spec_for(server.port, "https"), deadline=5, local_port=server.port)
     assert not result.ok and result.error is not None
@@ -118,7 +88,7 @@ async def test_https_probe_fails_when_readyz_is_not_200(certs: ApiCerts, kubecon
 @pytest.mark.anyio
 async def test_https_probe_fails_on_a_server_the_kubeconfig_ca_did_not_sign(
         certs: ApiCerts, kubeconfig_env: Path) -> None:
-    with TlsApiServer(certs) as server:
+    with StandinApiServer(certs=certs) as server:
         write_kubeconfig(kubeconfig_env, server.port, certs, ca=certs.other_ca)
         result = await probe(direct(), spec_for(server.port, "https"), deadline=5, local_port=server.port)
     assert not result.ok and result.error is not None
