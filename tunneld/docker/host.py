@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 from tunneld.config import DockerSettings
 from tunneld.errors import TransportError
-from tunneld.tls import load_client_cert, ssl_reason
+from tunneld.tls import TlsMaterialError, client_context
 
 DEFAULT_UNIX_SOCKET = "/var/run/docker.sock"
 _DEFAULT_TCP_PORT = 2375
@@ -173,24 +173,17 @@ def _normalize_host(host: str, tls: bool) -> str:
 
 
 def ssl_context(tls: TlsSettings) -> ssl.SSLContext:
-    """The client TLS context the docker CLI would build: TLS >= 1.2, the CA, the client certificate."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if tls.verify:
-        ctx.check_hostname = True
-        ctx.verify_mode = ssl.CERT_REQUIRED
-        try:
-            ctx.load_verify_locations(cadata=(tls.ca or b"").decode("ascii"))
-        except (ssl.SSLError, ValueError, UnicodeDecodeError) as e:
-            raise TransportError(f"{tls.cert_dir}/ca.pem is not a PEM certificate: {e}") from None
-    else:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    if tls.cert is not None and tls.key is not None:
-        try:
-            load_client_cert(ctx, tls.cert, tls.key)
-        except ssl.SSLError as e:
-            raise TransportError(
-                f"the client certificate in {tls.cert_dir} (cert.pem, key.pem) cannot be loaded: {ssl_reason(e)}"
-            ) from None
-    return ctx
+    """The client TLS context the docker CLI would build: TLS >= 1.2, the CA, the client certificate.
+
+    :raises TransportError: when ca.pem or the client certificate and key cannot be loaded.
+    """
+    # Verification is against ca.pem alone: without one, an empty CA is refused as "not a PEM certificate".
+    ca = (tls.ca or b"") if tls.verify else None
+    try:
+        return client_context(verify=tls.verify, ca=ca, cert=tls.cert, key=tls.key)
+    except TlsMaterialError as e:
+        if e.part == "ca":
+            raise TransportError(f"{tls.cert_dir}/ca.pem is not a PEM certificate: {e.reason}") from None
+        raise TransportError(
+            f"the client certificate in {tls.cert_dir} (cert.pem, key.pem) cannot be loaded: {e.reason}"
+        ) from None

@@ -22,7 +22,7 @@ from anyio.streams.tls import TLSStream
 from tunneld.config import ForwardSpec, format_host
 from tunneld.errors import TransportError
 from tunneld.kubeconfig import ApiCredentials, KubeconfigError, credentials_for_port
-from tunneld.tls import load_client_cert, ssl_reason
+from tunneld.tls import TlsMaterialError, client_context, ssl_reason
 from tunneld.transports import Transport
 
 _MAX_HEAD = 8192
@@ -154,26 +154,16 @@ def _tls_context(creds: ApiCredentials | None) -> ssl.SSLContext:
     ctx = _contexts.get(creds)
     if ctx is not None:
         return ctx
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if creds is None or creds.insecure:
+    if creds is None:
         # Handshake only: proves a TLS server answers; nothing secret is sent over it.
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    elif creds.ca is not None:
-        try:
-            ctx.load_verify_locations(cadata=creds.ca.decode("ascii"))
-        except (ssl.SSLError, ValueError, UnicodeDecodeError):
-            raise KubeconfigError(f"{creds.source}: certificate-authority is not a PEM certificate") from None
+        ctx = client_context(verify=False)
     else:
-        ctx.load_default_certs()
-    if creds is not None and creds.cert is not None and creds.key is not None:
         try:
-            load_client_cert(ctx, creds.cert, creds.key)
-        except ssl.SSLError as e:
-            raise KubeconfigError(
-                f"{creds.source}: client certificate/key cannot be loaded: {ssl_reason(e)}"
-            ) from None
+            ctx = client_context(verify=not creds.insecure, ca=creds.ca, cert=creds.cert, key=creds.key)
+        except TlsMaterialError as e:
+            if e.part == "ca":
+                raise KubeconfigError(f"{creds.source}: certificate-authority is not a PEM certificate") from None
+            raise KubeconfigError(f"{creds.source}: client certificate/key cannot be loaded: {e.reason}") from None
     if len(_contexts) > 32:  # kubeconfigs rewritten many times: keep the cache small
         _contexts.clear()
     _contexts[creds] = ctx
