@@ -55,7 +55,7 @@ class Goal:
 
 
 def goals(results: Sequence[Result], idle_target: int) -> list[Goal]:
-    """Issue 8's goals for the direct path, each as a ratio measured in this one run."""
+    """The direct path's goals (against socat and no proxy), each as a ratio measured in this one run."""
     by = {r.name: r for r in results}
     d, s, n = by.get(DIRECT), by.get(SOCAT), by.get(NO_PROXY)
     out: list[Goal] = []

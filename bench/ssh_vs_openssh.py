@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         table(results),
         "",
-        "Goals (issue 4):",
+        "Goals (the SSH transport's, against OpenSSH with the same cipher):",
         *goals(results),
         "",
         f"Medians of {args.repeat} alternating runs per forwarder. Load average before/after: {load_before} / "

@@ -1,1 +1,2 @@
-"""Provisioning of the registry and a kind cluster on the remote Docker host (see issue 6)."""
+"""Provisioning of the registry and a kind cluster on the remote Docker host: `kci-tunneld up` and `down`
+(docs/provisioning.md)."""

@@ -1,4 +1,4 @@
-"""`kci-tunneld up` / `down` as a new user runs them (issue 6's "done when"), against the lab's TLS
+"""`kci-tunneld up` / `down` as a new user runs them (provisioning's acceptance check), against the lab's TLS
 DOCKER_HOST: a registry on the remote, forwarded on 127.0.0.1:5555, that skopeo pushes to; `up` again
 reuses it; removed, the daemon recreates it; `down` removes it. Plus the CLI's pre-flight exit codes."""
 

@@ -35,7 +35,7 @@ from tunneld.ssh.transport import SshTransport, backoff_delays, jittered
 pytestmark = [pytest.mark.timeout(120)]
 
 TIMEOUTS = Timeouts(connect=5.0, probe=3.0, probe_interval=0.2, ready=20.0, drain=2.0, reconnect_wait=10.0)
-RECONNECT_BOUND = 10.0  # issue 4: new connections work again within 10 s of sshd's restart
+RECONNECT_BOUND = 10.0  # docs/ssh-transport.md: new connections work again within 10 s of sshd's restart
 
 
 @pytest.fixture(autouse=True)
