@@ -156,10 +156,10 @@ def test_bad_config_names_the_key(toml: str, message: str) -> None:
 
 
 def test_non_loopback_needs_explicit_option() -> None:
-    config = merge_cli(parse_config({}), forwards=["0.0.0.0:5000:127.0.0.1:5000"], allow_non_loopback=True)
+    config = merge_cli(parse_config({}), forwards=["0.0.0.0:5000:127.0.0.1:5001"], allow_non_loopback=True)
     assert config.forwards[0].bind == "0.0.0.0"
     with pytest.raises(ConfigError, match="--allow-non-loopback"):
-        merge_cli(parse_config({}), forwards=["0.0.0.0:5000:127.0.0.1:5000"])
+        merge_cli(parse_config({}), forwards=["0.0.0.0:5000:127.0.0.1:5001"])
 
 
 def test_cli_shorthands_land_on_the_same_model() -> None:
@@ -183,3 +183,36 @@ def test_load_config_errors_name_the_file(tmp_path: Path) -> None:
     wrong.write_text("[timeouts]\nconnect = -1\n")
     with pytest.raises(ConfigError, match=f"{wrong}: timeouts.connect"):
         load_config(wrong)
+
+
+@pytest.mark.parametrize("arg", [
+    "5000:127.0.0.1:5000", "5000:localhost:5000", "127.0.0.1:5000:localhost:5000", "[::1]:5000:[::1]:5000",
+    "localhost:5000:[::1]:5000", "127.0.0.1:5000:0.0.0.0:5000",
+])
+def test_a_direct_forward_to_its_own_listener_is_refused(arg: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        merge_cli(parse_config({}), forwards=[arg])
+    assert f"forwards[0] ({arg}):" in str(e.value)
+    assert "would connect to its own listener over the direct transport (a loop)" in str(e.value)
+    assert "--via docker" in str(e.value)
+
+
+@pytest.mark.parametrize(("arg", "via"), [
+    ("5000:127.0.0.1:5000", "docker"),  # the far side's 127.0.0.1: another host
+    ("5000:127.0.0.1:5000", "ssh://h"),
+    ("5000:127.0.0.1:5001", None),
+    ("127.0.0.1:5000:127.0.0.2:5000", None),  # another loopback address: not our listener
+    ("127.0.0.1:5000:[::1]:5000", None),  # listening on v4 only
+    ("0:127.0.0.1:5000", None),
+    ("5000:registry.example:5000", None),  # a name: not resolved while parsing
+])
+def test_forwards_that_do_not_loop_are_accepted(arg: str, via: str | None) -> None:
+    assert merge_cli(parse_config({}), forwards=[arg], via=via).forwards[0].name == arg
+
+
+def test_a_loop_in_a_config_file_names_the_forward() -> None:
+    with pytest.raises(ConfigError, match=r"forwards\[1\] \(self\): 127.0.0.1:7000 -> 127.0.0.1:7000 would connect"):
+        parse_config(tomllib.loads(
+            '[[forwards]]\nname = "ok"\nport = 7001\nhost = "10.0.0.5"\nhost_port = 7000\n'
+            '[[forwards]]\nname = "self"\nbind = "127.0.0.1"\nport = 7000\nhost = "127.0.0.1"\nhost_port = 7000\n'
+        ))

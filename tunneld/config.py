@@ -421,12 +421,35 @@ def validate(config: Config) -> Config:
                 f"forwards[{i}].bind: {f.bind!r} is not a loopback address; binding it exposes the remote "
                 "port to the network. Pass --allow-non-loopback (or allow_non_loopback = true) if you mean it"
             )
+        if config.transport.kind == "direct" and _reaches_itself(f):
+            raise ConfigError(
+                f"forwards[{i}] ({f.name}): {f.listen} -> {f.target} would connect to its own listener over the "
+                "direct transport (a loop). To reach a port on a remote Docker host, pass --via docker or "
+                "--via ssh://HOST; for a local service, listen on another port"
+            )
     for key, bind in (("auto.bind", config.auto.bind), ("metrics.bind", config.metrics.bind)):
         if not config.allow_non_loopback and not is_loopback(bind):
             raise ConfigError(f"{key}: {bind!r} is not a loopback address; pass --allow-non-loopback if you mean it")
     if config.transport.kind == "ssh" and not config.transport.ssh.host:
         raise ConfigError("transport.via: ssh needs a host, e.g. ssh://user@host:22")
     return config
+
+
+def _reaches_itself(f: ForwardSpec) -> bool:
+    """True when HOST:HOSTPORT, reached from this machine, is the forward's own listening address.
+
+    Pure: names other than ``localhost`` are not resolved, so only addresses and localhost count.
+    """
+    if f.port == 0 or f.port != f.host_port:
+        return False
+    local = {"localhost": {"127.0.0.1", "::1"}}
+    binds, hosts = local.get(f.bind, {f.bind}), local.get(f.host, {f.host})
+    if binds & hosts:
+        return True
+    wildcard = {"0.0.0.0": False, "::": True}.get(f.bind)  # v6 wildcard: also takes v4 (dual-stack)
+    if wildcard is None:
+        return bool(hosts & {"0.0.0.0", "::"}) and f.bind in ("127.0.0.1", "::1", "localhost")
+    return any(is_loopback(h) and (wildcard or ":" not in h) for h in hosts)
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
