@@ -22,7 +22,7 @@ from tests.helpers import echo_roundtrip
 from tests.servers import EchoServer, free_port_holder
 from tests.standins.apiserver import ApiCerts, StandinApiServer, ensure_certs, write_kubeconfig
 from tunneld.config import ForwardSpec, Timeouts, TransportSpec
-from tunneld.engine.forward import Forward, ForwardState, backoff
+from tunneld.engine.forward import Forward, ForwardState
 from tunneld.engine.probe import probe
 from tunneld.transports.direct import DirectTransport
 
@@ -301,12 +301,6 @@ async def test_stop_while_failed_ends_the_forward() -> None:
         assert fwd.state == ForwardState.STOPPED
     finally:
         holder.close()
-
-
-def test_backoff_doubles_to_the_cap_with_equal_jitter() -> None:
-    for failures, bound in ((1, 0.25), (2, 0.5), (3, 1.0), (4, 2.0), (10, 5.0), (50, 5.0)):
-        for _ in range(50):
-            assert bound / 2 <= backoff(failures, 5.0) <= bound
 
 
 @pytest.mark.anyio

@@ -30,7 +30,7 @@ from tunneld.engine.relay import RelayBroken, Traffic, relay
 from tunneld.errors import ExitCode, TransportError
 from tunneld.sockets import RawSocketStream
 from tunneld.ssh.client import open_connection
-from tunneld.ssh.transport import SshTransport, backoff_delays, jittered
+from tunneld.ssh.transport import SshTransport
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -83,13 +83,6 @@ def other_key(tmp_path: Path, name: str) -> Path:
 
 
 # ---------------------------------------------------------------- without the lab
-
-
-def test_backoff_doubles_up_to_the_cap_with_bounded_jitter() -> None:
-    assert backoff_delays(10.0) == [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 10.0]
-    assert backoff_delays(0.1) == [0.1]
-    for d in (0.25, 4.0, 10.0):
-        assert all(d / 2 <= jittered(d) <= d for _ in range(200))
 
 
 @pytest.mark.anyio

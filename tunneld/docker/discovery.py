@@ -35,11 +35,11 @@ from typing import Any
 import anyio
 import anyio.abc
 
+from tunneld.backoff import backoff
 from tunneld.config import AutoSettings, DockerSettings, ForwardSpec, Timeouts
 from tunneld.docker.api import DockerClient
 from tunneld.docker.host import resolve_endpoint
 from tunneld.docker.models import PublishedPort
-from tunneld.engine.forward import backoff
 from tunneld.errors import TransportError
 from tunneld.labels import (
     CTLPTL_REGISTRY,

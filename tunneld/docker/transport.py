@@ -38,6 +38,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
+from tunneld.backoff import backoff
 from tunneld.config import Timeouts, TransportSpec, format_host
 from tunneld.docker.api import DockerAPIError, DockerClient, ExecStream
 from tunneld.docker.execs import (
@@ -63,6 +64,9 @@ logger = logging.getLogger(__name__)
 MAX_SLOTS = 512  # one exec (and one Docker connection) each
 IDLE_TTL = 60.0  # idle slots beyond pool_size are closed after this long
 EXEC_STARTS_AT_ONCE = 4  # runc starts barely overlap on small hosts: more would only queue
+# Refilling the pool after relay streams failed to start: 0.2 s doubling to 5 s, jittered.
+REFILL_BACKOFF_START = 0.2
+REFILL_BACKOFF_CAP = 5.0
 
 _HOST_RE = re.compile(r"^[A-Za-z0-9._:%-]+$")
 
@@ -310,7 +314,7 @@ class DockerTransport:
             self._last_error = str(e)
             if not self._closing:
                 logger.warning("docker: could not start a relay stream: %s", e)
-            await anyio.sleep(min(0.1 * 2 ** min(self._failures, 6), 5.0))
+            await anyio.sleep(backoff(self._failures, REFILL_BACKOFF_CAP, REFILL_BACKOFF_START))
             self._top_up()
             return
         self._start_done()

@@ -15,7 +15,6 @@ import asyncio
 import enum
 import itertools
 import logging
-import random
 import socket
 import time
 from collections import deque
@@ -25,6 +24,7 @@ from dataclasses import dataclass, field
 import anyio
 import anyio.abc
 
+from tunneld.backoff import backoff
 from tunneld.config import ForwardSpec, Timeouts, format_host
 from tunneld.engine.listener import Acceptor, bind_listeners
 from tunneld.engine.probe import ProbeResult, probe
@@ -38,7 +38,8 @@ logger = logging.getLogger(__name__)
 _conn_ids = itertools.count(1)
 
 # After a failed probe the next comes after 0.25 s, then 0.5, 1, 2... up to the probe interval (at
-# most _BACKOFF_CAP), so `wait` returns soon after the far side appears without hammering it.
+# most _BACKOFF_CAP), jittered (tunneld/backoff.py), so `wait` returns soon after the far side
+# appears without hammering it.
 _BACKOFF_START = 0.25
 _BACKOFF_CAP = 5.0
 # How often a pause between probes looks at the transport's own state (a reconnect starting).
@@ -68,13 +69,6 @@ class ForwardStats:
     errors: int = 0
     traffic: Traffic = field(default_factory=Traffic)
     reconnects: int = 0  # times the forward came back to ready after losing it
-
-
-def backoff(failures: int, cap: float, start: float = _BACKOFF_START) -> float:
-    """The pause after ``failures`` failures in a row: doubling from ``start``, capped, with "equal
-    jitter" (half fixed, half random) so forwards sharing a transport do not probe in lockstep."""
-    delay = min(cap, start * 2.0 ** max(0, failures - 1))
-    return delay / 2 + random.uniform(0, delay / 2)
 
 
 class _Log(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -350,7 +344,7 @@ class Forward:
                 self._set_state(self._unhealthy_state())
             ready = self.state == ForwardState.READY
             interval = self.timeouts.probe_interval
-            await self._pause(interval if ready else backoff(failures, min(interval, _BACKOFF_CAP)))
+            await self._pause(interval if ready else backoff(failures, min(interval, _BACKOFF_CAP), _BACKOFF_START))
 
     def _transport_state(self) -> str | None:
         state = self.transport.info().get("state")

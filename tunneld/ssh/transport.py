@@ -14,13 +14,13 @@ daemon that never connected has nothing to offer, and ``start --detach`` should 
 from __future__ import annotations
 
 import logging
-import random
 import time
 from types import TracebackType
 
 import anyio
 import anyio.abc
 
+from tunneld.backoff import backoff
 from tunneld.config import Timeouts, TransportSpec, format_host
 from tunneld.errors import TransportError
 from tunneld.ssh.client import ChannelStream, SshConnection, SshError, open_connection
@@ -31,22 +31,8 @@ logger = logging.getLogger(__name__)
 # First retry after a loss comes quickly (a restarted sshd is usually back within a second);
 # later ones back off up to settings.reconnect_max_delay.
 _BACKOFF_START = 0.25
-
-
-def backoff_delays(cap: float, start: float = _BACKOFF_START) -> list[float]:
-    """Upper bounds of the waits between attempts: start, 2x, 4x, ... capped (jitter is applied on top)."""
-    out = []
-    delay = start
-    while delay < cap:
-        out.append(delay)
-        delay *= 2
-    out.append(cap)
-    return out
-
-
-def jittered(delay: float) -> float:
-    """'Equal jitter': half fixed, half random, so restarted clients do not reconnect in lockstep."""
-    return delay / 2 + random.uniform(0, delay / 2)
+# Start-up retries back off to at most this (and settings.reconnect_max_delay): timeouts.connect is short.
+_FIRST_CONNECTION_CAP = 2.0
 
 
 class SshTransport:
@@ -177,16 +163,19 @@ class SshTransport:
     async def _first_connection(self) -> SshConnection:
         """Connect at start-up; retry transient errors for up to timeouts.connect."""
         deadline = time.monotonic() + self.timeouts.connect
-        delays = iter(backoff_delays(min(2.0, self.settings.reconnect_max_delay)))
+        cap = min(_FIRST_CONNECTION_CAP, self.settings.reconnect_max_delay)
+        failures = 0
         while True:
             try:
                 return await open_connection(self.settings, self.timeouts)
             except SshError as e:
                 self.last_error = str(e)
+                failures += 1
                 remaining = deadline - time.monotonic()
                 if e.definitive or remaining <= 0:
                     raise
-                delay = min(jittered(next(delays, 2.0)), remaining)  # the last try comes at the deadline
+                # The last try comes at the deadline.
+                delay = min(backoff(failures, cap, _BACKOFF_START), remaining)
                 logger.info("ssh: %s; retrying in %.2fs", e, delay)
                 await anyio.sleep(delay)
 
@@ -207,11 +196,10 @@ class SshTransport:
             logger.info("ssh: reconnected to %s (reconnect #%d)", self._conn.target, self.reconnects)
 
     async def _reconnect(self) -> SshConnection:
-        delays = backoff_delays(self.settings.reconnect_max_delay)
         attempt = 0
         while True:
-            await anyio.sleep(jittered(delays[min(attempt, len(delays) - 1)]))
             attempt += 1
+            await anyio.sleep(backoff(attempt, self.settings.reconnect_max_delay, _BACKOFF_START))
             try:
                 return await open_connection(self.settings, self.timeouts)
             except SshError as e:
