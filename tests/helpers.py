@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -12,6 +13,25 @@ from tunneld.engine.forward import Forward, ForwardState
 from tunneld.transports import Transport
 
 FAST = Timeouts(connect=3.0, probe=2.0, probe_interval=0.2, ready=10.0, drain=2.0)
+
+
+class StateWatch:
+    """A forward's state changes, for a test to wait on: pass it as the forward's ``on_change``."""
+
+    def __init__(self) -> None:
+        self._changed = anyio.Event()
+
+    def __call__(self, forward: Forward) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def until(self, forward: Forward, state: ForwardState, within: float = 10.0) -> float:
+        """Wait (at most ``within``) until ``forward`` is in ``state``; return how long it took."""
+        started = time.monotonic()
+        with anyio.fail_after(within):
+            while forward.state != state:
+                await self._changed.wait()  # taken right after reading the state: no change is missed
+        return time.monotonic() - started
 
 
 async def echo_roundtrip(port: int, data: bytes, *, host: str = "127.0.0.1") -> bytes:
@@ -55,12 +75,11 @@ async def running_forward(
     """Run one forward in a task group; stop it (drain) on exit."""
     spec = ForwardSpec(name="t", bind=bind, port=port, host="127.0.0.1", host_port=target_port,
                        max_connections=max_connections)
+    watch = StateWatch()
     async with anyio.create_task_group() as tg:
-        forward: Forward = await tg.start(Forward(spec, transport, timeouts).run)
+        forward: Forward = await tg.start(Forward(spec, transport, timeouts, on_change=watch).run)
         if wait_ready:
-            with anyio.fail_after(10):
-                while forward.state != ForwardState.READY:
-                    await forward.wait_changed()
+            await watch.until(forward, ForwardState.READY, within=10)
         try:
             yield forward
         finally:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import http.server
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
@@ -18,7 +17,7 @@ import anyio
 import anyio.abc
 import pytest
 
-from tests.helpers import echo_roundtrip
+from tests.helpers import StateWatch, echo_roundtrip
 from tests.servers import EchoServer, free_port_holder
 from tests.standins.apiserver import ApiCerts, StandinApiServer, ensure_certs, write_kubeconfig
 from tunneld.config import ForwardSpec, Timeouts, TransportSpec
@@ -207,25 +206,17 @@ def target() -> Iterator[SwitchableEcho]:
     t.down()
 
 
-async def until(forward: Forward, state: ForwardState, within: float = 10.0) -> float:
-    """Wait for ``state``; return how long it took."""
-    started = time.monotonic()
-    with anyio.fail_after(within):
-        while forward.state != state:
-            await forward.wait_changed()
-    return time.monotonic() - started
-
-
 @pytest.mark.anyio
 async def test_degraded_then_ready_again_counts_a_reconnect(target: SwitchableEcho) -> None:
+    watch = StateWatch()
     async with anyio.create_task_group() as tg:
-        fwd: Forward = await tg.start(Forward(spec_for(target.port), direct(), QUICK).run)
-        await until(fwd, ForwardState.READY)
+        fwd: Forward = await tg.start(Forward(spec_for(target.port), direct(), QUICK, on_change=watch).run)
+        await watch.until(fwd, ForwardState.READY)
         target.down()
-        await until(fwd, ForwardState.DEGRADED)
+        await watch.until(fwd, ForwardState.DEGRADED)
         assert fwd.last_error is not None and "refused" in fwd.last_error.lower()
         target.up()
-        await until(fwd, ForwardState.READY)
+        await watch.until(fwd, ForwardState.READY)
         assert fwd.snapshot()["reconnects"] == 1 and fwd.last_ok is not None
         fwd.stop()
 
@@ -233,30 +224,32 @@ async def test_degraded_then_ready_again_counts_a_reconnect(target: SwitchableEc
 @pytest.mark.anyio
 async def test_reconnecting_while_the_transport_says_so(target: SwitchableEcho) -> None:
     transport = SwitchableTransport()
+    watch = StateWatch()
     async with anyio.create_task_group() as tg:
-        fwd: Forward = await tg.start(Forward(spec_for(target.port), transport, QUICK).run)
-        await until(fwd, ForwardState.READY)
+        fwd: Forward = await tg.start(Forward(spec_for(target.port), transport, QUICK, on_change=watch).run)
+        await watch.until(fwd, ForwardState.READY)
         transport.state = "reconnecting"
         target.down()
-        await until(fwd, ForwardState.RECONNECTING)
+        await watch.until(fwd, ForwardState.RECONNECTING)
         transport.state = "connected"
         target.up()
-        await until(fwd, ForwardState.READY)
+        await watch.until(fwd, ForwardState.READY)
         transport.state = "failed"  # the transport gave up
         target.down()
-        await until(fwd, ForwardState.FAILED)
+        await watch.until(fwd, ForwardState.FAILED)
         fwd.stop()
 
 
 @pytest.mark.anyio
 async def test_a_client_that_cannot_connect_triggers_a_probe_at_once(target: SwitchableEcho) -> None:
     slow = Timeouts(connect=2.0, probe=2.0, probe_interval=60.0, ready=10.0, drain=1.0)
+    watch = StateWatch()
     async with anyio.create_task_group() as tg:
-        fwd: Forward = await tg.start(Forward(spec_for(target.port), direct(), slow).run)
-        await until(fwd, ForwardState.READY)
+        fwd: Forward = await tg.start(Forward(spec_for(target.port), direct(), slow, on_change=watch).run)
+        await watch.until(fwd, ForwardState.READY)
         target.down()
         assert await echo_roundtrip(fwd.port, b"x") == b""  # the far side refused: closed cleanly
-        assert await until(fwd, ForwardState.DEGRADED, within=3) < 2  # not after the 60 s interval
+        assert await watch.until(fwd, ForwardState.DEGRADED, within=3) < 2  # not after the 60 s interval
         fwd.stop()
 
 
@@ -264,10 +257,11 @@ async def test_a_client_that_cannot_connect_triggers_a_probe_at_once(target: Swi
 async def test_starting_turns_degraded_after_the_ready_timeout(target: SwitchableEcho) -> None:
     target.down()
     short = Timeouts(connect=1.0, probe=1.0, probe_interval=0.2, ready=0.5, drain=1.0)
+    watch = StateWatch()
     async with anyio.create_task_group() as tg:
-        fwd: Forward = await tg.start(Forward(spec_for(target.port), direct(), short).run)
+        fwd: Forward = await tg.start(Forward(spec_for(target.port), direct(), short, on_change=watch).run)
         assert fwd.state == ForwardState.STARTING
-        assert 0.3 < await until(fwd, ForwardState.DEGRADED) < 5
+        assert 0.3 < await watch.until(fwd, ForwardState.DEGRADED) < 5
         fwd.stop()
 
 
@@ -276,13 +270,14 @@ async def test_a_port_in_use_is_failed_then_retried(echo_server: EchoServer) -> 
     holder = free_port_holder()
     port = holder.getsockname()[1]
     spec = ForwardSpec(name="busy", bind="127.0.0.1", port=port, host="127.0.0.1", host_port=echo_server.port)
+    watch = StateWatch()
     try:
         async with anyio.create_task_group() as tg:
-            fwd: Forward = await tg.start(Forward(spec, direct(), QUICK, retry_bind=0.1).run)
+            fwd: Forward = await tg.start(Forward(spec, direct(), QUICK, watch, retry_bind=0.1).run)
             assert fwd.state == ForwardState.FAILED
             assert fwd.last_error is not None and "address already in use" in fwd.last_error
             holder.close()
-            await until(fwd, ForwardState.READY)
+            await watch.until(fwd, ForwardState.READY)
             assert await echo_roundtrip(port, b"bound at last") == b"bound at last"
             fwd.stop()
     finally:

@@ -109,7 +109,6 @@ class Forward:
         self._acceptors: list[Acceptor] = []
         self._drained = anyio.Event()
         self._connections: set[asyncio.Task[None]] = set()
-        self._changed = anyio.Event()
         self._grace = timeouts.drain
         self._retry_bind = retry_bind
         self._bind_scope: anyio.CancelScope | None = None
@@ -213,11 +212,6 @@ class Forward:
             self._accept_scope.cancel()
         self._close_listeners()
 
-    async def wait_changed(self) -> ForwardState:
-        """Wait for the next state change and return the new state."""
-        await self._changed.wait()
-        return self.state
-
     def snapshot(self) -> dict[str, object]:
         """The forward as ``status --json`` shows it."""
         return {
@@ -251,8 +245,6 @@ class Forward:
                                  "reason": self.last_error if unhealthy else None})
             self.state = state
             self.state_since = now
-            self._changed.set()
-            self._changed = anyio.Event()
             if self._on_change is not None:
                 self._on_change(self)
 
