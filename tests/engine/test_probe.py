@@ -20,9 +20,11 @@ import pytest
 from tests.helpers import StateWatch, echo_roundtrip
 from tests.servers import EchoServer, free_port_holder
 from tests.standins.apiserver import ApiCerts, StandinApiServer, ensure_certs, write_kubeconfig
+from tests.standins.transports import SwitchableTransport
 from tunneld.config import ForwardSpec, Timeouts, TransportSpec
-from tunneld.engine.forward import Forward, ForwardState
+from tunneld.engine.forward import MIN_PROBE_GAP, Forward, ForwardState
 from tunneld.engine.probe import probe
+from tunneld.transports import TransportState
 from tunneld.transports.direct import DirectTransport
 
 pytestmark = pytest.mark.timeout(30)
@@ -143,19 +145,6 @@ async def test_http_probe_accepts_any_status_below_500(status: int, ok: bool) ->
 # ---------------------------------------------------------------- states
 
 
-class SwitchableTransport(DirectTransport):
-    """The direct transport, reporting whatever ``state`` a test sets, as the SSH transport does."""
-
-    name = "switchable"
-
-    def __init__(self) -> None:
-        super().__init__(TransportSpec(), QUICK)
-        self.state = "connected"
-
-    def info(self) -> dict[str, object]:
-        return {"kind": self.name, "state": self.state}
-
-
 class SwitchableEcho:
     """A TCP echo target that can go away (connects refused) and come back on the same port."""
 
@@ -223,20 +212,63 @@ async def test_degraded_then_ready_again_counts_a_reconnect(target: SwitchableEc
 
 @pytest.mark.anyio
 async def test_reconnecting_while_the_transport_says_so(target: SwitchableEcho) -> None:
-    transport = SwitchableTransport()
+    transport = SwitchableTransport(QUICK)
     watch = StateWatch()
     async with anyio.create_task_group() as tg:
         fwd: Forward = await tg.start(Forward(spec_for(target.port), transport, QUICK, on_change=watch).run)
         await watch.until(fwd, ForwardState.READY)
-        transport.state = "reconnecting"
+        transport.health.set(TransportState.RECONNECTING)
         target.down()
         await watch.until(fwd, ForwardState.RECONNECTING)
-        transport.state = "connected"
+        transport.health.set(TransportState.CONNECTED)
         target.up()
         await watch.until(fwd, ForwardState.READY)
-        transport.state = "failed"  # the transport gave up
+        transport.health.set(TransportState.FAILED)  # the transport gave up
         target.down()
         await watch.until(fwd, ForwardState.FAILED)
+        fwd.stop()
+
+
+# A forward at rest: the transport's health, not the probe interval, must bring its next probe.
+RESTING = Timeouts(connect=2.0, probe=2.0, probe_interval=60.0, ready=10.0, drain=1.0)
+
+
+@pytest.mark.anyio
+async def test_a_transport_change_reaches_a_resting_forward_at_once(target: SwitchableEcho) -> None:
+    """Event-driven: the forward probes as soon as the health changes, not at a poll tick (it used to
+    look every 0.5 s, which took up to 0.5 s more) nor at its 60 s interval."""
+    transport = SwitchableTransport(RESTING)
+    watch = StateWatch()
+    async with anyio.create_task_group() as tg:
+        fwd: Forward = await tg.start(Forward(spec_for(target.port), transport, RESTING, on_change=watch).run)
+        await watch.until(fwd, ForwardState.READY)
+        # Time must pass here, nothing to wait for: probes are at least MIN_PROBE_GAP apart, and
+        # a change inside that gap would measure the gap, not how the change travels.
+        await anyio.sleep(MIN_PROBE_GAP + 0.05)
+        transport.health.set(TransportState.RECONNECTING, "link lost (stand-in)")
+        assert await watch.until(fwd, ForwardState.RECONNECTING, within=5) < 0.3
+        assert fwd.last_error is not None and "the transport is reconnecting" in fwd.last_error
+        transport.health.set(TransportState.CONNECTED)
+        await watch.until(fwd, ForwardState.READY, within=5)
+        fwd.stop()
+
+
+@pytest.mark.anyio
+async def test_a_transport_change_while_a_probe_runs_is_not_lost(target: SwitchableEcho) -> None:
+    """The probe that was under way when the transport went down still succeeds; the change must
+    bring the next probe (after the gap), not wait for the 60 s interval."""
+    transport = SwitchableTransport(RESTING)
+    transport.gate = anyio.Event()
+    probing = transport.connecting
+    watch = StateWatch()
+    async with anyio.create_task_group() as tg:
+        fwd: Forward = await tg.start(Forward(spec_for(target.port), transport, RESTING, on_change=watch).run)
+        with anyio.fail_after(5):
+            await probing.wait()  # the first probe passed the health check and waits at the gate
+        transport.health.set(TransportState.RECONNECTING)
+        transport.gate.set()
+        await watch.until(fwd, ForwardState.READY)
+        assert await watch.until(fwd, ForwardState.RECONNECTING, within=5) < 3
         fwd.stop()
 
 

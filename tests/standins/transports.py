@@ -1,4 +1,4 @@
-"""Named stand-in transports for tests: real TCP underneath, with a controllable delay."""
+"""Named stand-in transports for tests: real TCP underneath, with a controllable delay or health."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ from types import TracebackType
 import anyio
 import anyio.abc
 
-from tunneld.config import Timeouts, TransportSpec
+from tunneld.config import Timeouts, TransportSpec, format_host
+from tunneld.errors import TransportError
 from tunneld.sockets import RawSocketStream
+from tunneld.transports import TransportHealth, TransportState
 from tunneld.transports.direct import DirectTransport
 
 
@@ -21,6 +23,7 @@ class GatedTransport:
     def __init__(self, gate: anyio.Event | None = None) -> None:
         self.gate = gate or anyio.Event()
         self.inner = DirectTransport(TransportSpec(), Timeouts())
+        self.health = TransportHealth(TransportState.CONNECTED)
         self.connects = 0
 
     async def __aenter__(self) -> GatedTransport:
@@ -86,3 +89,29 @@ class PipeliningTransport(StreamOnlyTransport):
     async def connect(self, host: str, port: int, first: bytes = b"") -> OpaqueStream:  # type: ignore[override]
         self.firsts.append(first)
         return await super().connect(host, port, first)
+
+
+class SwitchableTransport(DirectTransport):
+    """The direct transport with the health a test sets, as the SSH and docker transports report
+    theirs: ``connect()`` fails while it is not ``connected``, and with ``gate`` set to an unset
+    event, waits on it (after that check) so a test can change the health while a probe is under way."""
+
+    name = "switchable"
+
+    def __init__(self, timeouts: Timeouts) -> None:
+        super().__init__(TransportSpec(), timeouts)
+        self.gate: anyio.Event | None = None
+        self.connecting = anyio.Event()  # set (and replaced) as each connect() passes the health check
+
+    async def connect(self, host: str, port: int, first: bytes = b"") -> RawSocketStream:
+        if self.health.state != TransportState.CONNECTED:
+            what = f"{format_host(host)}:{port}"
+            raise TransportError(f"could not connect to {what}: the transport is {self.health.state}")
+        self.connecting.set()
+        self.connecting = anyio.Event()
+        if self.gate is not None:
+            await self.gate.wait()
+        return await super().connect(host, port, first)
+
+    def info(self) -> dict[str, object]:
+        return {"kind": self.name, "state": str(self.health.state)}

@@ -57,7 +57,7 @@ from tunneld.docker.host import Endpoint, resolve_endpoint
 from tunneld.docker.images import ensure_image
 from tunneld.errors import TransportError
 from tunneld.labels import ROLE_HELPER
-from tunneld.transports import send_first
+from tunneld.transports import TransportHealth, TransportState, send_first
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,8 @@ class DockerTransport:
         self._starts_over: anyio.Event | None = None  # set once no slot is starting (while closing)
         self._numbers = 0
         self._closing = False
-        self._last_error: str | None = None
+        # "reconnecting" while relay streams cannot be started (the last start failed).
+        self.health = TransportHealth(TransportState.CONNECTING)
         self._failures = 0
         self.reconnects = 0
         self.mode = "?"
@@ -139,6 +140,8 @@ class DockerTransport:
         except BaseException as e:
             await self.__aexit__(type(e), e, e.__traceback__)
             raise
+        if not self._failures:  # else a refill failed meanwhile: "reconnecting" until one works
+            self.health.set(TransportState.CONNECTED)
         self._top_up()
         tg.start_soon(self._housekeeping)
         logger.info("docker: helper %s (%s) ready, relay %s, pool %d", self.settings.helper_name,
@@ -311,7 +314,7 @@ class DockerTransport:
         except TransportError as e:
             self._start_done()
             self._failures += 1
-            self._last_error = str(e)
+            self.health.set(TransportState.RECONNECTING, str(e))
             if not self._closing:
                 logger.warning("docker: could not start a relay stream: %s", e)
             await anyio.sleep(backoff(self._failures, REFILL_BACKOFF_CAP, REFILL_BACKOFF_START))
@@ -322,7 +325,8 @@ class DockerTransport:
             self.reconnects += 1  # relay streams start again after the Docker host was unreachable
             logger.info("docker: relay streams start again after %d failed attempt(s)", self._failures)
         self._failures = 0
-        self._last_error = None
+        self.health.last_error = None  # a timed-out connect() must not blame an outage that is over
+        self.health.set(TransportState.CONNECTED)
         self.release(slot)
 
     def _top_up(self) -> None:
@@ -419,7 +423,7 @@ class DockerTransport:
                 broken = conn.broken if conn else None
                 raise TransportError(f"could not connect to {target}: relay streams keep failing ({broken})")
         except TimeoutError:
-            reason = f": {self._last_error}" if self._last_error else ""
+            reason = f": {self.health.last_error}" if self.health.last_error else ""
             raise TransportError(
                 f"could not connect to {target} via helper container {self.settings.helper_name} "
                 f"within {self.timeouts.connect:g}s{reason}"
@@ -434,9 +438,9 @@ class DockerTransport:
         return {
             "kind": self.name,
             # The forward shows "reconnecting" while new relay streams cannot be started.
-            "state": "reconnecting" if self._failures else "connected",
+            "state": str(self.health.state),
             "reconnects": self.reconnects,
-            "last_error": self._last_error,
+            "last_error": self.health.last_error,
             "docker_host": ep.host if ep else None,
             "docker_host_from": ep.source if ep else None,
             "tls": bool(ep and ep.tls),

@@ -2,11 +2,12 @@
 
 States (docs/health.md): ``starting`` until the first probe through the transport succeeds (for up
 to ``timeouts.ready``), then ``ready``; a failed probe makes it ``degraded``, or ``reconnecting``
-while the transport says it is reconnecting (``info()["state"] == "reconnecting"``); ``failed``
-when its port cannot be bound (retried) or the transport gave up (``info()["state"] == "failed"``).
+while the transport's health says it is reconnecting; ``failed`` when its port cannot be bound
+(retried) or the transport gave up (``TransportState.FAILED``).
 Probes repeat every ``timeouts.probe_interval`` while ready, and after a failure sooner, backing off
-exponentially (with jitter) up to that interval. Clients are served in every state: the probe only
-reports, it never gates a connection.
+exponentially (with jitter) up to that interval; a change of the transport's health, or a client
+whose connection contradicts the state, brings the next probe forward. Clients are served in every
+state: the probe only reports, it never gates a connection.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from tunneld.engine.probe import ProbeResult, probe
 from tunneld.engine.relay import RelayBroken, Traffic, relay
 from tunneld.errors import BindError, TransportError
 from tunneld.sockets import RawSocketStream
-from tunneld.transports import Transport
+from tunneld.transports import Transport, TransportState
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +43,9 @@ _conn_ids = itertools.count(1)
 # appears without hammering it.
 _BACKOFF_START = 0.25
 _BACKOFF_CAP = 5.0
-# How often a pause between probes looks at the transport's own state (a reconnect starting).
-_TRANSPORT_POLL = 0.5
-# A client's connect that contradicts the state triggers a probe, but not more often than this.
-_MIN_PROBE_GAP = 0.5
+# A client's connect that contradicts the state, or a change of the transport's health, triggers a
+# probe, but not sooner than this after the last one ended (a flapping transport must not spin it).
+MIN_PROBE_GAP = 0.5
 # State changes kept for `status` ("what happened"): the last few are enough to explain an outage.
 HISTORY = 20
 # How long a refused client may keep sending before we close on it.
@@ -142,6 +142,7 @@ class Forward:
                 for sock in self.sockets:
                     accepting.start_soon(self._accept_loop, sock)
                 accepting.start_soon(self._probe_loop)
+                accepting.start_soon(self._watch_transport)
                 if self.state != ForwardState.FAILED:
                     task_status.started(self)
                 else:
@@ -338,32 +339,30 @@ class Forward:
             interval = self.timeouts.probe_interval
             await self._pause(interval if ready else backoff(failures, min(interval, _BACKOFF_CAP), _BACKOFF_START))
 
-    def _transport_state(self) -> str | None:
-        state = self.transport.info().get("state")
-        return state if isinstance(state, str) else None
+    async def _watch_transport(self) -> None:
+        """Bring the next probe forward whenever the transport's health changes (it reads the new state)."""
+        while True:
+            await self.transport.health.changed()
+            self._kick.set()
 
     def _unhealthy_state(self) -> ForwardState:
-        transport = self._transport_state()
-        if transport == "failed":
+        transport = self.transport.health.state
+        if transport == TransportState.FAILED:
             return ForwardState.FAILED
-        if transport == "reconnecting":
+        if transport == TransportState.RECONNECTING:
             return ForwardState.RECONNECTING
         if not self._ever_ready and time.monotonic() - self._started_at < self.timeouts.ready:
             return ForwardState.STARTING
         return ForwardState.DEGRADED
 
     async def _pause(self, delay: float) -> None:
-        """Sleep ``delay``, ending early (after ``_MIN_PROBE_GAP``) on a kick or a transport state change."""
-        seen = self._transport_state()
+        """Sleep ``delay``, ending early (but not before ``MIN_PROBE_GAP``) on a kick: a client's or a
+        change of the transport's health, also one that came while the last probe ran."""
         started = time.monotonic()
         with anyio.move_on_after(delay):
-            while True:
-                with anyio.move_on_after(_TRANSPORT_POLL):
-                    await self._kick.wait()
-                if self._kick.is_set() or self._transport_state() != seen:
-                    self._kick = anyio.Event()
-                    await anyio.sleep(max(0.0, _MIN_PROBE_GAP - (time.monotonic() - started)))
-                    return
+            await self._kick.wait()
+            self._kick = anyio.Event()
+            await anyio.sleep(max(0.0, MIN_PROBE_GAP - (time.monotonic() - started)))
 
 
 # What a client sent before its upstream exists, handed to a transport that can send it along with

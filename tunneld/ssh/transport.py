@@ -24,7 +24,7 @@ from tunneld.backoff import backoff
 from tunneld.config import Timeouts, TransportSpec, format_host
 from tunneld.errors import TransportError
 from tunneld.ssh.client import ChannelStream, SshConnection, SshError, open_connection
-from tunneld.transports import send_first
+from tunneld.transports import TransportHealth, TransportState, send_first
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +47,8 @@ class SshTransport:
         self._conn: SshConnection | None = None
         self._up = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
-        self.state = "connecting"
+        self.health = TransportHealth(TransportState.CONNECTING)
         self.reconnects = 0
-        self.last_error: str | None = None
         self.connected_since: float | None = None
         self.channels_opened = 0
 
@@ -70,7 +69,7 @@ class SshTransport:
                 self._tg.cancel_scope.cancel()
                 await self._tg.__aexit__(None, None, None)
         finally:
-            self.state = "closed"
+            self.health.set(TransportState.CLOSED)
             if self._conn is not None:
                 await self._conn.aclose()
                 self._conn = None
@@ -115,14 +114,14 @@ class SshTransport:
         out: dict[str, object] = {
             "kind": self.name,
             "server": str(conn.target) if conn else self.settings.host,
-            "state": self.state,
+            "state": str(self.health.state),
             "reconnects": self.reconnects,
-            "last_error": self.last_error,
+            "last_error": self.health.last_error,
             "connected_since": self.connected_since,
             "channels_opened": self.channels_opened,
             "host_key_checked": self.settings.check_host_key,
         }
-        if conn is not None and self.state == "connected":
+        if conn is not None and self.health.state == TransportState.CONNECTED:
             out.update(conn.describe())
         return out
 
@@ -141,7 +140,7 @@ class SshTransport:
             raise TransportError(
                 f"could not connect to {what}: the SSH connection to {self.settings.host} is down and did not "
                 f"come back within {self.timeouts.reconnect_wait:g}s (timeouts.reconnect_wait); last error: "
-                f"{self.last_error or 'none yet'}"
+                f"{self.health.last_error or 'none yet'}"
             )
         return conn
 
@@ -156,9 +155,9 @@ class SshTransport:
                 "it; anyone who can intercept the connection can read and change everything forwarded",
                 conn.target)
         self._conn = conn
-        self.state = "connected"
         self.connected_since = time.time()
         self._up.set()
+        self.health.set(TransportState.CONNECTED)
 
     async def _first_connection(self) -> SshConnection:
         """Connect at start-up; retry transient errors for up to timeouts.connect."""
@@ -169,7 +168,7 @@ class SshTransport:
             try:
                 return await open_connection(self.settings, self.timeouts)
             except SshError as e:
-                self.last_error = str(e)
+                self.health.set(TransportState.CONNECTING, str(e))
                 failures += 1
                 remaining = deadline - time.monotonic()
                 if e.definitive or remaining <= 0:
@@ -185,9 +184,8 @@ class SshTransport:
             assert self._conn is not None
             reason = await self._conn.wait_closed()
             self._mark_down()
-            self.state = "reconnecting"
-            self.last_error = f"connection lost: {reason}"
             self.connected_since = None
+            self.health.set(TransportState.RECONNECTING, f"connection lost: {reason}")
             logger.warning("ssh: connection to %s lost (%s); reconnecting", self._conn.target, reason)
             await self._conn.aclose()
             self._attach(await self._reconnect())
@@ -203,7 +201,7 @@ class SshTransport:
             try:
                 return await open_connection(self.settings, self.timeouts)
             except SshError as e:
-                self.last_error = str(e)
+                self.health.set(TransportState.RECONNECTING, str(e))
                 # A refused host key or login while reconnecting is worth a louder line: it will
                 # not heal by itself, but known_hosts or the key may be fixed while we keep trying.
                 level = logging.ERROR if e.definitive else logging.WARNING

@@ -1,12 +1,14 @@
 """The transport seam: how a forward reaches host:port on the far side.
 
 A transport is an async context manager (it may own background tasks and connections for its
-lifetime) that opens one byte stream per client connection. Modules are imported lazily from
-``_FACTORIES`` so ``--via direct`` never pays for aiodocker or asyncssh.
+lifetime) that opens one byte stream per client connection, and says how it is through its
+``health`` (a typed state whose changes can be awaited: a forward wakes on them). Modules are
+imported lazily from ``_FACTORIES`` so ``--via direct`` never pays for aiodocker or asyncssh.
 """
 
 from __future__ import annotations
 
+import enum
 import importlib
 from types import TracebackType
 from typing import Protocol
@@ -18,6 +20,49 @@ from tunneld.config import Timeouts, TransportSpec
 from tunneld.errors import TransportError
 
 
+class TransportState(enum.StrEnum):
+    """How a transport is; the value is what ``info()["state"]`` shows (status, metrics)."""
+
+    CONNECTING = "connecting"  # entering: not connected yet
+    CONNECTED = "connected"
+    RECONNECTING = "reconnecting"  # lost its far side and is getting it back; clients may wait or fail
+    FAILED = "failed"  # gave up: it will not recover by itself
+    CLOSED = "closed"
+
+
+class TransportHealth:
+    """A transport's state and last error, with a change notification for whoever acts on it.
+
+    The transport calls ``set()``; a forward reads ``state`` after a failed probe, and awaits
+    ``changed()`` to probe again at once instead of asking the transport now and then.
+    """
+
+    def __init__(self, state: TransportState = TransportState.CONNECTING) -> None:
+        self.state = state
+        self.last_error: str | None = None  # kept after a recovery unless the transport clears it
+        self._changed = anyio.Event()
+
+    def set(self, state: TransportState, error: str | None = None) -> None:
+        """Enter ``state``, waking every ``changed()`` waiter if it is a new one; ``error``, when given,
+        becomes ``last_error`` (also without a change of state: one more failed attempt)."""
+        if error is not None:
+            self.last_error = error
+        if state == self.state:
+            return
+        self.state = state
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def changed(self) -> TransportState:
+        """Wait for the next change of ``state`` and return the new one.
+
+        A change made between reading ``state`` and calling this is not seen: a waiter that must not
+        miss one keeps waiting in a loop (as the forward does) and reads ``state`` after each wake.
+        """
+        await self._changed.wait()
+        return self.state
+
+
 class Transport(Protocol):
     """Opens byte streams to addresses as seen from the far side."""
 
@@ -25,6 +70,7 @@ class Transport(Protocol):
     # True when connect() can send a client's first bytes along with its connection request, ahead
     # of the far side's answer (docker: one round trip through dockerd less per connection).
     pipelines_first_bytes: bool
+    health: TransportHealth
 
     async def __aenter__(self) -> Transport: ...
 
@@ -40,7 +86,7 @@ class Transport(Protocol):
         ...
 
     def info(self) -> dict[str, object]:
-        """A few facts for ``status`` (never secrets)."""
+        """A few facts for ``status`` (never secrets); ``state`` and ``last_error``, when there, from ``health``."""
         ...
 
     async def cleanup(self) -> None:

@@ -8,7 +8,7 @@ from types import TracebackType
 from tunneld.config import Timeouts, TransportSpec, format_host
 from tunneld.errors import TransportError
 from tunneld.sockets import RawSocketStream, connect_tcp
-from tunneld.transports import send_first
+from tunneld.transports import TransportHealth, TransportState, send_first
 
 
 class DirectTransport:
@@ -19,6 +19,7 @@ class DirectTransport:
 
     def __init__(self, spec: TransportSpec, timeouts: Timeouts) -> None:
         self.timeouts = timeouts
+        self.health = TransportHealth(TransportState.CONNECTED)  # nothing to lose: each connect stands alone
 
     async def __aenter__(self) -> DirectTransport:
         return self
@@ -47,7 +48,7 @@ class DirectTransport:
         return stream
 
     def info(self) -> dict[str, object]:
-        return {"kind": self.name}
+        return {"kind": self.name}  # no state: always connected, nothing for status to say
 
     async def cleanup(self) -> None:
         return None  # nothing is created on the far side
