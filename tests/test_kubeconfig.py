@@ -102,6 +102,16 @@ def test_kubeconfig_that_is_not_one(tmp_path: Path) -> None:
         kubeconfig.merge(str(path), _kind_kubeconfig("ci", "https://127.0.0.1:1"), "kind-ci")
 
 
+def test_a_kubeconfig_that_is_not_yaml_is_named_without_quoting_it(tmp_path: Path) -> None:
+    """A broken kubeconfig holds keys and tokens: the error says where, never what."""
+    path = tmp_path / "config"
+    path.write_text("users:\n- name: ci\n  user: {token: s3cr3t-t0ken\n")
+    with pytest.raises(KubeconfigError) as caught:
+        kubeconfig.merge(str(path), _kind_kubeconfig("ci", "https://127.0.0.1:1"), "kind-ci")
+    assert f"{path}: not YAML (line " in str(caught.value)
+    assert "s3cr3t" not in str(caught.value)
+
+
 def test_default_kubeconfig_path() -> None:
     assert kubeconfig.default_path({"KUBECONFIG": "/a:/b", "HOME": "/h"}) == "/a"
     assert kubeconfig.default_path({"HOME": "/h"}) == "/h/.kube/config"

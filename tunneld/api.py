@@ -47,10 +47,9 @@ class ForwardHandle:
     def __init__(self, forward: Forward, ready_timeout: float) -> None:
         self._forward = forward
         self._ready_timeout = ready_timeout
-        # Our own change event, set from the forward's on_change callback. Forward.wait_changed()
-        # arms only when awaited, so a watcher that yields between reading the state and waiting
-        # would miss a change made meanwhile (stopping -> stopped) and wait forever; an event
-        # taken BEFORE reading the state cannot be missed.
+        # Our own change event, set from the forward's on_change callback and swapped on each
+        # change: a watcher takes the event BEFORE reading the state, so a change made between
+        # the two (stopping -> stopped) cannot be missed.
         self._changed = anyio.Event()
         # Read while the listeners are open (the handle is made right after binding).
         sockets = forward.sockets

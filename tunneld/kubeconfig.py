@@ -204,7 +204,10 @@ def parse(text: str, source: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise KubeconfigError(f"{source}: not YAML: {e}") from None
+        # Only where: PyYAML's own message quotes the offending line, which may hold a key or token.
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise KubeconfigError(f"{source}: not YAML{where}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict) or not all(isinstance(data.get(s) or [], list) for s in _SECTIONS):
