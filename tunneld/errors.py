@@ -68,3 +68,13 @@ class AccessError(TunneldError):
     """The control socket exists but this user may not use it (it belongs to another user)."""
 
     exit_code = ExitCode.ACCESS
+
+
+def error_for(code: object, message: str, default: type[TunneldError] = TunneldError) -> TunneldError:
+    """The error a daemon's reply names by its exit code (``reload``'s ``exit_code``), so a client
+    exits as the daemon would have; ``default`` when the reply names none this package knows."""
+    for kind in (ConfigError, BindError, TransportError, NotReadyError, NotRunningError, AlreadyRunningError,
+                 AccessError):
+        if code == kind.exit_code:
+            return kind(message)
+    return default(message)

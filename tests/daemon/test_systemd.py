@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import secrets
 import shlex
 import shutil
 import signal
@@ -24,12 +23,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from tests.daemon.support import NotifyListener
 from tunneld.cli.main import build_parser
 from tunneld.config import load_config
 
@@ -176,70 +174,6 @@ class EchoServer:
         self.sock.close()
 
 
-@dataclass
-class Message:
-    at: float
-    fields: dict[str, str]
-
-
-class NotifyListener:
-    """What systemd does for NOTIFY_SOCKET: a datagram socket collecting KEY=VALUE messages."""
-
-    def __init__(self, address: str, env_value: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(address)
-        self.env_value = env_value
-        self.messages: list[Message] = []
-
-    def wait_for(self, key: str, value: str | None = None, *, timeout: float, since: int = 0) -> Message:
-        """Collect messages until one (from index ``since`` on) has key (=value); return it."""
-        deadline = time.monotonic() + timeout
-        for m in self.messages[since:]:
-            if key in m.fields and (value is None or m.fields[key] == value):
-                return m
-        while (left := deadline - time.monotonic()) > 0:
-            self.sock.settimeout(left)
-            try:
-                data = self.sock.recv(4096)
-            except TimeoutError:
-                break
-            m = Message(time.monotonic(), _fields(data))
-            self.messages.append(m)
-            if key in m.fields and (value is None or m.fields[key] == value):
-                return m
-        got = [m.fields for m in self.messages]
-        raise AssertionError(f"no {key}={value or '*'} within {timeout:g}s; got {got}")
-
-    def drain(self, seconds: float) -> None:
-        end = time.monotonic() + seconds
-        while (left := end - time.monotonic()) > 0:
-            self.sock.settimeout(left)
-            try:
-                data = self.sock.recv(4096)
-            except TimeoutError:
-                return
-            self.messages.append(Message(time.monotonic(), _fields(data)))
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def _fields(datagram: bytes) -> dict[str, str]:
-    return dict(line.split("=", 1) for line in datagram.decode().splitlines() if "=" in line)
-
-
-@pytest.fixture(params=["path", "abstract"])
-def notify(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[NotifyListener]:
-    if request.param == "path":
-        path = str(tmp_path / "notify.sock")
-        listener = NotifyListener(path, path)
-    else:
-        name = f"kci-tunneld-test-{os.getpid()}-{secrets.token_hex(4)}"
-        listener = NotifyListener("\0" + name, "@" + name)  # systemd spells abstract names with '@'
-    yield listener
-    listener.close()
-
-
 def _control(path: Path, cmd: str) -> dict[str, object]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(5)
@@ -283,7 +217,8 @@ def test_daemon_speaks_sd_notify(notify: NotifyListener, loop: str, tmp_path: Pa
         )
     try:
         # Listening but not yet reachable: the service manager hears STATUS, never READY.
-        notify.wait_for("STATUS", "0/1 forwards ready", timeout=15)
+        notify.wait_for("STATUS", f"0/1 forwards ready; waiting for 127.0.0.1:0:127.0.0.1:{target.port} (starting)",
+                        timeout=15)
         deadline = time.monotonic() + 10
         while True:
             status = _control(control, "status")

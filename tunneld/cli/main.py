@@ -20,7 +20,7 @@ from tunneld.cli.status import format_status
 from tunneld.config import Config, load_config, merge_cli
 from tunneld.daemon import launch, options
 from tunneld.daemon.control import default_control_path, probe_existing, request
-from tunneld.errors import AlreadyRunningError, ConfigError, ExitCode, NotReadyError, TunneldError
+from tunneld.errors import AlreadyRunningError, ConfigError, ExitCode, NotReadyError, TunneldError, error_for
 from tunneld.version import __version__
 
 logger = logging.getLogger("tunneld")
@@ -240,7 +240,8 @@ async def _client(args: argparse.Namespace) -> int:
     if args.command == "reload":
         reply = await request(args.control, "reload", io_timeout=30)
         if not reply.get("ok"):
-            raise ConfigError(reply.get("error") or "reload failed")
+            # Rejected (nothing changed) or applied with errors: the reply names the exit code.
+            raise error_for(reply.get("exit_code"), reply.get("error") or "reload failed", ConfigError)
         print("kci-tunneld: reloaded")
         return int(ExitCode.OK)
     if args.command == "stop":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,8 @@ from tunneld.daemon.control import Request, serve_control
 from tunneld.daemon.metrics import serve_metrics
 from tunneld.daemon.notify import Notifier
 from tunneld.engine.forward import Forward, ForwardState
-from tunneld.errors import ConfigError, ExitCode, NotReadyError, TunneldError
+from tunneld.engine.listener import bind_listeners
+from tunneld.errors import ExitCode, NotReadyError, TunneldError
 from tunneld.transports import Transport, create_transport
 
 if TYPE_CHECKING:
@@ -49,13 +51,15 @@ class Generation:
         self.cleanup = False
         self.errors: list[str] = []
 
-    async def add(self, spec: ForwardSpec, *, retry_bind: float | None = None) -> Forward:
-        """Bind and start one forward (with ``retry_bind``, a port in use makes it ``failed``, retried).
+    async def add(self, spec: ForwardSpec, *, retry_bind: float | None = None,
+                  listeners: list[socket.socket] | None = None) -> Forward:
+        """Bind (or adopt ``listeners``) and start one forward (with ``retry_bind``, a port in use
+        makes it ``failed``, retried).
 
         :raises BindError: when its listener cannot be bound and ``retry_bind`` is None.
         """
         forward = Forward(spec, self.transport, self.config.timeouts, on_change=self._on_change,
-                          retry_bind=retry_bind)
+                          retry_bind=retry_bind, listeners=listeners)
         await self._tg.start(forward.run)
         self.forwards[spec.name] = forward
         return forward
@@ -177,55 +181,125 @@ class Daemon:
         }
 
     async def reload(self) -> dict[str, Any]:
-        """Re-read the config; restart only what changed. A bad config keeps the running one."""
+        """Re-read the config and apply it as one transaction: the new transport and any new
+        listeners come up before anything running stops; if any step fails, nothing running is
+        touched and the reply says why (with the exit code that fits). Never raises a TunneldError.
+        """
         self.notifier.reloading()
+        reply: dict[str, Any] = {"ok": False}
         try:
-            return await self._reload()
+            reply = await self._reload()
+            return reply
         finally:
-            # systemd waits for READY=1 to end "reloading", whether or not the reload was accepted.
-            self.notifier.ready(self._status_line())
+            if reply.get("applied"):
+                # READY=1 once every forward is ready (_report_ready); until then STATUS= says what is pending.
+                self._notify_status()
+            else:
+                # Rejected: what ran before runs on; systemd waits for READY=1 to end "reloading".
+                self.notifier.ready(self._status_line())
 
     async def _reload(self) -> dict[str, Any]:
         try:
             new = self._load()
-        except ConfigError as e:
+            old, gen = self.config, self.generation
+            assert gen is not None and self._tg is not None
+            core = (new.transport, new.timeouts, new.allow_non_loopback)
+            if core != (old.transport, old.timeouts, old.allow_non_loopback):
+                logger.info("reload: transport or timeouts changed; starting a new generation beside the running one")
+                await self._replace_generation(new)
+                errors = list(self.generation.errors) if self.generation else []
+            else:
+                errors = await self._apply_forwards(new)
+        except TunneldError as e:
             logger.error("reload rejected, keeping the running config: %s", e)
-            return {"ok": False, "error": f"reload rejected, keeping the running config: {e}"}
-        old, gen = self.config, self.generation
-        assert gen is not None and self._tg is not None
-        errors: list[str] = []
-        core = (new.transport, new.timeouts, new.allow_non_loopback)
-        if core != (old.transport, old.timeouts, old.allow_non_loopback):
-            logger.info("reload: transport or timeouts changed; restarting every forward")
-            async with self._sync_lock:
-                gen.stop(old.timeouts.drain)  # closes its listeners now; its connections drain on
-                self.config = new
-                self.generation = await self._tg.start(self._generation, new, True)
-            errors = list(self.generation.errors)
-        else:
-            gen.config = new
-            self.config = new
-            errors = await self._sync("reload")
-        await self._start_services(new, old)
-        self.config = new
+            return {"ok": False, "error": f"reload rejected, keeping the running config: {e}",
+                    "exit_code": int(e.exit_code)}
+        try:
+            await self._start_services(new, old)
+        except TunneldError as e:  # the forwards are applied by now: say so, with what failed
+            errors.append(str(e))
         self._announced_ready = False
         self._changed_now()
-        return {"ok": not errors, "error": "; ".join(errors) or None}
+        logger.info("reload applied%s", f" with errors: {'; '.join(errors)}" if errors else "")
+        return {"ok": not errors, "applied": True, "error": "; ".join(errors) or None,
+                "exit_code": int(ExitCode.BIND) if errors else int(ExitCode.OK)}
 
-    def _desired(self) -> list[tuple[ForwardSpec, float | None]]:
+    async def _replace_generation(self, new: Config) -> None:
+        """Start a generation for ``new`` (its transport entered, its listeners bound or handed over)
+        and only then stop the running one, whose connections drain.
+
+        :raises TransportError: when the new transport cannot start; nothing running was touched.
+        :raises BindError: when a new listener cannot be bound; likewise.
+        """
+        old_gen, old = self.generation, self.config
+        assert old_gen is not None and self._tg is not None
+        desired = self._desired(new)
+        async with self._sync_lock:
+            handed = self._prebind(desired, old_gen)
+            try:
+                new_gen = await self._tg.start(self._generation, new, desired, handed)
+            finally:
+                _close_unadopted(handed)
+            old_gen.stop(old.timeouts.drain)  # its listeners close now (the new forwards hold their own fds)
+            self.config, self.generation = new, new_gen
+
+    async def _apply_forwards(self, new: Config) -> list[str]:
+        """A reload that changes only forwards: bind what is new first, then swap.
+
+        :raises BindError: when a new listener cannot be bound; nothing running was touched.
+        """
+        gen = self.generation
+        assert gen is not None
+        desired = self._desired(new)
+        changed = [(spec, retry) for spec, retry in desired if gen.forwards.get(spec.name, None) is None
+                   or gen.forwards[spec.name].spec != spec]
+        async with self._sync_lock:
+            handed = self._prebind(changed, gen)
+        try:
+            gen.config = new
+            self.config = new
+            return await self._sync("reload", handed)
+        finally:
+            _close_unadopted(handed)
+
+    @staticmethod
+    def _prebind(desired: list[tuple[ForwardSpec, float | None]], gen: Generation) -> dict[str, list[socket.socket]]:
+        """Listening sockets for the forwards about to start: the running forward's own (duplicated,
+        so the port never closes) where it listens on the same address, else newly bound. Forwards
+        that retry binding (``--auto``'s) bind for themselves when nothing is handed over.
+
+        :raises BindError: when a static forward's address cannot be bound (what was bound is closed).
+        """
+        handed: dict[str, list[socket.socket]] = {}
+        try:
+            for spec, retry in desired:
+                running = gen.forwards.get(spec.name)
+                if running is not None and running.sockets and (running.spec.bind, running.spec.port) == (
+                        spec.bind, spec.port) and all(s.fileno() != -1 for s in running.sockets):
+                    handed[spec.name] = [s.dup() for s in running.sockets]
+                elif retry is None:
+                    handed[spec.name] = bind_listeners(spec.bind, spec.port)
+        except BaseException:
+            _close_unadopted(handed)
+            raise
+        return handed
+
+    def _desired(self, config: Config | None = None) -> list[tuple[ForwardSpec, float | None]]:
         """Every forward that should run, with its bind retry: the config's, then the discovered ones."""
-        static = {f.name for f in self.config.forwards}
-        out: list[tuple[ForwardSpec, float | None]] = [(f, None) for f in self.config.forwards]
+        config = config or self.config
+        static = {f.name for f in config.forwards}
+        out: list[tuple[ForwardSpec, float | None]] = [(f, None) for f in config.forwards]
         for name, found in self._discovered.items():
             if name in static:
                 logger.warning("auto: %s (%s) not forwarded: the config has a forward with that name",
                                name, found.container)
                 continue
-            out.append((found.spec, self.config.auto.interval))
+            out.append((found.spec, config.auto.interval))
         return out
 
-    async def _sync(self, why: str) -> list[str]:
-        """Stop forwards that are no longer wanted or changed, start the missing ones; return errors."""
+    async def _sync(self, why: str, handed: dict[str, list[socket.socket]] | None = None) -> list[str]:
+        """Stop forwards that are no longer wanted or changed, start the missing ones (on the
+        ``handed`` listeners where there are some); return errors."""
         errors: list[str] = []
         async with self._sync_lock:
             gen = self.generation
@@ -240,7 +314,7 @@ class Daemon:
                 if spec.name not in gen.forwards:
                     logger.info("%s: starting forward %s", why, spec.name)
                     try:
-                        await gen.add(spec, retry_bind=retry)
+                        await gen.add(spec, retry_bind=retry, listeners=(handed or {}).pop(spec.name, None))
                     except TunneldError as e:
                         logger.error("%s: forward %s not started: %s", why, spec.name, e)
                         errors.append(f"{spec.name}: {e}")
@@ -305,17 +379,22 @@ class Daemon:
         self._auto_settled = True
         self._changed_now()
 
-    async def _generation(self, config: Config, tolerant: bool = False, *,
+    async def _generation(self, config: Config, desired: list[tuple[ForwardSpec, float | None]] | None = None,
+                          handed: dict[str, list[socket.socket]] | None = None, *,
                           task_status: anyio.abc.TaskStatus[Generation] = anyio.TASK_STATUS_IGNORED) -> None:
+        """One transport and its forwards, until stopped. At start-up (``handed`` None) a forward that
+        cannot bind ends it; on a reload the static forwards' listeners are already ``handed`` over,
+        and only a discovered forward can fail, which is logged and retried."""
+        tolerant = handed is not None
         transport = create_transport(config.transport, config.timeouts)
         gen: Generation | None = None
         try:
             async with transport:
                 async with anyio.create_task_group() as tg:
                     gen = Generation(config, transport, tg, self._forward_changed)
-                    for spec, retry in self._desired():
+                    for spec, retry in desired if desired is not None else self._desired(config):
                         try:
-                            await gen.add(spec, retry_bind=retry)
+                            await gen.add(spec, retry_bind=retry, listeners=(handed or {}).pop(spec.name, None))
                         except TunneldError as e:
                             if not tolerant:
                                 raise
@@ -374,6 +453,7 @@ class Daemon:
             self.request_stop(cleanup=req.cleanup)
             return {"ok": True, "pid": os.getpid()}
         if req.cmd == "reload":
+            logger.info("reload requested over the control socket")
             return await self.reload()
         if req.cmd == "tasks":
             names = Counter(t.name or "?" for t in anyio.get_running_tasks())
@@ -388,11 +468,17 @@ class Daemon:
         self._changed = anyio.Event()
 
     def _status_line(self) -> str:
+        """systemd's STATUS=: how many forwards are ready, and which are not (and why)."""
         gen = self.generation
         if gen is None:
             return "starting"
         ready = sum(f.state == ForwardState.READY for f in gen.forwards.values())
-        return f"{ready}/{len(gen.forwards)} forwards ready"
+        line = f"{ready}/{len(gen.forwards)} forwards ready"
+        pending = [f"{f.spec.name} ({f.state})" for f in gen.forwards.values() if f.state != ForwardState.READY]
+        if pending:
+            more = f" and {len(pending) - 5} more" if len(pending) > 5 else ""
+            line += "; waiting for " + ", ".join(pending[:5]) + more
+        return line
 
     def _notify_status(self) -> None:
         self.notifier.status(self._status_line())
@@ -412,3 +498,11 @@ def not_ready_reason(forwards: list[dict[str, Any]], timeout: float, auto: dict[
     if auto and auto.get("enabled") and not auto.get("scans"):
         parts.insert(0, f"--auto has not listed the remote containers yet ({auto.get('last_error') or 'trying'})")
     return f"not ready after {timeout:g}s: " + "; ".join(parts)
+
+
+def _close_unadopted(handed: dict[str, list[socket.socket]]) -> None:
+    """Close the listeners no forward took (a failed reload, or forwards not started after all)."""
+    for sockets in handed.values():
+        for s in sockets:
+            s.close()
+    handed.clear()

@@ -87,9 +87,12 @@ class Forward:
         on_change: Callable[[Forward], None] | None = None,
         *,
         retry_bind: float | None = None,
+        listeners: list[socket.socket] | None = None,
     ) -> None:
         """``retry_bind``: when set, a port that cannot be bound makes the forward ``failed`` (not an
-        error) and binding is retried this often (seconds); discovered forwards use it."""
+        error) and binding is retried this often (seconds); discovered forwards use it.
+        ``listeners``: sockets already bound and listening for this forward (a reload hands over the
+        previous forward's, so the port never closes); the forward owns them from now on."""
         self.spec = spec
         self._on_change = on_change
         self.transport = transport
@@ -101,7 +104,7 @@ class Forward:
         self.last_ok: float | None = None  # wall-clock time of the last successful probe
         self.state_since = time.time()
         self.history: deque[dict[str, object]] = deque(maxlen=HISTORY)
-        self.sockets: list[socket.socket] = []
+        self.sockets: list[socket.socket] = list(listeners or [])
         self._bound: list[tuple[str, int]] = []  # kept after the listeners close: status reads it while draining
         self.log = _Log(logger, {"ctx": f"forward={spec.name}"})
         self._capacity = anyio.Semaphore(spec.max_connections)
@@ -183,6 +186,8 @@ class Forward:
 
         :raises BindError: without ``retry_bind``.
         """
+        if self.sockets:
+            return True  # handed over, already listening
         if self._retry_bind is None:
             self.sockets = bind_listeners(self.spec.bind, self.spec.port)
             return True
