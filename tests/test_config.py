@@ -192,7 +192,7 @@ def test_load_config_errors_name_the_file(tmp_path: Path) -> None:
 def test_a_direct_forward_to_its_own_listener_is_refused(arg: str) -> None:
     with pytest.raises(ConfigError) as e:
         merge_cli(parse_config({}), forwards=[arg])
-    assert f"forwards[0] ({arg}):" in str(e.value)
+    assert f"-L #1 {arg!r}:" in str(e.value)
     assert "would connect to its own listener over the direct transport (a loop)" in str(e.value)
     assert "--via docker" in str(e.value)
 
@@ -216,3 +216,74 @@ def test_a_loop_in_a_config_file_names_the_forward() -> None:
             '[[forwards]]\nname = "ok"\nport = 7001\nhost = "10.0.0.5"\nhost_port = 7000\n'
             '[[forwards]]\nname = "self"\nbind = "127.0.0.1"\nport = 7000\nhost = "127.0.0.1"\nhost_port = 7000\n'
         ))
+
+
+# ---------------------------------------------------------------- ports are TOML integers
+
+
+@pytest.mark.parametrize(("toml", "message"), [
+    (FORWARD.replace("5000", '"38773"'),
+     "forwards[0].host_port: expected an integer 1..65535, got '38773' (a string: drop the quotes)"),
+    (FORWARD + 'port = "5000"\n', "forwards[0].port: expected an integer 0..65535, got '5000' (a string: drop"),
+    (FORWARD + "port = 5000.0\n", "forwards[0].port: expected an integer 0..65535, got 5000.0"),
+    ('[metrics]\nport = "9464"\n', "metrics.port: expected an integer 0..65535, got '9464' (a string: drop"),
+    ('[transport]\nvia = "ssh://h"\n[transport.ssh]\nport = "22"\n',
+     "transport.ssh.port: expected an integer 1..65535, got '22' (a string: drop the quotes)"),
+])
+def test_a_quoted_port_in_toml_is_refused_like_any_other_string(toml: str, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_config(tomllib.loads(toml))
+    assert message in str(e.value)
+
+
+def test_a_port_in_text_is_still_read_as_text() -> None:
+    assert parse_forward_arg("5000:127.0.0.1:38773").host_port == 38773
+    assert parse_via("ssh://h:2222").ssh.port == 2222
+    assert parse_config(tomllib.loads('[transport]\nvia = "ssh://h:2222"\n')).transport.ssh.port == 2222
+    for bad in ("5_000:h:1", "+5000:h:1", " 5000:h:1x"):
+        with pytest.raises(ConfigError, match="expected an integer"):
+            parse_forward_arg(bad)
+
+
+# ---------------------------------------------------------------- -L mistakes in -L words
+
+
+def test_the_same_l_twice_is_named_as_given() -> None:
+    with pytest.raises(ConfigError) as e:
+        merge_cli(parse_config({}), forwards=["5001:127.0.0.1:5000", "5000:127.0.0.1:5000", "5000:127.0.0.1:5000"],
+                  via="docker")
+    assert str(e.value).startswith("-L #3 '5000:127.0.0.1:5000': the same forward as -L #2")
+    assert "forwards[" not in str(e.value)
+
+
+def test_two_l_on_one_port_name_both() -> None:
+    with pytest.raises(ConfigError) as e:
+        merge_cli(parse_config({}), forwards=["127.0.0.1:5000:h:1", "127.0.0.1:5000:h:2"])
+    assert str(e.value) == ("-L #2 '127.0.0.1:5000:h:2': 127.0.0.1:5000 is listened on twice "
+                            "(also by -L #1 '127.0.0.1:5000:h:1')")
+
+
+def test_an_l_beside_a_file_forward_names_each_in_its_own_words() -> None:
+    base = parse_config(tomllib.loads('[[forwards]]\nname = "r"\nbind = "127.0.0.1"\nport = 5000\n'
+                                      'host = "h"\nhost_port = 1\n'))
+    with pytest.raises(ConfigError) as e:
+        merge_cli(base, forwards=["127.0.0.1:5000:h:2"])
+    assert str(e.value) == "-L #1 '127.0.0.1:5000:h:2': 127.0.0.1:5000 is listened on twice (also by forwards[0])"
+    with pytest.raises(ConfigError, match=r"^-L #1 '0\.0\.0\.0:5000:h:1': BIND '0\.0\.0\.0' is not a loopback"):
+        merge_cli(base, forwards=["0.0.0.0:5000:h:1"])
+
+
+# ---------------------------------------------------------------- --auto never over direct
+
+
+def test_auto_over_an_explicit_direct_transport_is_refused() -> None:
+    auto = parse_config({"auto": {"enabled": True}})  # no via: the caller (the CLI) chooses one
+    assert auto.auto.enabled and auto.transport.kind == "direct"
+    with pytest.raises(ConfigError) as e:
+        merge_cli(auto, via="direct")
+    assert str(e.value).startswith("auto: --auto (auto.enabled) forwards every port it finds on the same port number")
+    assert "--via docker" in str(e.value) and "a loop" in str(e.value)
+    with pytest.raises(ConfigError, match=r"^auto: --auto"):
+        parse_config({"transport": {"via": "direct"}, "auto": {"enabled": True}})
+    assert merge_cli(auto, via="docker").transport.kind == "docker"
+    assert merge_cli(auto, via="ssh://h").transport.kind == "ssh"

@@ -212,17 +212,12 @@ def _unbracket(host: str) -> str:
     return host[1:-1] if host.startswith("[") and host.endswith("]") else host
 
 
-def _port(value: object, key: str, *, allow_zero: bool) -> int:
+def _port(text: str, key: str, *, allow_zero: bool) -> int:
+    """A port written as text (-L, --via, a URL); a TOML file's ports are integers (``_Table.port``)."""
     low = 0 if allow_zero else 1
-    if isinstance(value, bool):
-        raise ConfigError(f"{key}: expected an integer {low}..65535, got {value!r}")
-    try:
-        port: int = int(value)  # type: ignore[call-overload]
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}: expected an integer {low}..65535, got {value!r}") from None
-    if not low <= port <= 65535:
-        raise ConfigError(f"{key}: expected an integer {low}..65535, got {value!r}")
-    return port
+    if not (text.isascii() and text.isdigit() and low <= int(text) <= 65535):
+        raise ConfigError(f"{key}: expected an integer {low}..65535, got {text!r}")
+    return int(text)
 
 
 class _Table:
@@ -274,6 +269,18 @@ class _Table:
             raise ConfigError(f"{self.path(name)}: expected an integer {low}..{high}, got {v!r}")
         return v
 
+    def port(self, name: str, default: int | None, *, allow_zero: bool) -> int | None:
+        """A TOML integer port: ``"5000"`` (a string) is refused, as ``port = "abc"`` is."""
+        v = self.get(name)
+        if v is None:
+            return default
+        low = 0 if allow_zero else 1
+        if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= 65535:
+            quoted = isinstance(v, str) and v.strip().isdigit()
+            hint = " (a string: drop the quotes)" if quoted else ""
+            raise ConfigError(f"{self.path(name)}: expected an integer {low}..65535, got {v!r}{hint}")
+        return v
+
     def strs(self, name: str) -> tuple[str, ...]:
         v = self.get(name)
         if v is None:
@@ -316,7 +323,14 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     metrics = _parse_metrics(top.table("metrics"))
     top.done()
     return validate(Config(forwards=forwards, transport=transport, timeouts=timeouts, allow_non_loopback=bool(allow),
-                           auto=auto, metrics=metrics))
+                           auto=auto, metrics=metrics), via_chosen=names_transport(data))
+
+
+def names_transport(data: Mapping[str, Any]) -> bool:
+    """True when a TOML document chooses its transport (``[transport] via``); else it is direct by
+    default, and ``start --auto`` picks the Docker host for it."""
+    transport = data.get("transport")
+    return isinstance(transport, Mapping) and transport.get("via") is not None
 
 
 def _parse_auto(t: _Table) -> AutoSettings:
@@ -332,8 +346,8 @@ def _parse_auto(t: _Table) -> AutoSettings:
 
 
 def _parse_metrics(t: _Table) -> MetricsSettings:
-    port = _port(t.get("port"), t.path("port"), allow_zero=True) if t.data.get("port") is not None else None
-    out = MetricsSettings(port=port, bind=_unbracket(t.str_("bind", "127.0.0.1") or "127.0.0.1"))
+    out = MetricsSettings(port=t.port("port", None, allow_zero=True),
+                          bind=_unbracket(t.str_("bind", "127.0.0.1") or "127.0.0.1"))
     t.done()
     return out
 
@@ -347,14 +361,15 @@ def _parse_forward(t: _Table) -> ForwardSpec:
     host = t.str_("host", None)
     if host is None:
         raise ConfigError(f"{t.path('host')}: missing; the address to reach on the far side, e.g. \"127.0.0.1\"")
-    if t.data.get("host_port") is None:
+    host_port = t.port("host_port", None, allow_zero=False)
+    if host_port is None:
         raise ConfigError(f"{t.path('host_port')}: missing; the port to reach on the far side, e.g. 5000")
     spec = ForwardSpec(
         name=name,
         bind=_unbracket(t.str_("bind", "localhost") or "localhost"),
-        port=_port(t.get("port") if t.data.get("port") is not None else 0, t.path("port"), allow_zero=True),
+        port=t.port("port", 0, allow_zero=True) or 0,
         host=_unbracket(host),
-        host_port=_port(t.get("host_port"), t.path("host_port"), allow_zero=False),
+        host_port=host_port,
         max_connections=t.int_("max_connections", DEFAULT_MAX_CONNECTIONS, low=1, high=1_000_000),
         probe=t.choice("probe", "tcp", ("tcp", "http", "https")),  # type: ignore[arg-type]
         probe_path=t.str_("probe_path", "/") or "/",
@@ -381,8 +396,7 @@ def _parse_transport(t: _Table) -> TransportSpec:
     ssh = SshSettings(
         host=base.ssh.host,
         user=s.str_("user", base.ssh.user),
-        port=(_port(s.get("port"), s.path("port"), allow_zero=False)
-              if s.data.get("port") is not None else base.ssh.port),
+        port=s.port("port", base.ssh.port, allow_zero=False),
         identity_files=s.strs("identity_files"),
         known_hosts=s.str_("known_hosts", None),
         check_host_key=bool(s.bool_("check_host_key", True)),
@@ -402,34 +416,58 @@ def _parse_timeouts(t: _Table) -> Timeouts:
     return out
 
 
-def validate(config: Config) -> Config:
-    """Check rules that span keys: unique names, unique listen addresses, loopback-only binds.
+def validate(config: Config, *, cli_forwards: int = 0, via_chosen: bool = True) -> Config:
+    """Check rules that span keys: unique names, unique listen addresses, loopback-only binds, no
+    forward (nor ``--auto``) that would reach its own listener over the direct transport.
+
+    The last ``cli_forwards`` forwards came from ``-L`` and are named as the command line gave them
+    (``-L #2 '5000:127.0.0.1:5000'``), the others by their key (``forwards[1]``). ``via_chosen``
+    False: the transport is the default one, not chosen, and the caller picks one for ``--auto``.
 
     :raises ConfigError: naming the offending forward.
     """
-    names: set[str] = set()
-    listens: set[tuple[str, int]] = set()
+    first_cli = len(config.forwards) - cli_forwards
+
+    def where(i: int, key: str = "") -> str:
+        if i < first_cli:
+            return f"forwards[{i}]{'.' + key if key else ''}"
+        return f"-L #{i - first_cli + 1} {config.forwards[i].name!r}"
+
+    names: dict[str, int] = {}
+    listens: dict[tuple[str, int], int] = {}
     for i, f in enumerate(config.forwards):
         if f.name in names:
-            raise ConfigError(f"forwards[{i}].name: {f.name!r} is used twice; names must be unique")
-        names.add(f.name)
+            j = names[f.name]
+            if j >= first_cli:
+                raise ConfigError(f"{where(i)}: the same forward as {where(j)}; give each -L once")
+            raise ConfigError(f"{where(i, 'name')}: {f.name!r} is used twice"
+                              + (f" (also by {where(j)})" if i >= first_cli else "") + "; names must be unique")
+        names[f.name] = i
         if f.port and (f.bind, f.port) in listens:
-            raise ConfigError(f"forwards[{i}]: {f.listen} is listened on twice")
-        listens.add((f.bind, f.port))
+            raise ConfigError(f"{where(i)}: {f.listen} is listened on twice (also by {where(listens[f.bind, f.port])})")
+        listens[f.bind, f.port] = i
         if not config.allow_non_loopback and not is_loopback(f.bind):
+            what = f"{where(i, 'bind')}: {f.bind!r}" if i < first_cli else f"{where(i)}: BIND {f.bind!r}"
             raise ConfigError(
-                f"forwards[{i}].bind: {f.bind!r} is not a loopback address; binding it exposes the remote "
+                f"{what} is not a loopback address; binding it exposes the remote "
                 "port to the network. Pass --allow-non-loopback (or allow_non_loopback = true) if you mean it"
             )
         if config.transport.kind == "direct" and _reaches_itself(f):
+            name = f" ({f.name})" if i < first_cli else ""
             raise ConfigError(
-                f"forwards[{i}] ({f.name}): {f.listen} -> {f.target} would connect to its own listener over the "
+                f"{where(i)}{name}: {f.listen} -> {f.target} would connect to its own listener over the "
                 "direct transport (a loop). To reach a port on a remote Docker host, pass --via docker or "
                 "--via ssh://HOST; for a local service, listen on another port"
             )
     for key, bind in (("auto.bind", config.auto.bind), ("metrics.bind", config.metrics.bind)):
         if not config.allow_non_loopback and not is_loopback(bind):
             raise ConfigError(f"{key}: {bind!r} is not a loopback address; pass --allow-non-loopback if you mean it")
+    if config.auto.enabled and config.transport.kind == "direct" and via_chosen:
+        raise ConfigError(
+            "auto: --auto (auto.enabled) forwards every port it finds on the same port number here, so over the "
+            "direct transport each forward would connect to its own listener (a loop). Pass --via docker or "
+            "--via ssh://HOST (transport.via), or leave --via out to use the Docker host in DOCKER_HOST"
+        )
     if config.transport.kind == "ssh" and not config.transport.ssh.host:
         raise ConfigError("transport.via: ssh needs a host, e.g. ssh://user@host:22")
     return config
@@ -473,12 +511,18 @@ def load_config(path: str | Path) -> Config:
 
     :raises ConfigError: when the file is missing, not TOML, or has a bad key.
     """
-    p = Path(path)
-    data = read_toml(p)
+    return config_from_toml(read_toml(path), path)
+
+
+def config_from_toml(data: Mapping[str, Any], path: str | Path) -> Config:
+    """``parse_config`` for the document ``read_toml(path)`` returned: errors name the file.
+
+    :raises ConfigError: ``PATH: key: what is wrong``.
+    """
     try:
         return parse_config(data)
     except ConfigError as e:
-        raise ConfigError(f"{p}: {e}") from None
+        raise ConfigError(f"{Path(path)}: {e}") from None
 
 
 def merge_cli(
@@ -491,7 +535,7 @@ def merge_cli(
 ) -> Config:
     """Apply the CLI shorthands (-L, --via, ...) onto a model from a file (or the default one).
 
-    :raises ConfigError: for a malformed -L or --via.
+    :raises ConfigError: for a malformed -L or --via, named as given (``-L #2 '...'``).
     """
     extra = tuple(parse_forward_arg(f) for f in forwards)
     transport = base.transport
@@ -514,7 +558,7 @@ def merge_cli(
         transport=transport,
         allow_non_loopback=base.allow_non_loopback or allow_non_loopback,
     )
-    return validate(cfg)
+    return validate(cfg, cli_forwards=len(extra))
 
 
 def _apply_overrides(transport: TransportSpec, overrides: Mapping[str, Any]) -> TransportSpec:
