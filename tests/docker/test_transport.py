@@ -13,7 +13,9 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -27,7 +29,7 @@ import anyio.abc
 import pytest
 
 from tests.cli.runner import Cli
-from tests.docker.support import stop_container
+from tests.docker.support import forget_image, push_lab_image, stop_container
 from tests.helpers import echo_roundtrip, parallel_echoes, running_forward
 from tests.lab.lab import LabInfo, docker
 from tests.oci import build_layout, roundtrip
@@ -220,6 +222,29 @@ async def test_missing_helper_image_is_named(lab: LabInfo) -> None:
             pytest.raises(TransportError, match=r"helper image kcilab/no-such-image:1 .*helper-image"):
         async with docker_transport(s):
             pass
+
+
+@pytest.mark.anyio
+async def test_a_helper_image_pulled_from_a_registry_shows_in_the_log(
+        lab: LabInfo, caplog: pytest.LogCaptureFixture) -> None:
+    # The lab's socat image plus a layer, under a name only the lab's registry has: the transport must pull it.
+    ref = push_lab_image(lab, lab.socat_image, f"kcit/helper-{uuid.uuid4().hex[:8]}", new_layer=2 << 20)
+    caplog.set_level(logging.INFO, logger="tunneld.docker.transport")
+    try:
+        with anyio.fail_after(60):
+            async with docker_transport(settings(lab, tls=True, helper_image=ref)) as transport, \
+                    running_forward(transport, lab.echo_port) as fwd:
+                assert await echo_roundtrip(fwd.port, b"pulled helper") == b"pulled helper"
+    finally:
+        forget_image(ref)
+    pulls = [r for r in caplog.records if r.name == "tunneld.docker.transport" and "docker: pull" in r.getMessage()]
+    assert all(r.levelno == logging.INFO for r in pulls)
+    messages = [r.getMessage() for r in pulls]
+    # One layer to fetch (a pull this fast has no progress line), the socat image's already on the Docker host.
+    assert messages[0] == f"docker: pulling {ref}" and len(messages) == 3, messages
+    assert re.fullmatch(rf"docker: pulling {re.escape(ref)}: layer [0-9a-f]{{12}}: done \(2\.0 MiB\)", messages[1])
+    assert re.fullmatch(rf"docker: pulled {re.escape(ref)} in \d+\.\ds \(1 layer, 2\.0 MiB, \d+ already there\)",
+                        messages[2]), messages
 
 
 @pytest.mark.anyio

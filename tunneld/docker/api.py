@@ -21,7 +21,7 @@ import asyncio
 import errno
 import json
 import ssl
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -32,7 +32,15 @@ import anyio
 
 from tunneld.config import Timeouts, TransportSpec, parse_via
 from tunneld.docker.host import Endpoint, ssl_context
-from tunneld.docker.models import ContainerDetails, ContainerInfo, ExecResult, PublishedPort, details
+from tunneld.docker.models import (
+    ContainerDetails,
+    ContainerInfo,
+    ExecResult,
+    PublishedPort,
+    PullProgress,
+    details,
+    pull_progress,
+)
 from tunneld.errors import ConfigError, TransportError
 from tunneld.tls import ssl_reason
 
@@ -307,10 +315,40 @@ class DockerClient:
             raise
         return str(data.get("Id", "")) or None
 
-    async def pull_image(self, image: str, *, deadline: float) -> None:
-        """Pull ``image`` onto the Docker host (as ``docker pull`` would), within ``deadline`` seconds."""
-        async with self._call(f"pulling image {image}", deadline):
-            await self.docker.images.pull(image)
+    async def pull_image(self, image: str, *, deadline: float,
+                         progress: Callable[[PullProgress], None] | None = None) -> None:
+        """Pull ``image`` onto the Docker host (as ``docker pull`` would), within ``deadline`` seconds,
+        handing every step the Engine reports (layer by layer, bytes so far) to ``progress``.
+
+        :raises DockerAPIError: when the Docker host refuses the pull or reports a failure during it.
+        :raises TransportError: when the Docker host cannot be reached, or ``deadline`` passes.
+        """
+        what = f"pulling image {image}"
+        params = {"fromImage": image}
+        if "@" not in image and ":" not in image.rsplit("/", 1)[-1]:
+            params["tag"] = "latest"  # without one the Engine pulls every tag of the repository
+        # The answer is a JSON line per step for as long as the pull takes: no aiohttp timeout but the
+        # connect's, the deadline is _call's. Read through _query (as the event stream is): aiodocker's
+        # own streaming pull leaves the response open when cut short.
+        timeout = aiohttp.ClientTimeout(total=None, connect=self.timeout, sock_connect=self.timeout)
+        async with self._call(what, deadline):
+            query = self.docker._query("images/create", "POST", params=params, timeout=timeout)
+            async with query as response, response:  # the response is released (closed if cut short)
+                async for raw in response.content:
+                    try:
+                        line = json.loads(raw)
+                    except ValueError:
+                        continue
+                    if not isinstance(line, dict):
+                        continue
+                    if "error" in line or "errorDetail" in line:
+                        # The pull was accepted (HTTP 200); the Engine reports its failure in the stream.
+                        detail = line.get("errorDetail")
+                        message = (detail.get("message") if isinstance(detail, dict) else None) or line.get("error")
+                        raise DockerAPIError(f"{what}: the Docker host at {self.endpoint.host} reported: "
+                                             f"{str(message or 'an unnamed error').strip()}", 0)
+                    if progress is not None:
+                        progress(pull_progress(image, line))
 
     async def create_container(
         self, name: str, image: str, *, entrypoint: Sequence[str], cmd: Sequence[str],

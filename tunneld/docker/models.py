@@ -58,6 +58,17 @@ class ExecResult:
     stderr: bytes
 
 
+@dataclass(frozen=True)
+class PullProgress:
+    """One step of an image pull, as the Engine reports it (a line of ``POST /images/create``)."""
+
+    image: str  # the reference being pulled (registry:2)
+    status: str  # "Pulling fs layer", "Downloading", "Extracting", "Pull complete", "Status: ...", ...
+    layer: str = ""  # the layer's short id; "" when the step is about the whole image
+    current: int | None = None  # bytes so far (Downloading, Extracting), with total
+    total: int | None = None
+
+
 def details(data: Mapping[str, Any], ref: str) -> ContainerDetails:
     cfg = data.get("Config") or {}
     host = data.get("HostConfig") or {}
@@ -72,4 +83,18 @@ def details(data: Mapping[str, Any], ref: str) -> ContainerDetails:
         labels=dict(cfg.get("Labels") or {}), env=tuple(cfg.get("Env") or ()), port_bindings=bindings,
         restart_policy=str((host.get("RestartPolicy") or {}).get("Name") or ""),
         networks=tuple(sorted(((data.get("NetworkSettings") or {}).get("Networks") or {}).keys())),
+    )
+
+
+def pull_progress(image: str, line: Mapping[str, Any]) -> PullProgress:
+    """One JSON line of the Engine's pull stream as a record."""
+    status = str(line.get("status") or "")
+    detail = line.get("progressDetail")
+    current, total = (detail.get("current"), detail.get("total")) if isinstance(detail, Mapping) else (None, None)
+    # "Pulling from library/registry" carries the tag as its id, not a layer.
+    layer = "" if status.startswith("Pulling from") else str(line.get("id") or "")
+    return PullProgress(
+        image=image, status=status, layer=layer,
+        current=int(current) if isinstance(current, int) else None,
+        total=int(total) if isinstance(total, int) and total > 0 else None,
     )

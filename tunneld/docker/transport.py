@@ -55,6 +55,7 @@ from tunneld.docker.execs import (
 from tunneld.docker.helper import Helper, ensure_helper, remove_helper
 from tunneld.docker.host import Endpoint, resolve_endpoint
 from tunneld.docker.images import ensure_image
+from tunneld.docker.progress import PullPrinter
 from tunneld.errors import TransportError
 from tunneld.labels import ROLE_HELPER
 from tunneld.transports import TransportHealth, TransportState, send_first
@@ -197,8 +198,10 @@ class DockerTransport:
         async with self._helper_lock:
             if self.helper_id is not None and self.helper_id != stale_id:
                 return self.helper_id  # someone else already repaired it
+            # A pull may take minutes: its progress goes to the log, a line per layer every few seconds.
             image_id = await ensure_image(self.client, self.helper.image, what="helper image",
-                                          hint="load it there or set --helper-image")
+                                          hint="load it there or set --helper-image",
+                                          progress=PullPrinter(lambda line: logger.info("docker: %s", line)))
             self.helper_id, _ = await ensure_helper(self.client, self.helper, image_id=image_id)
             return self.helper_id
 
