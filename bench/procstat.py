@@ -9,7 +9,7 @@ right even when connection processes come and go during a run.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -40,20 +40,25 @@ def _stat_fields(pid: int) -> list[str]:
     return text.rsplit(")", 1)[1].split()  # [0] = state, [1] = ppid, [11] = utime ...
 
 
-def cpu_seconds(roots: Iterable[int]) -> float:
-    """User + system CPU of the trees under ``roots``, reaped children included."""
-    total = 0
+def _trees(roots: Iterable[int]) -> Iterator[int]:
+    """Every process in the trees under ``roots``, once."""
     seen: set[int] = set()
     for root in roots:
         for pid in descendants(root):
-            if pid in seen:
-                continue
-            seen.add(pid)
-            try:
-                f = _stat_fields(pid)
-            except OSError:
-                continue
-            total += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])  # utime stime cutime cstime
+            if pid not in seen:
+                seen.add(pid)
+                yield pid
+
+
+def cpu_seconds(roots: Iterable[int]) -> float:
+    """User + system CPU of the trees under ``roots``, reaped children included."""
+    total = 0
+    for pid in _trees(roots):
+        try:
+            f = _stat_fields(pid)
+        except OSError:
+            continue
+        total += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])  # utime stime cutime cstime
     return total / _TICK
 
 
@@ -65,18 +70,13 @@ def memory_mib(roots: Iterable[int]) -> tuple[float, float, int]:
     """
     rss = pss = 0
     count = 0
-    seen: set[int] = set()
-    for root in roots:
-        for pid in descendants(root):
-            if pid in seen:
-                continue
-            seen.add(pid)
-            try:
-                rss += _kib(Path(f"/proc/{pid}/status").read_text(), "VmRSS:")
-                pss += _kib(Path(f"/proc/{pid}/smaps_rollup").read_text(), "Pss:")
-            except OSError:
-                continue
-            count += 1
+    for pid in _trees(roots):
+        try:
+            rss += _kib(Path(f"/proc/{pid}/status").read_text(), "VmRSS:")
+            pss += _kib(Path(f"/proc/{pid}/smaps_rollup").read_text(), "Pss:")
+        except OSError:
+            continue
+        count += 1
     return rss / 1024, pss / 1024, count
 
 

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio
+import anyio.abc
 
 from tunneld.config import ForwardSpec, Timeouts
 from tunneld.engine.forward import Forward, ForwardState
@@ -32,6 +33,22 @@ class StateWatch:
             while forward.state != state:
                 await self._changed.wait()  # taken right after reading the state: no change is missed
         return time.monotonic() - started
+
+
+async def stream_echo(stream: anyio.abc.ByteStream, data: bytes) -> bytes:
+    """On a stream a transport opened to an echo server: send ``data``, half-close, read to EOF,
+    close; return what came back."""
+    if data:
+        await stream.send(data)
+    await stream.send_eof()
+    got = b""
+    try:
+        while True:
+            got += await stream.receive()
+    except anyio.EndOfStream:
+        pass
+    await stream.aclose()
+    return got
 
 
 async def echo_roundtrip(port: int, data: bytes, *, host: str = "127.0.0.1") -> bytes:

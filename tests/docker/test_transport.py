@@ -30,7 +30,7 @@ import pytest
 
 from tests.cli.runner import Cli
 from tests.docker.support import forget_image, push_lab_image, stop_container
-from tests.helpers import echo_roundtrip, parallel_echoes, running_forward
+from tests.helpers import echo_roundtrip, parallel_echoes, running_forward, stream_echo
 from tests.lab.lab import LabInfo, docker
 from tests.oci import build_layout, roundtrip
 from tunneld.config import DockerSettings, Timeouts, TransportSpec
@@ -376,18 +376,7 @@ async def test_stream_contract_and_slot_reuse(lab: LabInfo, relay: str) -> None:
 
 async def _echo(transport: DockerTransport, lab: LabInfo, data: bytes, host: str = "127.0.0.1",
                 first: bytes = b"") -> bytes:
-    stream = await transport.connect(host, lab.echo_port, first)
-    if data:
-        await stream.send(data)
-    await stream.send_eof()
-    got = b""
-    try:
-        while True:
-            got += await stream.receive()
-    except anyio.EndOfStream:
-        pass
-    await stream.aclose()
-    return got
+    return await stream_echo(await transport.connect(host, lab.echo_port, first), data)
 
 
 @relay_param

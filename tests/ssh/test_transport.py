@@ -21,7 +21,7 @@ import anyio
 import pytest
 
 from tests.cli.runner import Cli
-from tests.helpers import echo_roundtrip, parallel_echoes, running_forward
+from tests.helpers import echo_roundtrip, parallel_echoes, running_forward, stream_echo
 from tests.lab.lab import LabInfo, start_sshd, stop_sshd
 from tests.oci import build_layout, roundtrip
 from tunneld.config import SshSettings, Timeouts, TransportSpec
@@ -182,17 +182,7 @@ async def test_client_reset_aborts_the_channel_only(lab: LabInfo) -> None:
 
 
 async def _echo_once(transport: SshTransport, lab: LabInfo, data: bytes) -> bytes:
-    stream = await transport.connect("127.0.0.1", lab.echo_port)
-    await stream.send(data)
-    await stream.send_eof()
-    got = b""
-    try:
-        while True:
-            got += await stream.receive()
-    except anyio.EndOfStream:
-        pass
-    await stream.aclose()
-    return got
+    return await stream_echo(await transport.connect("127.0.0.1", lab.echo_port), data)
 
 
 @pytest.mark.anyio
