@@ -12,6 +12,10 @@ Straight-line, with one progress line per step a person can follow:
 
 Nothing is created before every pre-flight check has passed; a helper container made only for the
 checks is removed again when they fail.
+
+One module, though near 400 lines: it is the order of the steps above, each step a few lines that
+call registry.py, kind.py, kube.py and remote.py; what a step does lives in those modules, and the
+plan stays readable from top to bottom as the sequence a person sees in the progress lines.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from tunneld.config import ForwardSpec
 from tunneld.docker.api import DockerClient
 from tunneld.docker.host import resolve_endpoint
 from tunneld.docker.images import ImageUnavailable, ensure_image
+from tunneld.docker.progress import PullPrinter
 from tunneld.engine.listener import bind_listeners
 from tunneld.errors import BindError, TransportError
 from tunneld.kubeconfig import KubeconfigError
@@ -108,9 +113,12 @@ class Provisioner:
     """Provisions what a ``ProvisionSpec`` asks for on the Docker host it names."""
 
     def __init__(self, spec: ProvisionSpec, *, progress: Progress | None = None,
-                 ours: frozenset[int] = frozenset()) -> None:
+                 ours: frozenset[int] = frozenset(), pulls: PullPrinter | None = None) -> None:
+        """``progress`` gets a line per step; image pulls are shown through ``pulls`` (default: their
+        lines through ``progress``; on a terminal, a ``PullPrinter`` with ``write`` draws a bar)."""
         self.spec = spec
         self.say: Progress = progress or (lambda line: logger.info("%s", line))
+        self.pulls = pulls or PullPrinter(self.say)
         self.ours = ours  # local ports a daemon of ours already listens on (re-running `up`)
         self.endpoint = resolve_endpoint(spec.docker)
         t = spec.timeouts
@@ -195,17 +203,25 @@ class Provisioner:
 
     async def _ensure_images(self, client: DockerClient, *, registry: bool) -> None:
         """Have (or pull) the images before anything is made: a host that cannot pull fails here."""
-        wanted = [(self.spec.helper_image, "the helper image, see --helper-image")]
+        wanted = [(self.spec.helper_image, "helper image", "--helper-image")]
         if registry:
-            wanted.append((self.spec.registry.image, "the registry image, see --registry-image"))
+            wanted.append((self.spec.registry.image, "registry image", "--registry-image"))
         problems = []
-        for image, what in wanted:
-            try:
-                await ensure_image(client, image, deadline=self.spec.timeouts.pull)
-            except ImageUnavailable as e:
-                problems.append(f"{e} ({what})")
+        for image, what, flag in wanted:
+            if problem := await self._pull(client, image, what, flag):
+                problems.append(problem)
         if problems:
             raise PreflightError(problems)
+
+    async def _pull(self, client: DockerClient, image: str, what: str, flag: str) -> str | None:
+        """Have ``image`` on the Docker host, its pull shown as it goes; why not, or None."""
+        try:
+            await ensure_image(client, image, deadline=self.spec.timeouts.pull, progress=self.pulls)
+        except ImageUnavailable as e:
+            return f"{e} (the {what}, see {flag})"
+        finally:
+            self.pulls.close()
+        return None
 
     async def _preflight_cluster(self, client: DockerClient, remote: RemoteHost, cluster: ClusterSpec,
                                  problems: list[str], *, can_probe: bool) -> tuple[bool, ClusterSpec]:
@@ -234,6 +250,11 @@ class Provisioner:
                             "--cluster")
         if not can_probe:
             return False, cluster
+        if cluster.node_image:
+            # kind would pull it silently for minutes; pulled here, it shows its progress (and a host that
+            # cannot have it fails before anything is made). kind's default image is kind's to pull.
+            if p := await self._pull(client, cluster.node_image, "node image", "--node-image"):
+                problems.append(p)
         if cluster.api_port:
             if p := local_port_problem(cluster.api_port, "API server", self.ours):
                 problems.append(p)
@@ -262,7 +283,8 @@ class Provisioner:
     async def _apply(self, client: DockerClient, remote: RemoteHost, plan: Plan) -> Provisioned:
         spec, reg, t = plan.spec, plan.spec.registry, plan.spec.timeouts
         network = KIND_NETWORK if plan.cluster_exists else None
-        action = await ensure_registry(client, reg, network=network, progress=self.say, deadline=t.pull)
+        action = await ensure_registry(client, reg, network=network, progress=self.say, deadline=t.pull,
+                                       pulls=self.pulls)
         self.say(f"registry {reg.name}: {action} ({reg.image}, on the Docker host's 127.0.0.1:{reg.port})")
         took = await wait_answering(remote, reg, deadline=t.registry_ready, poll=t.poll)
         self.say(f"registry answering on the Docker host's 127.0.0.1:{reg.port}/v2/ ({took:.1f}s)")

@@ -9,6 +9,10 @@ only when all of it has stopped: leaving the block normally stops accepting, let
 connections finish for ``grace`` seconds, then closes them; leaving it with an exception or
 by cancellation closes them at once. Enter and exit in the same task (anyio's rule for task
 groups); the context may itself run in any task of the caller's task group.
+
+One module, though over 300 lines: it is the whole public surface for embedding apps (the two
+openers, the two handles and the config builder they share), and each piece only translates between
+the caller's world and the engine's; split, a reader would have to put the contract back together.
 """
 
 from __future__ import annotations

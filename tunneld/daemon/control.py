@@ -11,6 +11,9 @@ are answered "busy" at once, so a flood of slow clients cannot hold the daemon's
 The socket and its directory follow OpenSSH's StrictModes: the directory must belong to this user
 and be writable by nobody else, the socket is born 0600, and a socket file is removed only when it
 is provably stale (connection refused: nothing listens) and is ours.
+
+One module, though over 300 lines: the protocol (what a request may say), its server and its client
+are one contract; each is short, and apart they could drift.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class Request:
     cmd: str
     timeout: float | None = None  # wait: seconds (None: the config's timeouts.ready)
     cleanup: bool = False  # stop: also remove what the transport created remotely
+    now: bool = False  # stop: end open connections at once instead of letting them drain
 
 
 def _seconds(name: str, value: object) -> float:
@@ -75,7 +79,7 @@ def _flag(name: str, value: object) -> bool:
 _COMMANDS: dict[str, dict[str, Callable[[str, object], object]]] = {
     "status": {},
     "wait": {"timeout": _seconds},
-    "stop": {"cleanup": _flag},
+    "stop": {"cleanup": _flag, "now": _flag},
     "reload": {},
     "tasks": {},  # for leak hunts: how many tasks of each name are alive
 }

@@ -12,6 +12,10 @@ What it offers:
 
 Not here: how the settings become asyncssh options and what a refusal says (tunneld/ssh/target.py,
 ``SshError`` is re-exported from here), and the Docker API over SSH (tunneld/docker/over_ssh.py).
+
+One module, though over 300 lines, because it is the adapter: the channel stream, the session that
+feeds it and the exception translation all hold asyncssh objects, and keeping them together is what
+keeps asyncssh out of every other module.
 """
 
 from __future__ import annotations
