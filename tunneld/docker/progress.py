@@ -166,13 +166,14 @@ class PullRenderer:
             text = f"pulled {self.image} in {took:.1f}s ({count}, {mib(sum(x.total for x in fetched))} MiB{there})"
         if not self.tty:
             return [text]
-        line = self._line(self.prefix + text) + "\n"
+        line = self._line(self.prefix + text, cut=False) + "\n"  # it stays: whole, even if it wraps
         self._shown = 0
         return [line]
 
-    def _line(self, text: str) -> str:
-        """``text`` over the terminal line showing now: from its start, blanking what is longer."""
-        if self.width > 0 and len(text) > self.width:
+    def _line(self, text: str, *, cut: bool = True) -> str:
+        """``text`` over the terminal line showing now: from its start, blanking what is longer; ``cut``
+        to the screen's width (a line that wraps cannot be rewritten)."""
+        if cut and self.width > 0 and len(text) > self.width:
             text = text[: max(0, self.width - 3)] + "..."
         pad = " " * max(0, self._shown - len(text))
         self._shown = len(text)
