@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Mapping, Sequence
 
 import anyio
@@ -40,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 
+# kind says "Ensuring node image" once, then nothing while it pulls (minutes on a cold host).
+QUIET_NOTICE = 30.0
 CERTS_DIR = "/etc/containerd/certs.d"
 CONTAINERD_PATCH = f'[plugins."io.containerd.grpc.v1.cri".registry]\n  config_path = "{CERTS_DIR}"'
 _CONFIG_PATH_RE = re.compile(r'^\s*config_path\s*=\s*["\']' + re.escape(CERTS_DIR) + r'["\']\s*$', re.MULTILINE)
@@ -125,10 +128,13 @@ def kind_env(endpoint: Endpoint) -> dict[str, str]:
 class KindCli:
     """The `kind` executable: found on PATH or configured, each call with a deadline."""
 
-    def __init__(self, path: str | None, timeouts: ProvisionTimeouts, env: Mapping[str, str]) -> None:
+    def __init__(self, path: str | None, timeouts: ProvisionTimeouts, env: Mapping[str, str], *,
+                 quiet: float = QUIET_NOTICE) -> None:
+        """``quiet``: after this many seconds without a line from `kind create cluster`, say it still works."""
         self.configured = path
         self.timeouts = timeouts
         self.env = dict(env)
+        self.quiet = quiet
 
     def executable(self) -> str:
         """:raises ProvisionError: when kind is not installed (or the configured path is not executable)."""
@@ -174,7 +180,8 @@ class KindCli:
                         deadline=self.timeouts.kind, what=f"deleting kind cluster {name}")
 
     async def create(self, spec: ClusterSpec, config: str, kubeconfig: str, progress: Progress) -> None:
-        """`kind create cluster`, its output passed on line by line as progress.
+        """`kind create cluster`, its output passed on line by line as progress (and, while it says
+        nothing for ``quiet`` seconds, that it still works).
 
         :raises ProvisionError: when kind fails or overruns its deadline (it is killed then).
         """
@@ -185,36 +192,60 @@ class KindCli:
             args = ["create", "cluster", "--name", spec.name, "--config", str(path), "--kubeconfig", kubeconfig]
             if spec.node_image:
                 args += ["--image", spec.node_image]
-            tail: list[str] = []
+            out = _Output(progress)
             try:
                 with anyio.fail_after(self.timeouts.kind_create):
                     async with await anyio.open_process([exe, *args], env=self.env, stdin=subprocess.DEVNULL) as proc:
                         assert proc.stderr is not None and proc.stdout is not None
                         async with anyio.create_task_group() as tg:
-                            tg.start_soon(_pass_lines, proc.stdout, progress, tail)
-                            tg.start_soon(_pass_lines, proc.stderr, progress, tail)
+                            tg.start_soon(out.still_busy, self.quiet)
+                            async with anyio.create_task_group() as readers:
+                                readers.start_soon(out.pass_lines, proc.stdout)
+                                readers.start_soon(out.pass_lines, proc.stderr)
+                            tg.cancel_scope.cancel()
                         code = await proc.wait()
             except TimeoutError:
                 raise ProvisionError(f"`kind create cluster --name {spec.name}` did not finish within "
                                      f"{self.timeouts.kind_create:g}s (killed)") from None
             if code != 0:
                 raise ProvisionError(f"`kind create cluster --name {spec.name}` exited {code}: "
-                                     + " | ".join(tail[-5:]))
+                                     + " | ".join(out.tail[-5:]))
 
 
-async def _pass_lines(stream: anyio.abc.ByteReceiveStream, progress: Progress, tail: list[str]) -> None:
-    buf = b""
-    async for chunk in stream:
-        buf += chunk
-        *lines, buf = re.split(rb"[\r\n]", buf)
-        for raw in lines:
-            line = raw.decode(errors="replace").strip()
-            if line:
-                tail.append(line)
-                progress(f"kind: {line}")
-    if buf.strip():
-        tail.append(buf.decode(errors="replace").strip())
-        progress(f"kind: {tail[-1]}")
+class _Output:
+    """What `kind create cluster` prints, passed on line by line; when it falls silent (pulling its node
+    image: minutes, in one line), a reminder every so often that it still works and on what."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.tail: list[str] = []
+        self.started = self.heard = time.monotonic()
+
+    def _say(self, line: str) -> None:
+        self.tail.append(line)
+        self.heard = time.monotonic()
+        self.progress(f"kind: {line}")
+
+    async def pass_lines(self, stream: anyio.abc.ByteReceiveStream) -> None:
+        buf = b""
+        async for chunk in stream:
+            buf += chunk
+            *lines, buf = re.split(rb"[\r\n]", buf)
+            for raw in lines:
+                if line := raw.decode(errors="replace").strip():
+                    self._say(line)
+        if line := buf.decode(errors="replace").strip():
+            self._say(line)
+
+    async def still_busy(self, every: float) -> None:
+        said = self.started
+        while True:
+            await anyio.sleep(max(0.0, max(self.heard, said) + every - time.monotonic()))
+            now = time.monotonic()
+            if now - max(self.heard, said) >= every:
+                said = now
+                last = f"; last: {self.tail[-1]}" if self.tail else ""
+                self.progress(f"kind: still working, {now - self.started:.0f}s so far{last}")
 
 
 async def nodes(client: DockerClient, cluster: str) -> list[ContainerInfo]:

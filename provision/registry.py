@@ -19,6 +19,7 @@ from provision.waits import poll_until
 from tunneld.docker.api import DockerAPIError, DockerClient
 from tunneld.docker.images import ImageUnavailable, ensure_image
 from tunneld.docker.models import ContainerDetails
+from tunneld.docker.progress import PullPrinter
 from tunneld.labels import CTLPTL_REGISTRY, CTLPTL_ROLE_LABEL, REGISTRY_PORT_LABEL, ROLE_LABEL, ROLE_REGISTRY
 
 logger = logging.getLogger(__name__)
@@ -87,8 +88,10 @@ def mismatch(d: ContainerDetails, spec: RegistrySpec) -> str | None:
 
 
 async def ensure_registry(client: DockerClient, spec: RegistrySpec, *, network: str | None,
-                          progress: Progress, deadline: float) -> RegistryAction:
+                          progress: Progress, deadline: float, pulls: PullPrinter | None = None) -> RegistryAction:
     """Make the registry container exist, match ``spec``, run, and (if given) be on ``network``.
+
+    A pull of its image is shown through ``pulls`` (default: lines through ``progress``).
 
     :raises ProvisionError: when another container holds the name, or Docker refuses.
     """
@@ -104,10 +107,13 @@ async def ensure_registry(client: DockerClient, spec: RegistrySpec, *, network: 
         await client.remove_container(d.id)
         d, action = None, "recreated"
     if d is None:
+        pulls = pulls or PullPrinter(progress)
         try:
-            await ensure_image(client, spec.image, deadline=deadline)
+            await ensure_image(client, spec.image, deadline=deadline, progress=pulls)
         except ImageUnavailable as e:
             raise ProvisionError(str(e)) from None
+        finally:
+            pulls.close()
         await client.create_container_json(spec.name, registry_body(spec))
         action = "created" if action == "reused" else action
     if d is None or not d.running:

@@ -5,18 +5,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from provision.errors import PreflightError
-from provision.plan import Provisioner
+from provision.plan import Plan, Provisioner
 from provision.spec import PROVISION_HELPER_NAME, ClusterSpec
+from tests.docker.support import forget_image, push_lab_image, push_to_lab_registry
 from tests.lab.lab import LabInfo, docker, ns_exec
+from tests.oci import build_layout
 from tests.provision.support import free_port, inspect, removed_after, spec, unique
 from tests.servers import free_port_holder
 from tests.standins import kind as standin_kind
 from tunneld.config import DockerSettings
+from tunneld.docker.progress import PullPrinter
 from tunneld.errors import TransportError
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(90)]
@@ -44,6 +48,67 @@ async def test_registry_is_created_shaped_like_ctlptl_and_kind_expect(lab: LabIn
         assert info["Config"]["Hostname"] == name and info["Config"]["Image"] == "registry:2"
         assert answers_inside(lab, port)
         assert any(line.startswith(f"registry answering on the Docker host's 127.0.0.1:{port}/v2/") for line in lines)
+
+
+@pytest.mark.parametrize("terminal", [False, True], ids=["log", "terminal"])
+async def test_the_registry_image_pull_is_shown_as_it_goes(lab: LabInfo, terminal: bool) -> None:
+    # The lab's registry image under a name only the lab's registry has: pre-flight must pull it.
+    name, port = unique("pull"), free_port()
+    ref = push_lab_image(lab, lab.registry_image, f"kcit/{name}")
+    s = spec(lab, name, port)
+    s = dataclasses.replace(s, registry=dataclasses.replace(s.registry, image=ref))
+    lines: list[str] = []
+    written: list[str] = []
+    pulls = PullPrinter(lines.append, write=written.append, prefix="up: ") if terminal else None
+    try:
+        with removed_after(name):
+            assert (await Provisioner(s, progress=lines.append, pulls=pulls).up()).registry == "created"
+            assert answers_inside(lab, port)
+    finally:
+        forget_image(ref)
+    summary = f"pulled {ref} in "
+    ok = next(i for i, line in enumerate(lines) if line.startswith("pre-flight ok"))
+    if terminal:
+        # One line, rewritten, then ended by the summary; the step lines go on below it.
+        assert written[0] == f"\rup: pulling {ref}" and written[-1].startswith(f"\rup: {summary}")
+        assert written[-1].endswith(")\n") and all("\n" not in text for text in written[:-1])
+        assert not any(line.startswith(("pulling ", "pulled ")) for line in lines)
+    else:
+        assert lines.index(f"pulling {ref}") < ok
+        assert next(i for i, line in enumerate(lines) if line.startswith(summary)) < ok
+
+
+async def test_a_node_image_is_pulled_in_preflight_as_it_goes(lab: LabInfo, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """kind would pull --node-image silently: pre-flight pulls it, shown as it goes, or names it when it cannot."""
+    exe = standin_kind.install(tmp_path / "bin")
+    (tmp_path / "state").mkdir()
+    monkeypatch.setenv(standin_kind.STATE_ENV, str(tmp_path / "state"))
+    name = unique("node")
+    ref = push_to_lab_registry(lab, build_layout(tmp_path / "oci", (2 << 20, 64 << 10)), f"kcit/{name}")
+
+    class Stop(Exception):
+        pass
+
+    def stop(plan: Plan) -> None:
+        raise Stop  # after pre-flight, before anything is made
+
+    lines: list[str] = []
+    try:
+        cluster = ClusterSpec(name=name, kind_path=str(exe), node_image=ref)
+        with pytest.raises(Stop):
+            await Provisioner(spec(lab, name, free_port(), cluster=cluster), progress=lines.append).up(stop)
+        assert docker("image", "inspect", ref, check=False).returncode == 0
+    finally:
+        forget_image(ref)
+    assert lines.index(f"pulling {ref}") < next(i for i, line in enumerate(lines) if line.startswith("pre-flight ok"))
+    assert any(re.fullmatch(rf"pulled {re.escape(ref)} in \d+\.\ds \(2 layers, 2\.1 MiB\)", line) for line in lines)
+    missing = ClusterSpec(name=name, kind_path=str(exe), node_image=f"{lab.registry_addr}/kcit/no-such-node:1")
+    with pytest.raises(PreflightError, match=rf"image {re.escape(missing.node_image or '')} is not on the Docker "
+                                             r"host and pulling it failed: .*manifest unknown.* \(the node image, see "
+                                             r"--node-image\)"):
+        await Provisioner(spec(lab, name, free_port(), cluster=missing)).up()
+    assert inspect(lab, name) is None and inspect(lab, f"{name}-control-plane") is None
 
 
 async def test_registry_is_reused_then_recreated_when_gone_or_different(lab: LabInfo) -> None:
