@@ -1,4 +1,5 @@
-"""Logging set-up for the CLI: text or JSON lines, to stderr or a file. The library only logs."""
+"""Logging: the set-up for the CLI (text or JSON lines, to stderr or a file), and the context a
+message is about (``[forward=registry conn=17]``). The library only logs."""
 
 from __future__ import annotations
 
@@ -7,22 +8,57 @@ import logging
 import os
 import sys
 import time
+from collections.abc import MutableMapping
 from pathlib import Path
+from typing import Any
+
+# The LogRecord attribute holding a ContextLog's fields (a name no logging or library attribute uses).
+CONTEXT_ATTR = "kci_context"
+
+
+def context_prefix(fields: dict[str, object]) -> str:
+    """``{"forward": "registry", "conn": 17}`` -> ``[forward=registry conn=17]``."""
+    return "[" + " ".join(f"{k}={v}" for k, v in fields.items()) + "]"
+
+
+class ContextLog(logging.LoggerAdapter[logging.Logger]):
+    """A logger for one thing (a forward, one of its connections): text lines start with its context,
+    ``[forward=registry conn=17] ...``; JSON lines carry it as fields, ``"forward": "registry", "conn": 17``."""
+
+    def __init__(self, logger: logging.Logger, **fields: object) -> None:
+        super().__init__(logger, {CONTEXT_ATTR: fields})
+        self.fields = fields
+        self._prefix: str | None = None  # built at the first message: most connections log nothing
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        if self._prefix is None:
+            self._prefix = context_prefix(self.fields)
+        kwargs["extra"] = {**(kwargs.get("extra") or {}), CONTEXT_ATTR: self.fields}
+        return f"{self._prefix} {msg}", kwargs
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, msg (and exc when there is one)."""
+    """One JSON object per line: ts, level, logger, msg (and exc when there is one), plus the fields of
+    the message's context (``forward``, ``conn``), which then leaves ``msg``."""
 
     def format(self, record: logging.LogRecord) -> str:
-        out = {
+        msg = record.getMessage()
+        out: dict[str, object] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": msg,
         }
+        fields = getattr(record, CONTEXT_ATTR, None)
+        if isinstance(fields, dict) and fields:
+            prefix = context_prefix(fields) + " "
+            if msg.startswith(prefix):
+                out["msg"] = msg[len(prefix):]
+            for key, value in fields.items():
+                out.setdefault(str(key), value)
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out)
+        return json.dumps(out, default=str)
 
 
 def make_private(file: Path) -> None:
