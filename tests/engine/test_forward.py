@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import socket
 
 import anyio
 import pytest
 
-from tests.helpers import FAST, echo_roundtrip, running_forward
-from tests.servers import EchoServer, free_port_holder
+from tests.helpers import FAST, StateWatch, echo_roundtrip, running_forward
+from tests.servers import EchoServer, free_port_holder, refusing_socket
 from tests.standins.transports import PipeliningTransport
-from tunneld.config import TransportSpec
+from tunneld.config import ForwardSpec, TransportSpec
+from tunneld.engine.forward import Forward, ForwardState
 from tunneld.engine.listener import bind_listeners
 from tunneld.errors import BindError
 from tunneld.transports.direct import DirectTransport
@@ -121,3 +124,60 @@ async def test_counters_follow_traffic(echo_server: EchoServer) -> None:
         assert snap["bytes_up"] == snap["bytes_down"] == 100_010
         assert snap["state"] == "ready" and snap["port"] == fwd.port
         assert snap["last_probe"] is not None and snap["last_probe"]["ok"] is True  # type: ignore[index]
+
+
+def probe_logs(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "tunneld.engine.forward" and "probe " in r.getMessage()]
+
+
+async def until_logged(caplog: pytest.LogCaptureFixture, count: int) -> list[logging.LogRecord]:
+    """Wait (at most 10 s) until the forward has logged ``count`` probe lines; return them."""
+    with anyio.fail_after(10):
+        while len(found := probe_logs(caplog)) < count:
+            await anyio.sleep(0.02)
+    return found
+
+
+async def test_the_first_failed_probe_of_a_run_is_logged_at_once_the_repeats_at_debug(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A target that refuses from the start says so in the log at the first probe, not when the forward
+    turns degraded after timeouts.ready (`start --detach` would wait all of it in silence)."""
+    caplog.set_level(logging.DEBUG, logger="tunneld.engine.forward")
+    target = refusing_socket()
+    port = int(target.getsockname()[1])
+    refused = (f"[forward=t] probe failed: could not connect to 127.0.0.1:{port}: Connection refused; retrying "
+               "(repeats are logged at debug level)")
+    spec = ForwardSpec(name="t", bind="127.0.0.1", port=0, host="127.0.0.1", host_port=port)
+    watch = StateWatch()
+    timeouts = dataclasses.replace(FAST, ready=60.0)  # starting, all along the first run of failures
+    try:
+        async with anyio.create_task_group() as tg:
+            fwd: Forward = await tg.start(Forward(spec, DirectTransport(TransportSpec(), FAST), timeouts,
+                                                  on_change=watch).run)
+            first, *repeats = await until_logged(caplog, 4)
+            assert (first.levelno, first.getMessage()) == (logging.WARNING, refused)
+            assert [(r.levelno, r.getMessage()) for r in repeats] == [
+                (logging.DEBUG, f"[forward=t] probe failed again ({n} in a row): could not connect to "
+                                f"127.0.0.1:{port}: Connection refused") for n in (2, 3, 4)]
+            assert fwd.state == ForwardState.STARTING
+
+            target.listen(64)  # the far side comes up ...
+            await watch.until(fwd, ForwardState.READY)
+            target.close()  # ... and goes away: a new run of failures, its first at warning again
+            await watch.until(fwd, ForwardState.DEGRADED)
+            logged = len(probe_logs(caplog))
+            again = await until_logged(caplog, logged + 1)
+            warnings = [r.getMessage() for r in again if r.levelno >= logging.WARNING]
+            assert warnings == [refused, refused]
+
+            back = socket.socket()  # the far side back on its port: "probe ok again"
+            back.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            back.bind(("127.0.0.1", port))
+            back.listen(64)
+            target = back
+            await watch.until(fwd, ForwardState.READY)
+            assert any(r.levelno == logging.INFO and r.getMessage().startswith("[forward=t] probe ok again after ")
+                       for r in probe_logs(caplog))
+            fwd.stop()
+    finally:
+        target.close()

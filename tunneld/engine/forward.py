@@ -31,6 +31,7 @@ from tunneld.engine.listener import Acceptor, bind_listeners
 from tunneld.engine.probe import ProbeResult, probe
 from tunneld.engine.relay import RelayBroken, Traffic, relay
 from tunneld.errors import BindError, TransportError
+from tunneld.logs import ContextLog
 from tunneld.sockets import RawSocketStream
 from tunneld.transports import Transport, TransportState
 
@@ -71,11 +72,6 @@ class ForwardStats:
     reconnects: int = 0  # times the forward came back to ready after losing it
 
 
-class _Log(logging.LoggerAdapter):  # type: ignore[type-arg]
-    def process(self, msg: object, kwargs: object) -> tuple[str, object]:  # type: ignore[override]
-        return f"[{self.extra['ctx']}] {msg}", kwargs  # type: ignore[index]
-
-
 class Forward:
     """Listen on spec.bind:spec.port and relay each client to spec.host:spec.host_port via a transport."""
 
@@ -106,7 +102,7 @@ class Forward:
         self.history: deque[dict[str, object]] = deque(maxlen=HISTORY)
         self.sockets: list[socket.socket] = list(listeners or [])
         self._bound: list[tuple[str, int]] = []  # kept after the listeners close: status reads it while draining
-        self.log = _Log(logger, {"ctx": f"forward={spec.name}"})
+        self.log = ContextLog(logger, forward=spec.name)
         self._capacity = anyio.Semaphore(spec.max_connections)
         self._accept_scope: anyio.CancelScope | None = None
         self._acceptors: list[Acceptor] = []
@@ -271,7 +267,7 @@ class Forward:
 
     async def _serve(self, client_sock: socket.socket, peer: object) -> None:
         cid = next(_conn_ids)
-        log = _Log(logger, {"ctx": f"forward={self.spec.name} conn={cid}"})
+        log = ContextLog(logger, forward=self.spec.name, conn=cid)
         self.stats.active += 1
         self.stats.total += 1
         client = RawSocketStream(client_sock)
@@ -337,8 +333,13 @@ class Forward:
             else:
                 failures += 1
                 self.last_error = result.error
-                if self.state == ForwardState.READY:
-                    self.log.warning("probe failed: %s", result.error)
+                if failures == 1:
+                    # The first of a run at once: a forward whose target refuses must not stay silent until
+                    # it turns degraded (`start --detach` waits the whole ready timeout). Not every one: the
+                    # retries come every few seconds, and the state changes say the rest.
+                    self.log.warning("probe failed: %s; retrying (repeats are logged at debug level)", result.error)
+                else:
+                    self.log.debug("probe failed again (%d in a row): %s", failures, result.error)
                 self._set_state(self._unhealthy_state())
             ready = self.state == ForwardState.READY
             interval = self.timeouts.probe_interval
