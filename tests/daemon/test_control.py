@@ -74,6 +74,8 @@ def test_any_json_object_is_a_checked_request_or_names_the_problem(data: dict[st
     (b'{"cmd":"wait","timeout":1e999}', "expected seconds greater than 0 and at most"),
     (b'{"cmd":"wait","timeout":true}', "timeout: expected a number of seconds, got bool"),
     (b'{"cmd":"stop","cleanup":"yes"}', "cleanup: expected true or false, got str 'yes'"),
+    (b'{"cmd":"stop","now":1}', "now: expected true or false, got int 1"),
+    (b'{"cmd":"wait","now":true}', "'now': not a field of 'wait' (it takes timeout)"),
     (b'{"cmd":"status","timeout":1}', "'timeout': not a field of 'status' (it takes no fields)"),
     (b'{"cmd":"launch"}', "cmd: expected one of status, wait, stop, reload, tasks, got 'launch'"),
     (b'[1,2]', "expected a JSON object, got list"),
@@ -91,6 +93,7 @@ def test_good_requests() -> None:
     assert parse_request(b'{"cmd":"wait","timeout":2.5}') == Request("wait", timeout=2.5)
     assert parse_request(b'{"cmd":"wait","timeout":null}') == Request("wait")
     assert parse_request(b'{"cmd":"stop","cleanup":true}') == Request("stop", cleanup=True)
+    assert parse_request(b'{"cmd":"stop","now":true}') == Request("stop", now=True)
     assert parse_request(b'{"cmd":"status"}') == Request("status")
 
 

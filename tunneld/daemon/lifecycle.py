@@ -67,11 +67,15 @@ class Generation:
     def remove(self, name: str, grace: float) -> None:
         self.forwards.pop(name).stop(grace)
 
-    def stop(self, grace: float, *, cleanup: bool = False) -> None:
+    def stop(self, grace: float, *, cleanup: bool = False, now: bool = False) -> None:
+        """Stop every forward, their connections draining for ``grace`` seconds (``now``: ended at
+        once, a drain already under way too)."""
         self.cleanup = self.cleanup or cleanup
         for f in self.forwards.values():
-            f.stop(grace)
+            f.stop(0 if now else grace)
         self.stop_requested.set()
+        if now:
+            self._tg.cancel_scope.cancel()  # cuts a running drain short; each forward still closes its sockets
 
 
 class Daemon:
@@ -92,6 +96,7 @@ class Daemon:
         self.config: Config = Config()
         self.generation: Generation | None = None
         self._stopping = anyio.Event()
+        self._stop_now = False  # `stop --now`: no drain
         self._changed = anyio.Event()
         self._exit = ExitCode.OK
         self._announced_ready = False
@@ -119,16 +124,27 @@ class Daemon:
             logger.info("started (pid %d); control socket %s", os.getpid(), self.control_path)
             await self._stopping.wait()
             self.notifier.stopping()
-            logger.info("stopping: no new connections; draining for up to %gs", self.config.timeouts.drain)
+            if self._stop_now:
+                logger.info("stopping now: no new connections; ending %d open connection(s)",
+                            sum(f.stats.active for f in self.generation.forwards.values()))
+            else:
+                logger.info("stopping: no new connections; draining for up to %gs", self.config.timeouts.drain)
             await self._stop_generation(self.generation, cleanup=False)
             tg.cancel_scope.cancel()
         logger.info("stopped")
         return self._exit
 
-    def request_stop(self, *, cleanup: bool = False) -> None:
-        """Begin a graceful shutdown (what SIGTERM does)."""
+    def request_stop(self, *, cleanup: bool = False, now: bool = False) -> None:
+        """Begin a graceful shutdown (what SIGTERM does); ``now``: with a zero grace, ending open
+        connections at once (also when a graceful one is already draining)."""
         if cleanup and self.generation is not None:
             self.generation.cleanup = True
+        if now and not self._stop_now:
+            self._stop_now = True
+            if self._stopping.is_set() and self.generation is not None:
+                logger.info("stop --now: ending the %d connection(s) still draining",
+                            sum(f.stats.active for f in self.generation.forwards.values()))
+                self.generation.stop(0, now=True)
         self._stopping.set()
 
     def all_ready(self) -> bool:
@@ -410,7 +426,7 @@ class Daemon:
                 gen.finished.set()
 
     async def _stop_generation(self, gen: Generation, cleanup: bool) -> None:
-        gen.stop(self.config.timeouts.drain, cleanup=cleanup)
+        gen.stop(self.config.timeouts.drain, cleanup=cleanup, now=self._stop_now)
         await gen.finished.wait()
 
     async def _signals(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -450,7 +466,7 @@ class Daemon:
                 return {**self.status(), "ok": False, "error": str(e)}
             return self.status()
         if req.cmd == "stop":
-            self.request_stop(cleanup=req.cleanup)
+            self.request_stop(cleanup=req.cleanup, now=req.now)
             return {"ok": True, "pid": os.getpid()}
         if req.cmd == "reload":
             logger.info("reload requested over the control socket")
