@@ -41,7 +41,7 @@ from provision.spec import (
 from tunneld import loop
 from tunneld.config import Config, ForwardSpec, load_config, parse_config, read_toml
 from tunneld.daemon import launch, options
-from tunneld.daemon.control import default_control_path, probe_existing
+from tunneld.daemon.control import check_control_dir, check_control_path, default_control_path, probe_existing
 from tunneld.errors import AlreadyRunningError, ConfigError, ExitCode, TunneldError
 from tunneld.logs import setup_logging
 
@@ -90,14 +90,14 @@ def _selection(p: argparse.ArgumentParser) -> None:
 
 
 def _reconcile_interval(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--reconcile-interval", type=float, default=DEFAULT_RECONCILE_INTERVAL, metavar="SECONDS",
+    p.add_argument("--reconcile-interval", type=options.seconds, default=DEFAULT_RECONCILE_INTERVAL, metavar="SECONDS",
                    help=f"how often the daemon re-checks the registry (default {DEFAULT_RECONCILE_INTERVAL:g})")
 
 
 def add_subcommands(sub: Any) -> None:
     """Add ``up``, ``down`` (and the hidden ``serve`` the detached daemon runs) to kci-tunneld's
     subparsers; each sets ``run`` to its handler (``run(args) -> exit code``)."""
-    formatter = argparse.RawDescriptionHelpFormatter
+    formatter = options.Formatter
     common = [options.control(), options.logging()]
     up = sub.add_parser(
         "up", parents=[*common, options.launch(via_default="docker")],
@@ -106,7 +106,8 @@ def add_subcommands(sub: Any) -> None:
                     "on the same port numbers here, and wait until they answer.",
         epilog=UP_EXAMPLES, formatter_class=formatter)
     _selection(up)
-    up.add_argument("--registry-image", metavar="IMAGE", default=DEFAULT_REGISTRY_IMAGE)
+    up.add_argument("--registry-image", metavar="IMAGE", default=DEFAULT_REGISTRY_IMAGE,
+                    help=f"image of the registry container, if one is created (default {DEFAULT_REGISTRY_IMAGE})")
     up.add_argument("--api-port", type=_port, metavar="PORT",
                     help="API server port on both sides (default: one free on both, picked for you)")
     up.add_argument("--node-image", metavar="IMAGE", help="kind node image (default: kind's own)")
@@ -238,10 +239,13 @@ def run_up(args: argparse.Namespace) -> int:
     from provision.plan import Provisioner
 
     control: Path = args.control or default_control_path()
+    check_control_path(control)  # bad input fails before anything is provisioned or started
     raw = _base(args)
     base = parse_config({**raw, "forwards": []})
     spec = _spec(args, base)
     existing = loop.run(functools.partial(probe_existing, control))
+    if existing is None:
+        check_control_dir(control.parent)  # where the daemon would put its socket
     provisioner = Provisioner(spec, progress=_say, ours=_listen_ports(existing) if existing else frozenset())
     decided: dict[str, Any] = {}
 
@@ -260,7 +264,7 @@ def run_up(args: argparse.Namespace) -> int:
     config_path, spec_path = generated_paths(control)
     _write_private(config_path, decided["text"])
     _write_private(spec_path, spec_to_json(done.spec))
-    ready_timeout = args.ready_timeout or config.timeouts.ready
+    ready_timeout = args.ready_timeout if args.ready_timeout is not None else config.timeouts.ready
     if not args.detach:
         return _foreground(args, control, config_path, done, provisioner, ready_timeout)
     started: launch.Started | None = None
@@ -271,9 +275,12 @@ def run_up(args: argparse.Namespace) -> int:
         _say(f"daemon started (pid {started.pid}); log: {log_file}")
     else:
         _say(f"daemon already running with these forwards (pid {existing.get('pid')})")
+        if getattr(args, "log_given", None):
+            _say(options.kept_log_settings(args.log_given, "`kci-tunneld stop`, then `up` again (what is provisioned "
+                                                           "stays)"))
     reply = loop.run(functools.partial(
         launch.wait_ready, control, ready_timeout, started=started,
-        log_file=existing.get("log_file") if existing else None, stop_hint=DOWN_HINT))
+        log_file=existing.get("log_file") if existing else None, stop_hint=DOWN_HINT, progress=_say))
     loop.run(functools.partial(provisioner.configure_cluster, done))
     _print_ready(reply, done)
     return int(ExitCode.OK)

@@ -44,8 +44,9 @@ class Cli:
         return proc
 
     def status(self) -> dict[str, Any]:
+        """The daemon's status; ready (exit 0) or not (4)."""
         result = self.run("status", "--json")
-        assert result.returncode == 0, result.stderr
+        assert result.returncode in (0, 4), result.stderr
         reply: dict[str, Any] = json.loads(result.stdout)
         return reply
 

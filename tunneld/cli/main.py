@@ -8,7 +8,9 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import resource
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,10 +19,10 @@ from typing import Any
 from provision import cli as provision_cli
 from tunneld import loop
 from tunneld.cli.status import format_status
-from tunneld.config import Config, load_config, merge_cli
+from tunneld.config import Config, config_from_toml, load_config, merge_cli, names_transport, read_toml
 from tunneld.daemon import launch, options
-from tunneld.daemon.control import default_control_path, probe_existing, request
-from tunneld.errors import AlreadyRunningError, ConfigError, ExitCode, NotReadyError, TunneldError, error_for
+from tunneld.daemon.control import check_control_dir, check_control_path, default_control_path, probe_existing
+from tunneld.errors import AlreadyRunningError, ConfigError, ExitCode, TunneldError, error_for
 from tunneld.version import __version__
 
 logger = logging.getLogger("tunneld")
@@ -51,15 +53,31 @@ examples:
 --detach returns 0 only once every forward listens AND a probe through the transport reached its
 target; the daemon keeps running in the background and logs to the file it prints."""
 
-EXIT_CODES = "exit codes:\n" + "\n".join(f"  {c.value:<4}{c.name.lower().replace('_', ' ')}" for c in ExitCode)
+# What each exit code means, for --help (docs/troubleshooting.md says what to do about each).
+EXIT_MEANINGS = {
+    ExitCode.OK: "done; status: every forward is ready",
+    ExitCode.ERROR: "a bug: the log has the traceback, please report it",
+    ExitCode.USAGE: "the command line does not parse",
+    ExitCode.CONFIG: "a -L, --via, --control or config-file value is wrong; the message names it",
+    ExitCode.NOT_READY: "a forward is not ready (yet: the daemon retries), or stop timed out (stop --now)",
+    ExitCode.BIND: "a local port cannot be listened on",
+    ExitCode.TRANSPORT: "the far side (Docker, SSH, TCP) cannot be reached",
+    ExitCode.NOT_RUNNING: "no daemon answers on the control socket (none runs, or it is stuck)",
+    ExitCode.ALREADY_RUNNING: "a daemon with another config holds the control socket",
+    ExitCode.PROVISION: "up/down: a pre-flight check or provisioning failed",
+    ExitCode.ACCESS: "the control socket belongs to another user",
+    ExitCode.INTERRUPTED: "forced exit after a second SIGINT",
+}
+EXIT_CODES = "exit codes:\n" + "\n".join(
+    f"  {c.value:<4}{c.name.lower().replace('_', ' ')}: {EXIT_MEANINGS[c]}" for c in ExitCode)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    formatter = argparse.RawDescriptionHelpFormatter
+    formatter = options.Formatter
     parser = argparse.ArgumentParser(
         prog="kci-tunneld", description=DESCRIPTION, epilog=EXIT_CODES, formatter_class=formatter
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     control = options.control()
@@ -83,14 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--auto", action="store_true",
                        help="discover kind API servers and registries the remote Docker publishes and forward "
                             "each on the same port number here; follow them as they come, go and move "
-                            "(config: [auto] enabled = true)")
+                            "(config: [auto] enabled = true). Without --via: over the Docker host in "
+                            "DOCKER_HOST (else the local /var/run/docker.sock); never over direct")
     start.add_argument("--metrics-port", type=int, metavar="PORT",
                        help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics (config: [metrics] port)")
 
     status = sub.add_parser(
         "status", parents=[control], help="show the daemon's forwards and counters",
-        description="Show each forward: state, listen address, target, connections, bytes, last probe.",
-        epilog="examples:\n  kci-tunneld status\n  kci-tunneld status --json | jq '.forwards[].port'",
+        description="Show each forward: state, listen address, target, connections, bytes, last probe.\n"
+                    "The table fits the terminal (a narrow one gets fewer columns); --json has everything.",
+        epilog="examples:\n  kci-tunneld status\n  kci-tunneld status --json | jq '.forwards[].port'\n\n"
+               "exit codes (for scripts): 0 every forward is ready; 4 one is not (the table or the JSON is\n"
+               "printed all the same); 7 no daemon answers",
         formatter_class=formatter,
     )
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -101,16 +123,23 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  kci-tunneld wait --timeout 120 && skopeo copy ... docker://localhost:5000/app",
         formatter_class=formatter,
     )
-    wait.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS", help="give up after this (default 60)")
+    wait.add_argument("--timeout", type=options.seconds, default=60.0, metavar="SECONDS",
+                      help="give up after this (default 60); says what it waits for every 5s")
 
     stop = sub.add_parser(
         "stop", parents=[control], help="stop the daemon gracefully",
         description="Stop accepting, let open connections finish (timeouts.drain), exit.",
-        epilog="examples:\n  kci-tunneld stop\n  kci-tunneld stop --cleanup   # also remove the helper container",
+        epilog="examples:\n  kci-tunneld stop\n  kci-tunneld stop --cleanup   # also remove the helper container\n"
+               "  kci-tunneld stop --now       # end open connections at once\n\n"
+               "exit codes: 0 stopped, 4 still running after --timeout (it says whether it drains), 7 none runs",
         formatter_class=formatter,
     )
     stop.add_argument("--cleanup", action="store_true", help="also remove what the transport created remotely")
-    stop.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="wait this long for exit")
+    stop.add_argument("--now", action="store_true",
+                      help="end open connections at once instead of letting them drain (also cuts short a stop "
+                           "that is draining)")
+    stop.add_argument("--timeout", type=options.seconds, default=30.0, metavar="SECONDS",
+                      help="wait this long for the daemon to exit (default 30)")
 
     sub.add_parser(
         "reload", parents=[control], help="re-read the config file (as SIGHUP does)",
@@ -131,6 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = ["up", *(a for a in argv[1:] if a != "--provision")]
     args = build_parser().parse_args(argv)
     args.control = args.control or default_control_path()
+    args.log_given = options.log_settings(args)
     try:
         if args.command == "start":
             return _start(args, argv)
@@ -165,16 +195,54 @@ def _config(args: argparse.Namespace) -> Config:
     return config
 
 
+def _auto_via(args: argparse.Namespace) -> bool:
+    """``--auto`` with no transport chosen (no --via, no ``[transport] via``) goes over the Docker host
+    the environment names, never over direct (every found port is forwarded on its own number: over
+    direct each would reach its own listener). Sets ``args.via`` and says so; True when it did.
+
+    :raises ConfigError: when the environment names no Docker host.
+    :raises TransportError: when it names one that is malformed (DOCKER_HOST, a context).
+    """
+    if args.via is not None:
+        return False
+    data = read_toml(args.config) if args.config else {}
+    base = config_from_toml(data, args.config) if args.config else Config()
+    if names_transport(data) or not (args.auto or base.auto.enabled):
+        return False
+    # Only --auto needs to know the Docker host here: tunneld.docker.host reads files, opens no socket.
+    from tunneld.docker.host import DEFAULT_UNIX_SOCKET, resolve_endpoint
+
+    endpoint = resolve_endpoint(base.transport.docker)
+    if endpoint.source == "default" and not os.path.exists(DEFAULT_UNIX_SOCKET):
+        raise ConfigError(
+            f"--auto without --via: there is no Docker host to list containers on (no DOCKER_HOST, no docker "
+            f"context, no {DEFAULT_UNIX_SOCKET}). Pass --via docker with DOCKER_HOST=tcp://HOST:2376 "
+            "(and DOCKER_TLS_VERIFY=1, DOCKER_CERT_PATH), or --via ssh://HOST"
+        )
+    print(f"kci-tunneld: --auto without --via: using the Docker host at {endpoint.host} ({endpoint.source})",
+          file=sys.stderr)
+    args.via = "docker"
+    return True
+
+
 def _start(args: argparse.Namespace, argv: list[str]) -> int:
-    config = _config(args)  # bad input fails here, before anything starts
-    existing = loop.run(lambda: probe_existing(args.control))
-    if existing is not None:
+    # Bad input fails here, before anything starts.
+    check_control_path(args.control)
+    chose_via = _auto_via(args)
+    config = _config(args)
+    existing = loop.run(lambda: probe_existing(args.control))  # another user's socket: AccessError
+    if existing is None:
+        check_control_dir(args.control.parent)  # where the daemon would put its socket
+    else:
         if existing.get("fingerprint") != config.fingerprint():
             raise AlreadyRunningError(
                 f"a daemon (pid {existing.get('pid')}) with a different config already runs on {args.control}; "
                 "stop it first (`kci-tunneld stop`) or give this one its own --control PATH"
             )
         print(f"kci-tunneld: already running with this config (pid {existing.get('pid')})", file=sys.stderr)
+        if args.log_given:
+            restart = "`kci-tunneld stop`, then start it again"
+            print(f"kci-tunneld: {options.kept_log_settings(args.log_given, restart)}", file=sys.stderr)
         if not args.detach:
             return int(ExitCode.OK)
         return _await_ready(args, config, None, existing.get("log_file"))
@@ -182,6 +250,8 @@ def _start(args: argparse.Namespace, argv: list[str]) -> int:
         log_file = args.log_file or args.control.with_suffix(".log")
         child_argv = [a for a in argv if a != "--detach"]
         child_argv += ["--control", str(args.control), "--log-file", str(log_file)]
+        if chose_via:
+            child_argv += ["--via", args.via]  # the daemon's reloads keep the transport chosen here
         return _await_ready(args, config, launch.spawn(child_argv, log_file), log_file)
     return _serve(args)
 
@@ -206,11 +276,15 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _await_ready(args: argparse.Namespace, config: Config, started: launch.Started | None,
                  log_file: str | Path | None) -> int:
-    timeout = args.ready_timeout or config.timeouts.ready
+    timeout = args.ready_timeout if args.ready_timeout is not None else config.timeouts.ready
     reply = loop.run(functools.partial(launch.wait_ready, args.control, timeout, started=started,
-                                       log_file=log_file))
+                                       log_file=log_file, progress=_progress))
     print("\n".join(launch.ready_lines(reply)))
     return int(ExitCode.OK)
+
+
+def _progress(line: str) -> None:
+    print(f"kci-tunneld: {line}", file=sys.stderr, flush=True)
 
 
 def _raise_open_file_limit() -> None:
@@ -228,24 +302,26 @@ def _raise_open_file_limit() -> None:
 
 async def _client(args: argparse.Namespace) -> int:
     if args.command == "status":
-        reply = await request(args.control, "status")
-        print(json.dumps(reply, indent=2) if args.json else format_status(reply))
-        return int(ExitCode.OK)
+        reply = await launch.ask(args.control, "status")
+        if args.json:
+            print(json.dumps(reply, indent=2))
+        else:
+            print(format_status(reply, width=shutil.get_terminal_size((0, 0)).columns or None))
+        # Scripts may rely on it: 0 every forward is ready, 4 one is not (7: no daemon, raised above).
+        return int(ExitCode.OK if reply.get("state") == "ready" else ExitCode.NOT_READY)
     if args.command == "wait":
-        reply = await request(args.control, "wait", timeout=args.timeout)
-        if not reply.get("ok"):
-            raise NotReadyError(reply.get("error") or "not ready")
-        print(format_status(reply))
+        reply = await launch.wait_ready(args.control, args.timeout, progress=_progress)
+        print(format_status(reply, width=shutil.get_terminal_size((0, 0)).columns or None))
         return int(ExitCode.OK)
     if args.command == "reload":
-        reply = await request(args.control, "reload", io_timeout=30)
+        reply = await launch.ask(args.control, "reload", within=30)
         if not reply.get("ok"):
             # Rejected (nothing changed) or applied with errors: the reply names the exit code.
             raise error_for(reply.get("exit_code"), reply.get("error") or "reload failed", ConfigError)
         print("kci-tunneld: reloaded")
         return int(ExitCode.OK)
     if args.command == "stop":
-        pid = await launch.stop(args.control, cleanup=args.cleanup, timeout=args.timeout)
+        pid = await launch.stop(args.control, cleanup=args.cleanup, timeout=args.timeout, now=args.now)
         print(f"kci-tunneld: stopped (pid {pid})")
         return int(ExitCode.OK)
     raise AssertionError(args.command)

@@ -3,42 +3,90 @@ then what went wrong and what happened lately. ``status --json`` prints the repl
 
 from __future__ import annotations
 
+import textwrap
 import time
 from typing import Any
 
+COLUMNS = ("NAME", "STATE", "SINCE", "LISTEN", "TARGET", "ACTIVE", "TOTAL", "UP", "DOWN", "ERRORS", "RECONN", "PROBE")
+# How a narrow terminal gets the table: each step in turn until it fits. A column named here is
+# dropped; "probe", "listen" and "name" shorten theirs. NAME, STATE, LISTEN, TARGET, PROBE stay.
+NARROWER = ("probe", "RECONN", "TOTAL", "listen", "UP", "DOWN", "SINCE", "ERRORS", "name", "ACTIVE")
+NAME_SHORT = 16  # a long name (an -L forward is named by its whole spec) is cut to this, ending in "..."
 
-def format_status(reply: dict[str, Any], now: float | None = None) -> str:
-    """The human table `status` prints: a header, one row per forward, then what went wrong."""
+
+def format_status(reply: dict[str, Any], now: float | None = None, width: int | None = None) -> str:
+    """The human table `status` prints: a header, one row per forward, then what went wrong.
+
+    ``width``: the terminal's columns; the table leaves out low-value columns, and long lines wrap,
+    until it fits (None: everything, as wide as it takes).
+    """
     now = time.time() if now is None else now
-    rows = [("NAME", "STATE", "SINCE", "LISTEN", "TARGET", "ACTIVE", "TOTAL", "UP", "DOWN", "ERRORS", "RECONN",
-             "PROBE")]
+    rows: list[dict[str, str]] = []
     problems = []
     for f in reply.get("forwards", []):
         probe = f.get("last_probe") or {}
         if not probe:
-            probe_text = "-"
+            probe_full = probe_short = "-"
         elif probe.get("ok"):
-            probe_text = f"ok {probe['latency_ms']}ms" + (f" ({probe['detail']})" if probe.get("detail") else "")
+            probe_short = f"ok {probe['latency_ms']}ms"
+            probe_full = probe_short + (f" ({probe['detail']})" if probe.get("detail") else "")
         else:
-            probe_text = f"failed after {probe['latency_ms']}ms"
-        since = _ago(now, f.get("state_since"))
-        name = f["name"] + (" (auto)" if f.get("source") == "auto" else "")
-        rows.append((name, f["state"], since, ",".join(f["listen"]), f["target"], str(f["active"]), str(f["total"]),
-                     _bytes(f["bytes_up"]), _bytes(f["bytes_down"]), str(f["errors"]), str(f.get("reconnects", 0)),
-                     probe_text))
+            probe_short, probe_full = "failed", f"failed after {probe['latency_ms']}ms"
+        auto = " (auto)" if f.get("source") == "auto" else ""
+        name = f["name"] + auto
+        listen = f["listen"]
+        rows.append({
+            "NAME": name, "STATE": f["state"], "SINCE": _ago(now, f.get("state_since")), "LISTEN": ",".join(listen),
+            "TARGET": f["target"], "ACTIVE": str(f["active"]), "TOTAL": str(f["total"]), "UP": _bytes(f["bytes_up"]),
+            "DOWN": _bytes(f["bytes_down"]), "ERRORS": str(f["errors"]), "RECONN": str(f.get("reconnects", 0)),
+            "PROBE": probe_full, "probe": probe_short,
+            "listen": listen[0] + (f" +{len(listen) - 1}" if len(listen) > 1 else ""),
+            "name": (f["name"] if len(f["name"]) <= NAME_SHORT else f["name"][:NAME_SHORT - 3] + "...") + auto,
+        })
         if f.get("last_error") and (f["state"] != "ready" or not probe.get("ok")):
             problems.append(f"  {f['name']}: {f['last_error']}")
         elif f.get("last_error"):
             problems.append(f"  {f['name']} (earlier; ready again): {f['last_error']}")
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1] for r in rows]
-    out = [_status_header(reply, now), *lines]
+    tail = []
     if problems:
-        out += ["last errors:", *problems]
+        tail += ["last errors:", *problems]
     events = _recent_events(reply)
     if events:
-        out += ["recent events:", *events]
-    return "\n".join(out)
+        tail += ["recent events:", *events]
+    head = _status_header(reply, now).splitlines()
+    if width is not None:
+        head, tail = [_wrap(line, width) for line in head], [_wrap(line, width) for line in tail]
+    return "\n".join([*head, *_table(rows, width), *tail])
+
+
+def _table(rows: list[dict[str, str]], width: int | None) -> list[str]:
+    """The rows under their headings, in as few of the columns as ``width`` needs."""
+    columns = list(COLUMNS)
+    shown = {c: c for c in columns}  # heading -> the row key its text comes from
+    lines = _render(rows, columns, shown)
+    for step in NARROWER:
+        if width is None or max(len(line) for line in lines) <= width:
+            break
+        if step.islower():
+            shown[step.upper()] = step
+        else:
+            columns.remove(step)
+        lines = _render(rows, columns, shown)
+    return lines
+
+
+def _render(rows: list[dict[str, str]], columns: list[str], shown: dict[str, str]) -> list[str]:
+    table = [columns, *([row[shown[c]] for c in columns] for row in rows)]
+    widths = [max(len(r[i]) for r in table) for i in range(len(columns) - 1)]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1] for r in table]
+
+
+def _wrap(line: str, width: int) -> str:
+    """A long free-text line (an error, an event) wrapped to ``width``, continued indented."""
+    if len(line) <= width:
+        return line
+    indent = " " * (len(line) - len(line.lstrip()) + 4)
+    return "\n".join(textwrap.wrap(line, width, subsequent_indent=indent, break_on_hyphens=False)) or line
 
 
 def _recent_events(reply: dict[str, Any], limit: int = 10) -> list[str]:
