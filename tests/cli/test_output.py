@@ -84,6 +84,7 @@ def test_help_reads_well(cli: Cli, tmp_path: Path) -> None:
         assert path in text, (sub, text)  # on one line, never split at a hyphen
     start = cli.run("start", "--help").stdout
     assert re.search(r"--log-level \{debug,info,warning,error\}\s+how much the daemon logs", start), start
+    assert "with --auto: docker, never direct" in " ".join(start.split())
     assert "--registry-image IMAGE" in cli.run("up", "--help").stdout
     assert re.search(r"--registry-image IMAGE\s+image of the registry container", cli.run("up", "--help").stdout)
     stop = " ".join(cli.run("stop", "--help").stdout.split())

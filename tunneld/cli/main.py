@@ -81,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     control = options.control()
+    launch_options = options.launch(via_default="direct", via_note="; with --auto: docker, never direct")
     start = sub.add_parser(
-        "start", parents=[control, options.logging(), options.launch(via_default="direct")],
+        "start", parents=[control, options.logging(), launch_options],
         help="run the forwarding daemon",
         description="Run the daemon: listen here, reach HOST:HOSTPORT on the far side.",
         epilog=START_EXAMPLES + "\n\n" + EXIT_CODES, formatter_class=formatter,

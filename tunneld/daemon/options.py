@@ -81,11 +81,11 @@ def log_file() -> argparse.ArgumentParser:
     return p
 
 
-def launch(*, via_default: str) -> argparse.ArgumentParser:
-    """What starting a daemon takes: ``--via`` (``via_default`` when not given), ``--helper-image``,
-    ``--detach``, ``--ready-timeout``, ``--log-file``."""
+def launch(*, via_default: str, via_note: str = "") -> argparse.ArgumentParser:
+    """What starting a daemon takes: ``--via`` (``via_default`` when not given; ``via_note`` says
+    more), ``--helper-image``, ``--detach``, ``--ready-timeout``, ``--log-file``."""
     p = argparse.ArgumentParser(add_help=False, parents=[log_file()])
-    p.add_argument("--via", metavar="TRANSPORT", help=_via_help(via_default))
+    p.add_argument("--via", metavar="TRANSPORT", help=_via_help(via_default) + via_note)
     p.add_argument("--helper-image", metavar="IMAGE",
                    help="docker transport: helper image (default alpine/socat; one with python3, such as "
                         "python:3-alpine, sets up connections faster)")
