@@ -33,9 +33,11 @@ def cli(tmp_path: Path) -> Iterator[Cli]:
 
 
 class SilentControlSocket:
-    """A control socket that accepts and reads, but never answers: a daemon that is stuck."""
+    """A control socket that accepts and reads, but never answers (a daemon that is stuck), or
+    answers ``reply`` (something that is not kci-tunneld)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, reply: bytes = b"") -> None:
+        self.reply = reply
         self.sock = socket.socket(socket.AF_UNIX)
         self.sock.bind(str(path))
         self.sock.listen()
@@ -60,7 +62,9 @@ class SilentControlSocket:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
-            self.held.append(conn)  # read nothing back, answer nothing
+            self.held.append(conn)
+            if self.reply:
+                conn.sendall(self.reply)
 
 
 def test_status_exit_code_says_ready_not_ready_or_no_daemon(cli: Cli, echo_server: EchoServer) -> None:
@@ -102,6 +106,14 @@ def test_a_daemon_that_does_not_answer_is_not_a_bug(cli: Cli) -> None:
             assert "it is stuck" in result.stderr
             assert "Traceback" not in result.stderr
             assert time.monotonic() - started < 15
+
+
+def test_something_else_on_the_control_socket_is_not_a_bug(cli: Cli) -> None:
+    with SilentControlSocket(cli.control, reply=b"SSH-2.0-OpenSSH_9.6\r\n"):
+        for args in (("status",), ("stop",), ("wait", "--timeout", "1")):
+            result = cli.run(*args, timeout=30)
+            assert result.returncode == ExitCode.NOT_RUNNING, (args, result.returncode, result.stderr)
+            assert "what listens there is not a kci-tunneld daemon" in result.stderr, result.stderr
 
 
 def held_connection(port: int) -> socket.socket:

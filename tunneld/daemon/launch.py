@@ -39,13 +39,19 @@ async def ask(control: Path, cmd: str, *, within: float = ANSWER_WITHIN, **args:
     """Send one request and return the reply, or give up after ``within`` seconds (plus what a
     ``wait`` request's ``timeout`` asks for): a daemon that does not answer counts as not running.
 
-    :raises NotRunningError: when nothing answers on ``control``, or not in time.
+    :raises NotRunningError: when nothing answers on ``control``, not in time, or not as a daemon does.
     :raises AccessError: when the socket is another user's.
     """
     limit = within + float(args.get("timeout") or 0)
     with anyio.move_on_after(limit):
-        # request()'s own deadlines are longer: this one is the one that fires.
-        return await request(control, cmd, io_timeout=within + 1, **args)
+        try:
+            # request()'s own deadlines are longer: this one is the one that fires.
+            return await request(control, cmd, io_timeout=within + 1, **args)
+        except TunneldError as e:
+            if type(e) is not TunneldError:  # NotRunningError, AccessError: as they are
+                raise
+            # The reply is not one a daemon sends (not JSON, not an object): not a bug of ours.
+            raise NotRunningError(f"{e}: what listens there is not a kci-tunneld daemon") from None
     raise NotRunningError(f"the daemon on {control} did not answer {cmd!r} within {limit:g}s: it is stuck (its "
                           "log says more), or what listens there is not kci-tunneld")
 
