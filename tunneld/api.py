@@ -34,7 +34,7 @@ from tunneld.config import (
     merge_cli,
     parse_forward_arg,
 )
-from tunneld.daemon.lifecycle import Generation
+from tunneld.daemon.generation import Generation
 from tunneld.engine.forward import Forward, ForwardState, ForwardStats
 from tunneld.engine.probe import ProbeResult
 from tunneld.errors import ConfigError, NotReadyError

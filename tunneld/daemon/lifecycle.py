@@ -5,6 +5,15 @@ connection. A reload that changes only forwards touches only those forwards; one
 transport or timeouts starts a new generation while the old one drains. With ``--auto`` a discovery
 task (tunneld/docker/discovery.py) adds and removes forwards in the current generation through the same
 diff (``_sync``) a reload uses; an optional metrics server renders ``status`` for Prometheus.
+
+A reload is a transaction (docs/architecture.md): the new generation's transport and listeners
+come up (tunneld/daemon/generation.py hands listening sockets over) before anything running stops.
+
+One module, though over 400 lines: the daemon's state (its config, its generation, what --auto
+found, whether it is stopping or announced ready) is changed by start-up, signals, control
+requests, reloads and discovery alike, and one class holding it is what keeps those changes in
+order under one lock; the pieces that need none of it live beside it (generation.py, control.py,
+notify.py, metrics.py).
 """
 
 from __future__ import annotations
@@ -23,59 +32,18 @@ import anyio.abc
 
 from tunneld.config import Config, ForwardSpec
 from tunneld.daemon.control import Request, serve_control
+from tunneld.daemon.generation import Generation, close_unadopted, prebind
+from tunneld.daemon.launch import unready
 from tunneld.daemon.metrics import serve_metrics
 from tunneld.daemon.notify import Notifier
 from tunneld.engine.forward import Forward, ForwardState
-from tunneld.engine.listener import bind_listeners
 from tunneld.errors import ExitCode, NotReadyError, TunneldError
-from tunneld.transports import Transport, create_transport
+from tunneld.transports import create_transport
 
 if TYPE_CHECKING:
     from tunneld.docker.discovery import Discovery, Found
 
 logger = logging.getLogger(__name__)
-
-
-class Generation:
-    """One transport and the forwards it carries."""
-
-    def __init__(self, config: Config, transport: Transport, tg: anyio.abc.TaskGroup,
-                 on_change: Callable[[Forward], None]) -> None:
-        self.config = config
-        self.transport = transport
-        self.forwards: dict[str, Forward] = {}
-        self._tg = tg
-        self._on_change = on_change
-        self.stop_requested = anyio.Event()
-        self.finished = anyio.Event()
-        self.cleanup = False
-        self.errors: list[str] = []
-
-    async def add(self, spec: ForwardSpec, *, retry_bind: float | None = None,
-                  listeners: list[socket.socket] | None = None) -> Forward:
-        """Bind (or adopt ``listeners``) and start one forward (with ``retry_bind``, a port in use
-        makes it ``failed``, retried).
-
-        :raises BindError: when its listener cannot be bound and ``retry_bind`` is None.
-        """
-        forward = Forward(spec, self.transport, self.config.timeouts, on_change=self._on_change,
-                          retry_bind=retry_bind, listeners=listeners)
-        await self._tg.start(forward.run)
-        self.forwards[spec.name] = forward
-        return forward
-
-    def remove(self, name: str, grace: float) -> None:
-        self.forwards.pop(name).stop(grace)
-
-    def stop(self, grace: float, *, cleanup: bool = False, now: bool = False) -> None:
-        """Stop every forward, their connections draining for ``grace`` seconds (``now``: ended at
-        once, a drain already under way too)."""
-        self.cleanup = self.cleanup or cleanup
-        for f in self.forwards.values():
-            f.stop(0 if now else grace)
-        self.stop_requested.set()
-        if now:
-            self._tg.cancel_scope.cancel()  # cuts a running drain short; each forward still closes its sockets
 
 
 class Daemon:
@@ -251,11 +219,11 @@ class Daemon:
         assert old_gen is not None and self._tg is not None
         desired = self._desired(new)
         async with self._sync_lock:
-            handed = self._prebind(desired, old_gen)
+            handed = prebind(desired, old_gen)
             try:
                 new_gen = await self._tg.start(self._generation, new, desired, handed)
             finally:
-                _close_unadopted(handed)
+                close_unadopted(handed)
             old_gen.stop(old.timeouts.drain)  # its listeners close now (the new forwards hold their own fds)
             self.config, self.generation = new, new_gen
 
@@ -270,35 +238,13 @@ class Daemon:
         changed = [(spec, retry) for spec, retry in desired if gen.forwards.get(spec.name, None) is None
                    or gen.forwards[spec.name].spec != spec]
         async with self._sync_lock:
-            handed = self._prebind(changed, gen)
+            handed = prebind(changed, gen)
         try:
             gen.config = new
             self.config = new
             return await self._sync("reload", handed)
         finally:
-            _close_unadopted(handed)
-
-    @staticmethod
-    def _prebind(desired: list[tuple[ForwardSpec, float | None]], gen: Generation) -> dict[str, list[socket.socket]]:
-        """Listening sockets for the forwards about to start: the running forward's own (duplicated,
-        so the port never closes) where it listens on the same address, else newly bound. Forwards
-        that retry binding (``--auto``'s) bind for themselves when nothing is handed over.
-
-        :raises BindError: when a static forward's address cannot be bound (what was bound is closed).
-        """
-        handed: dict[str, list[socket.socket]] = {}
-        try:
-            for spec, retry in desired:
-                running = gen.forwards.get(spec.name)
-                if running is not None and running.sockets and (running.spec.bind, running.spec.port) == (
-                        spec.bind, spec.port) and all(s.fileno() != -1 for s in running.sockets):
-                    handed[spec.name] = [s.dup() for s in running.sockets]
-                elif retry is None:
-                    handed[spec.name] = bind_listeners(spec.bind, spec.port)
-        except BaseException:
-            _close_unadopted(handed)
-            raise
-        return handed
+            close_unadopted(handed)
 
     def _desired(self, config: Config | None = None) -> list[tuple[ForwardSpec, float | None]]:
         """Every forward that should run, with its bind retry: the config's, then the discovered ones."""
@@ -506,19 +452,4 @@ class Daemon:
 
 def not_ready_reason(forwards: list[dict[str, Any]], timeout: float, auto: dict[str, Any] | None = None) -> str:
     """Say which forwards (as ``status`` shows them) are not ready, and why."""
-    parts = [
-        f"{f['name']} ({f['state']}: {f['last_error'] or 'no probe answer yet'})"
-        for f in forwards
-        if f["state"] != ForwardState.READY
-    ]
-    if auto and auto.get("enabled") and not auto.get("scans"):
-        parts.insert(0, f"--auto has not listed the remote containers yet ({auto.get('last_error') or 'trying'})")
-    return f"not ready after {timeout:g}s: " + "; ".join(parts)
-
-
-def _close_unadopted(handed: dict[str, list[socket.socket]]) -> None:
-    """Close the listeners no forward took (a failed reload, or forwards not started after all)."""
-    for sockets in handed.values():
-        for s in sockets:
-            s.close()
-    handed.clear()
+    return f"not ready after {timeout:g}s: " + unready({"forwards": forwards, "auto": auto})
