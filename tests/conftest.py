@@ -1,11 +1,13 @@
-"""Shared fixtures: both event loops, and real TCP servers on loopback run in threads."""
+"""Shared fixtures: both event loops, real TCP servers on loopback run in threads, the real CLI."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from tests.cli.runner import Cli
 from tests.servers import EchoServer
 
 
@@ -23,3 +25,14 @@ def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, bool]]
 def echo_server() -> Iterator[EchoServer]:
     with EchoServer() as server:
         yield server
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Iterator[Cli]:
+    """The real CLI with a private control socket; whatever it started is stopped (gracefully,
+    then by pid) at the end."""
+    c = Cli(tmp_path)
+    yield c
+    if c.started:
+        c.run("stop", "--timeout", "30", timeout=40)
+    c.cleanup()

@@ -8,7 +8,6 @@ import json
 import logging
 import re
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,14 +17,6 @@ from tests.servers import EchoServer
 from tunneld.logs import ContextLog, JsonFormatter
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-def cli(tmp_path: Path) -> Iterator[Cli]:
-    c = Cli(tmp_path)
-    yield c
-    c.run("stop", timeout=30)
-    c.cleanup()
 
 
 def one_connection(port: int, data: bytes) -> None:

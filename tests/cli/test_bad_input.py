@@ -4,7 +4,6 @@ the words the user wrote it in; and `--auto` never runs over the direct transpor
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,13 +14,6 @@ from tests.servers import EchoServer
 from tunneld.errors import ExitCode
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-def cli(tmp_path: Path) -> Iterator[Cli]:
-    c = Cli(tmp_path)
-    yield c
-    c.cleanup()
 
 
 def nothing_started(cli: Cli) -> None:

@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,13 +16,6 @@ from tests.cli.runner import Cli
 from tests.servers import EchoServer, free_port_holder, refusing_socket
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-def cli(tmp_path: Path) -> Iterator[Cli]:
-    c = Cli(tmp_path)
-    yield c
-    c.cleanup()
 
 
 def echo_through(port: int, data: bytes) -> bytes:

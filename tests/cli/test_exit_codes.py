@@ -9,7 +9,6 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -23,13 +22,6 @@ from tunneld.errors import ExitCode
 pytestmark = pytest.mark.timeout(90)
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def cli(tmp_path: Path) -> Iterator[Cli]:
-    c = Cli(tmp_path)
-    yield c
-    c.cleanup()
 
 
 class SilentControlSocket:

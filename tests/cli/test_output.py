@@ -5,7 +5,6 @@ running daemon keeps its own log level."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,13 +15,6 @@ from tunneld.errors import ExitCode
 from tunneld.version import __version__
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-def cli(tmp_path: Path) -> Iterator[Cli]:
-    c = Cli(tmp_path)
-    yield c
-    c.cleanup()
 
 
 def waiting_lines(stderr: str) -> list[str]:

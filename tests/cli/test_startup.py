@@ -13,7 +13,6 @@ import json
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -56,13 +55,6 @@ def command(*argv: str) -> str:
             code = e.code
         print("EXIT", code, flush=True)
     """
-
-
-@pytest.fixture
-def cli(tmp_path: Path) -> Iterator[Cli]:
-    c = Cli(tmp_path)
-    yield c
-    c.cleanup()
 
 
 def test_version_loads_nothing_heavy(cli: Cli) -> None:

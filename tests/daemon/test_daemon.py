@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,13 +13,6 @@ from tests.cli.runner import Cli
 from tests.servers import EchoServer
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-def cli(tmp_path: Path) -> Iterator[Cli]:
-    c = Cli(tmp_path)
-    yield c
-    c.cleanup()
 
 
 def connect_and_echo(port: int, data: bytes = b"ping") -> socket.socket:

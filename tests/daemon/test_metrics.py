@@ -8,7 +8,6 @@ import socket
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -84,14 +83,6 @@ def test_status_table_shows_state_probe_reconnects_and_the_last_error() -> None:
         f"  {hms(899)} auto: found registry r publishing 5000: forwarding it as r",
         f"  {hms(1000)} odd\"name\\x: ready -> degraded after 100.0s (refused)",
     ]
-
-
-@pytest.fixture
-def cli(tmp_path: Path) -> Iterator[Cli]:
-    c = Cli(tmp_path)
-    yield c
-    c.run("stop", timeout=30)
-    c.cleanup()
 
 
 def scrape(address: str, path: str = "/metrics") -> tuple[int, str, str]:
