@@ -221,6 +221,11 @@ def _say(line: str) -> None:
     print(f"up: {line}", file=sys.stderr, flush=True)
 
 
+def _write_stderr(text: str) -> None:
+    sys.stderr.write(text)
+    sys.stderr.flush()
+
+
 def _listen_ports(status: Mapping[str, Any]) -> frozenset[int]:
     ports = set()
     for f in status.get("forwards") or []:
@@ -237,6 +242,7 @@ def run_up(args: argparse.Namespace) -> int:
     :raises TunneldError: (PreflightError, ProvisionError, TransportError...) for the CLI to map.
     """
     from provision.plan import Provisioner
+    from tunneld.docker.progress import PullPrinter
 
     control: Path = args.control or default_control_path()
     check_control_path(control)  # bad input fails before anything is provisioned or started
@@ -246,7 +252,10 @@ def run_up(args: argparse.Namespace) -> int:
     existing = loop.run(functools.partial(probe_existing, control))
     if existing is None:
         check_control_dir(control.parent)  # where the daemon would put its socket
-    provisioner = Provisioner(spec, progress=_say, ours=_listen_ports(existing) if existing else frozenset())
+    # On a terminal an image pull is one line rewritten in place; in a CI log, a line per layer and step.
+    pulls = PullPrinter(_say, write=_write_stderr, prefix="up: ") if sys.stderr.isatty() else None
+    provisioner = Provisioner(spec, progress=_say, ours=_listen_ports(existing) if existing else frozenset(),
+                              pulls=pulls)
     decided: dict[str, Any] = {}
 
     def before_changes(plan: Plan) -> None:
