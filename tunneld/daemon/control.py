@@ -159,6 +159,9 @@ def check_control_dir(d: Path) -> None:
         st = d.stat()
     except FileNotFoundError:
         return
+    except PermissionError:
+        raise AccessError(f"control directory {d}: permission denied; it is another user's: give yours its own "
+                          "--control PATH") from None
     except OSError as e:
         raise ConfigError(f"control directory {d}: {e.strerror or e}") from None
     if not stat.S_ISDIR(st.st_mode):
@@ -225,7 +228,7 @@ async def request(path: Path, cmd: str, *, io_timeout: float = 5.0, **args: Any)
             if not buf:
                 raise NotRunningError(f"the daemon on {path} closed the control connection") from None
         except TimeoutError:
-            raise TunneldError(f"the daemon on {path} did not answer {cmd!r} in time") from None
+            raise NotRunningError(f"the daemon on {path} did not answer {cmd!r} in time") from None
     try:
         reply = json.loads(buf)
     except ValueError:
