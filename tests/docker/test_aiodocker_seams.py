@@ -257,11 +257,6 @@ async def test_a_pull_through__query_reports_the_engines_refusal(lab: LabInfo) -
                                             f"in pull_image; got {caught.value}")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "aiodocker 0.27's Docker._query does not release its response on exit (its docstring leaves that to the "
-    "caller); container_events relies on query.__aexit__ alone, so the events connection stays open until "
-    "the DockerClient closes. Fix in tunneld/docker/api.py: release the response too (as pull_image does), "
-    "then drop this marker."))
 async def test_leaving_container_events_closes_the_stream(lab: LabInfo) -> None:
     """After ``container_events`` exits, its stream is closed: the iterator ends (or reports the closed
     stream) at once instead of waiting for the next event on a connection still open."""

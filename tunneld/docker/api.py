@@ -497,6 +497,7 @@ class DockerClient:
             yield events()
         finally:
             with anyio.CancelScope(shield=True):
+                response.close()  # aiodocker's _query leaves its response open on exit: ours to release
                 await query.__aexit__(None, None, None)
 
 
