@@ -8,7 +8,6 @@ and per-forward active connections that `status` reports.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import threading
 import time
@@ -21,6 +20,7 @@ from typing import Any, Self
 
 from tests.cli.runner import Cli
 from tests.lab.lab import LabInfo
+from tests.servers import echo_through
 from tunneld.engine.forward import HISTORY
 
 LEAK_SETTLE = 90.0  # the docker transport trims idle relay streams beyond its pool size after 60-75 s
@@ -104,14 +104,7 @@ def docker_transport_toml(helper: str) -> str:
 def echo_ok(port: int, size: int = 4096) -> bool:
     payload = os.urandom(size)
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-            s.settimeout(5)
-            s.sendall(payload)
-            s.shutdown(socket.SHUT_WR)
-            got = b""
-            while chunk := s.recv(65536):
-                got += chunk
-        return got == payload
+        return echo_through(port, payload) == payload
     except OSError:
         return False
 

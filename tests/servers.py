@@ -53,6 +53,18 @@ class EchoServer:
                 pass
 
 
+def echo_through(port: int, payload: bytes, *, host: str = "127.0.0.1", timeout: float = 5.0) -> bytes:
+    """A blocking client: send ``payload`` to ``host:port``, half-close, read until EOF; return what came back."""
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        s.settimeout(timeout)
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        got = bytearray()
+        while chunk := s.recv(65536):
+            got += chunk
+    return bytes(got)
+
+
 def free_port_holder(host: str = "127.0.0.1") -> socket.socket:
     """A listening socket holding a port, to provoke 'address already in use'."""
     s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)

@@ -7,26 +7,15 @@ from __future__ import annotations
 import json
 import logging
 import re
-import socket
 from pathlib import Path
 
 import pytest
 
 from tests.cli.runner import Cli
-from tests.servers import EchoServer
+from tests.servers import EchoServer, echo_through
 from tunneld.logs import ContextLog, JsonFormatter
 
 pytestmark = pytest.mark.timeout(90)
-
-
-def one_connection(port: int, data: bytes) -> None:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(data)
-        s.shutdown(socket.SHUT_WR)
-        got = b""
-        while chunk := s.recv(4096):
-            got += chunk
-    assert got == data
 
 
 def run_daemon(cli: Cli, echo_server: EchoServer, log: Path, fmt: str) -> str:
@@ -36,7 +25,7 @@ def run_daemon(cli: Cli, echo_server: EchoServer, log: Path, fmt: str) -> str:
                                 "--log-level", "debug", "--log-file", str(log))
     assert result.returncode == 0, result.stderr
     (forward,) = cli.status()["forwards"]
-    one_connection(forward["port"], b"logged")
+    assert echo_through(forward["port"], b"logged", timeout=10) == b"logged"
     assert cli.run("stop", timeout=30).returncode == 0
     return str(forward["name"])
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemon.support import NotifyListener
+from tests.servers import echo_through
 from tunneld.cli.main import build_parser
 from tunneld.config import load_config
 
@@ -188,16 +189,6 @@ def _control(path: Path, cmd: str) -> dict[str, object]:
     return reply
 
 
-def _echo_through(port: int, payload: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        s.sendall(payload)
-        s.shutdown(socket.SHUT_WR)
-        out = b""
-        while chunk := s.recv(65536):
-            out += chunk
-    return out
-
-
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def test_daemon_speaks_sd_notify(notify: NotifyListener, loop: str, tmp_path: Path) -> None:
@@ -237,7 +228,7 @@ def test_daemon_speaks_sd_notify(notify: NotifyListener, loop: str, tmp_path: Pa
         assert ready.fields["STATUS"] == "1/1 forwards ready"
         port = int(forward["port"])
         payload = os.urandom(256 * 1024)
-        assert _echo_through(port, payload) == payload
+        assert echo_through(port, payload) == payload
 
         start = len(notify.messages)
         notify.drain(1.3)
