@@ -21,6 +21,7 @@ import anyio
 from tunneld.daemon.control import request
 from tunneld.daemon.processes import log_size, log_tail, pid_alive
 from tunneld.errors import ExitCode, NotReadyError, NotRunningError, TunneldError
+from tunneld.logs import make_private
 
 POLL = 0.05  # seconds between looks at what has no event to await: a socket being bound, another process's exit
 STEP = 1.0  # the longest single `wait` request, so a daemon that exits meanwhile is noticed this soon
@@ -90,7 +91,7 @@ def spawn(argv: Sequence[str], log_file: Path, *, env: Mapping[str, str] | None 
     :raises TunneldError: when the log file or the process cannot be created.
     """
     try:
-        log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_private(log_file)  # 0600 from the first byte, before the daemon's own logging opens it
         log_start = log_size(log_file)
         with open(log_file, "ab") as log:
             # A new session, and no inherited stdin/stdout/stderr: a CI step must never hang on us.
