@@ -157,7 +157,7 @@ def _spec(args: argparse.Namespace, base: Config) -> ProvisionSpec:
     return ProvisionSpec(
         registry=RegistrySpec(name=args.registry_name, port=args.registry_port,
                               image=getattr(args, "registry_image", DEFAULT_REGISTRY_IMAGE)),
-        cluster=cluster, docker=docker, helper_image=getattr(args, "helper_image", None) or docker.helper_image)
+        cluster=cluster, docker=docker, helper_image=(getattr(args, "helper_image", None) or [docker.helper_image])[0])
 
 
 def daemon_config(base: Mapping[str, Any], spec: ProvisionSpec) -> tuple[Config, str]:

@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from tunneld.config import ForwardSpec, load_config, merge_cli, parse_config, parse_forward_arg, parse_via
+from tunneld.config import (
+    DEFAULT_HELPER_IMAGE,
+    ForwardSpec,
+    load_config,
+    merge_cli,
+    parse_config,
+    parse_forward_arg,
+    parse_via,
+)
+from tunneld.daemon import options
 from tunneld.errors import ConfigError
 
 pytestmark = pytest.mark.timeout(10)
@@ -140,6 +149,11 @@ FORWARD = '[[forwards]]\nname = "r"\nhost = "127.0.0.1"\nhost_port = 5000\n'
         ("[transport]\nvia = 'ftp'\n", "transport.via: expected direct, docker or ssh://"),
         ("[transport]\nvia = 'ssh://h'\n[transport.ssh]\nidentity_files = 'k'\n",
          "transport.ssh.identity_files: expected a list of strings, got 'k'"),
+        ("[transport.docker]\nhelper_image = []\n",
+         "transport.docker.helper_image: expected a string or a non-empty list of strings, got []"),
+        ("[transport.docker]\nhelper_image = ['a', 3]\n",
+         "transport.docker.helper_image: expected a string or a non-empty list of strings, got ['a', 3]"),
+        ("[transport.docker]\nhelper_image = ['a', 'b', 'a']\n", "transport.docker.helper_image: 'a' is listed twice"),
         ("[transport.docker]\npool_size = -1\n", "transport.docker.pool_size: expected an integer 0..256, got -1"),
         ("[transport.docker]\ntls_verify = 'yes'\n", "transport.docker.tls_verify: expected true or false, got 'yes'"),
         ("[timeouts]\nconnect = 0\n", "timeouts.connect: expected a number of seconds > 0, got 0"),
@@ -153,6 +167,23 @@ def test_bad_config_names_the_key(toml: str, message: str) -> None:
     with pytest.raises(ConfigError) as e:
         parse_config(tomllib.loads(toml))
     assert message in str(e.value)
+
+
+def test_helper_image_is_one_image_or_a_list_in_order() -> None:
+    assert parse_config({}).transport.docker.helper_images == (DEFAULT_HELPER_IMAGE,)
+    one = parse_config(tomllib.loads('[transport.docker]\nhelper_image = "busybox"\n'))
+    assert one.transport.docker.helper_images == ("busybox",)
+    two = parse_config(tomllib.loads('[transport.docker]\nhelper_image = ["python:3-alpine", "alpine/socat"]\n'))
+    assert two.transport.docker.helper_images == ("python:3-alpine", "alpine/socat")
+    assert two.transport.docker.helper_image == "python:3-alpine"  # the preferred one
+
+
+def test_repeated_helper_image_flags_make_the_list() -> None:
+    args = options.launch(via_default="direct").parse_args(
+        ["--helper-image", "python:3-alpine", "--helper-image", "alpine/socat"])
+    assert args.helper_image == ["python:3-alpine", "alpine/socat"]
+    config = merge_cli(parse_config({}), overrides={"docker.helper_images": tuple(args.helper_image)})
+    assert config.transport.docker.helper_images == ("python:3-alpine", "alpine/socat")
 
 
 def test_non_loopback_needs_explicit_option() -> None:

@@ -56,9 +56,15 @@ class DockerSettings:
     tls_verify: bool | None = None
     cert_path: str | None = None
     context: str | None = None
-    helper_image: str = DEFAULT_HELPER_IMAGE
+    # In order of preference: the first already on the Docker host is used, else the first that pulls.
+    helper_images: tuple[str, ...] = (DEFAULT_HELPER_IMAGE,)
     helper_name: str = DEFAULT_HELPER_NAME
     pool_size: int = 4
+
+    @property
+    def helper_image(self) -> str:
+        """The preferred helper image (the first of ``helper_images``)."""
+        return self.helper_images[0]
 
 
 @dataclass(frozen=True)
@@ -289,6 +295,19 @@ class _Table:
             raise ConfigError(f"{self.path(name)}: expected a list of strings, got {v!r}")
         return tuple(v)
 
+    def str_or_strs(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        """One non-empty string, or a non-empty list of them (no repeats)."""
+        v = self.get(name)
+        if v is None:
+            return default
+        if isinstance(v, str) and v:
+            return (v,)
+        if not isinstance(v, list) or not v or not all(isinstance(s, str) and s for s in v):
+            raise ConfigError(f"{self.path(name)}: expected a string or a non-empty list of strings, got {v!r}")
+        if len(set(v)) != len(v):
+            raise ConfigError(f"{self.path(name)}: {next(s for s in v if v.count(s) > 1)!r} is listed twice")
+        return tuple(v)
+
     def choice(self, name: str, default: str, choices: Sequence[str]) -> str:
         v = self.get(name)
         if v is None:
@@ -387,7 +406,7 @@ def _parse_transport(t: _Table) -> TransportSpec:
         tls_verify=d.bool_("tls_verify", None),
         cert_path=d.str_("cert_path", None),
         context=d.str_("context", None),
-        helper_image=d.str_("helper_image", DEFAULT_HELPER_IMAGE) or DEFAULT_HELPER_IMAGE,
+        helper_images=d.str_or_strs("helper_image", (DEFAULT_HELPER_IMAGE,)),
         helper_name=d.str_("helper_name", DEFAULT_HELPER_NAME) or DEFAULT_HELPER_NAME,
         pool_size=d.int_("pool_size", 4, low=0, high=256),
     )
@@ -562,7 +581,7 @@ def merge_cli(
 
 
 def _apply_overrides(transport: TransportSpec, overrides: Mapping[str, Any]) -> TransportSpec:
-    """Apply dotted overrides such as ``{"docker.helper_image": "x", "ssh.identity_files": (...)}``."""
+    """Apply dotted overrides such as ``{"docker.helper_images": ("x",), "ssh.identity_files": (...)}``."""
     for dotted, value in overrides.items():
         section, _, name = dotted.partition(".")
         sub = getattr(transport, section)

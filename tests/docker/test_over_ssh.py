@@ -118,7 +118,7 @@ async def test_ping_over_ssh(lab: LabInfo, ssh_home: Path, monkeypatch: pytest.M
 async def test_forward_echo_1mib_with_half_close(lab: LabInfo, ssh_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DOCKER_HOST", f"ssh://{lab.ssh_alias}")
     s = dataclasses.replace(DockerSettings(), helper_name=f"kci-test-ssh-{uuid.uuid4().hex[:10]}",
-                            helper_image=lab.socat_image)
+                            helper_images=(lab.socat_image,))
     data = bytes(range(256)) * 4096  # 1 MiB
     with anyio.fail_after(90):
         async with docker_transport(lab, s) as transport, running_forward(transport, lab.echo_port) as fwd:
@@ -174,7 +174,7 @@ async def test_unknown_host_key_is_refused(lab: LabInfo, tmp_path: Path, monkeyp
     for var in _DOCKER_VARS:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("DOCKER_HOST", f"ssh://{lab.ssh_alias}")
-    s = DockerSettings(helper_name=f"kci-test-ssh-{uuid.uuid4().hex[:10]}", helper_image=lab.socat_image)
+    s = DockerSettings(helper_name=f"kci-test-ssh-{uuid.uuid4().hex[:10]}", helper_images=(lab.socat_image,))
     started = time.monotonic()
     with anyio.fail_after(20), pytest.raises(TransportError) as refused:
         async with DockerClient(resolve_endpoint(s), timeout=10):

@@ -51,7 +51,9 @@ def settings(lab: LabInfo, *, tls: bool, **changes: object) -> DockerSettings:
         base = DockerSettings(host=lab.docker_host_tcp, tls_verify=True, cert_path=str(lab.client_cert_dir))
     else:
         base = DockerSettings(host=lab.docker_host_unix)
-    base = dataclasses.replace(base, helper_name=f"kci-test-{uuid.uuid4().hex[:10]}", helper_image=lab.socat_image)
+    base = dataclasses.replace(base, helper_name=f"kci-test-{uuid.uuid4().hex[:10]}", helper_images=(lab.socat_image,))
+    if "helper_image" in changes:  # one image: the list of one
+        changes["helper_images"] = (changes.pop("helper_image"),)
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
 
@@ -585,7 +587,7 @@ async def test_helper_reused_started_and_recreated(lab: LabInfo) -> None:
         async with DockerTransport(TransportSpec(kind="docker", docker=s), TIMEOUTS) as transport:
             assert transport.helper_id == first
             assert await _echo(transport, lab, b"restarted") == b"restarted"
-        other = dataclasses.replace(s, helper_image=lab.busybox_image)  # another image: recreated
+        other = dataclasses.replace(s, helper_images=(lab.busybox_image,))  # another image: recreated
         async with DockerTransport(TransportSpec(kind="docker", docker=other), TIMEOUTS) as transport:
             assert transport.helper_id != first
             assert transport.info()["relay"] == "nc"

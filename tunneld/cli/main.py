@@ -178,8 +178,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _config(args: argparse.Namespace) -> Config:
     base = load_config(args.config) if args.config else Config()
     overrides: dict[str, Any] = {}
-    if args.helper_image:
-        overrides["docker.helper_image"] = args.helper_image
+    if args.helper_image:  # repeated: a list in order of preference
+        if "" in args.helper_image:
+            raise ConfigError("--helper-image: expected an image name, got ''")
+        overrides["docker.helper_images"] = tuple(dict.fromkeys(args.helper_image))
     if args.identity_files:
         overrides["ssh.identity_files"] = tuple(args.identity_files)
     if args.auto:

@@ -112,6 +112,10 @@ def _status_header(reply: dict[str, Any], now: float) -> str:
         facts.append(f"last error: {transport['last_error']}")
     if facts:
         head += " (" + ", ".join(facts) + ")"
+    if transport.get("helper_image_why"):
+        head += f"\nhelper image {transport['helper_image']} ({transport['helper_image_why']})"
+        if transport.get("relay_why"):
+            head += f", relay {transport['relay']} ({transport['relay_why']})"
     auto = reply.get("auto") or {}
     if auto.get("enabled"):
         found = len(auto.get("found") or [])

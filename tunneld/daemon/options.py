@@ -86,9 +86,10 @@ def launch(*, via_default: str, via_note: str = "") -> argparse.ArgumentParser:
     more), ``--helper-image``, ``--detach``, ``--ready-timeout``, ``--log-file``."""
     p = argparse.ArgumentParser(add_help=False, parents=[log_file()])
     p.add_argument("--via", metavar="TRANSPORT", help=_via_help(via_default) + via_note)
-    p.add_argument("--helper-image", metavar="IMAGE",
+    p.add_argument("--helper-image", metavar="IMAGE", action="append",
                    help="docker transport: helper image (default alpine/socat; one with python3, such as "
-                        "python:3-alpine, sets up connections faster)")
+                        "python:3-alpine, sets up connections faster); repeat it for a list in order of "
+                        "preference: the first already on the Docker host is used, else the first that pulls")
     p.add_argument("--detach", action="store_true",
                    help="run in the background; return once every forward is ready")
     p.add_argument("--ready-timeout", type=seconds, metavar="SECONDS",

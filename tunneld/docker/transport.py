@@ -25,6 +25,7 @@ methods, each part would reach into the others' state.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -54,7 +55,7 @@ from tunneld.docker.execs import (
 )
 from tunneld.docker.helper import Helper, ensure_helper, remove_helper
 from tunneld.docker.host import Endpoint, resolve_endpoint
-from tunneld.docker.images import ensure_image
+from tunneld.docker.images import choose_image
 from tunneld.docker.progress import PullPrinter
 from tunneld.errors import TransportError
 from tunneld.labels import ROLE_HELPER
@@ -92,6 +93,7 @@ class DockerTransport:
         self.helper = Helper(self.settings.helper_name, self.settings.helper_image, ROLE_HELPER,
                              instead="choose another docker.helper_name")
         self.helper_id: str | None = None
+        self.image_why = ""  # why self.helper.image was chosen from settings.helper_images
         self._tg: anyio.abc.TaskGroup | None = None
         self._helper_lock = anyio.Lock()
         self._exec_starts = anyio.Semaphore(EXEC_STARTS_AT_ONCE)
@@ -145,8 +147,8 @@ class DockerTransport:
             self.health.set(TransportState.CONNECTED)
         self._top_up()
         tg.start_soon(self._housekeeping)
-        logger.info("docker: helper %s (%s) ready, relay %s, pool %d", self.settings.helper_name,
-                    self.settings.helper_image, self.mode, self.settings.pool_size)
+        logger.info("docker: helper %s ready: image %s (%s), relay %s (%s), pool %d", self.settings.helper_name,
+                    self.helper.image, self.image_why, self.mode, self.relay_why(), self.settings.pool_size)
         return self
 
     async def __aexit__(
@@ -198,11 +200,19 @@ class DockerTransport:
         async with self._helper_lock:
             if self.helper_id is not None and self.helper_id != stale_id:
                 return self.helper_id  # someone else already repaired it
-            # A pull may take minutes: its progress goes to the log, a line per layer every few seconds.
-            image_id = await ensure_image(self.client, self.helper.image, what="helper image",
-                                          hint="load it there or set --helper-image",
-                                          progress=PullPrinter(lambda line: logger.info("docker: %s", line)))
-            self.helper_id, _ = await ensure_helper(self.client, self.helper, image_id=image_id)
+            # The first image of the list the host has, so a host that has one never needs a registry;
+            # else each is pulled in turn. A pull may take minutes: its progress goes to the log, a
+            # line per layer every few seconds.
+            images = self.settings.helper_images
+            hint = ("load it there or set --helper-image" if len(images) == 1 else
+                    "load one of them there (docker pull or docker load on the Docker host) or set --helper-image")
+            choice = await choose_image(self.client, images, what="helper image", hint=hint,
+                                        progress=PullPrinter(lambda line: logger.info("docker: %s", line)))
+            if self.image_why and choice.image != self.helper.image:  # at start-up the "ready" line says it
+                logger.info("docker: helper image is now %s (%s)", choice.image, choice.why)
+            self.helper = dataclasses.replace(self.helper, image=choice.image)
+            self.image_why = choice.why
+            self.helper_id, _ = await ensure_helper(self.client, self.helper, image_id=choice.image_id)
             return self.helper_id
 
     async def cleanup(self) -> None:
@@ -214,6 +224,15 @@ class DockerTransport:
             return
         if await remove_helper(self.client, self.helper):
             logger.info("docker: removed helper container %s", self.settings.helper_name)
+
+    def relay_why(self) -> str:
+        """Why the relay in use was chosen, for the log and ``status``."""
+        if self.mode == "python":
+            return "python3 in the image"
+        python = "its python3 is older than 3.5" if not self._relay_python else "no python3 in the image"
+        if self.mode == "socat":
+            return f"{python}; socat is"
+        return f"{python}, no socat; nc is"
 
     # ---------------------------------------------------------------- the slot pool
 
@@ -236,7 +255,7 @@ class DockerTransport:
             if self._relay_python and PYTHON_TOO_OLD in slot.startup_output():
                 # The script relays instead (socat or nc), for this helper from now on.
                 logger.warning("docker: helper image %s: %s; using the shell relay",
-                               self.settings.helper_image, slot.startup_output())
+                               self.helper.image, slot.startup_output())
                 self._relay_python = ""
                 return await self._start_slot()
             raise TransportError(slot.dead)
@@ -308,7 +327,7 @@ class DockerTransport:
         if info is None or not info.running:
             self._helper_suspect = True  # the next exec repairs it first
             return f"helper container {self.settings.helper_name} stopped or was removed"
-        return (f"helper image {self.settings.helper_image} cannot run the relay (it needs sh, sleep, and python3, "
+        return (f"helper image {self.helper.image} cannot run the relay (it needs sh, sleep, and python3, "
                 f"or dd and socat or nc): {slot.startup_output() or 'the exec ended without output'}")
 
     async def _fill_one(self) -> None:
@@ -448,7 +467,10 @@ class DockerTransport:
             "docker_host_from": ep.source if ep else None,
             "tls": bool(ep and ep.tls),
             "helper": self.settings.helper_name,
-            "helper_image": self.settings.helper_image,
+            "helper_image": self.helper.image,
+            "helper_images": list(self.settings.helper_images),
+            "helper_image_why": self.image_why or None,
+            "relay_why": self.relay_why() if self.mode in RELAY_MODES else None,
             "helper_id": (self.helper_id or "")[:12] or None,
             "relay": self.mode,
             "relay_primed": self._primed,

@@ -1,0 +1,96 @@
+"""A list of helper images against the lab's real dockerd: the first the Docker host already has is
+used without a registry, else each is pulled in turn; status and the log name the image and the relay
+and why; when none can be had, the error names every image tried.
+
+"Absent" images are names in the lab's registry that do not exist there (a pull is refused at once);
+each test has its own helper container (``settings`` gives it a name of its own) and removes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+import anyio
+import pytest
+
+from tests.docker.support import forget_image, push_lab_image
+from tests.docker.test_transport import docker_transport, settings
+from tests.helpers import echo_roundtrip, running_forward
+from tests.lab.lab import LabInfo
+from tunneld.cli.status import _status_header
+from tunneld.errors import TransportError
+
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
+
+
+def absent(lab: LabInfo) -> str:
+    """A name the lab's registry does not have: not on the Docker host, and its pull is refused."""
+    return f"{lab.registry_addr}/kci/absent-{uuid.uuid4().hex[:8]}:1"
+
+
+def pulls(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [m for m in caplog.messages if m.startswith(("docker: pull", "docker: pulling"))]
+
+
+async def test_an_image_already_on_the_host_is_used_without_a_registry(
+        lab: LabInfo, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="tunneld.docker")
+    first = absent(lab)
+    s = settings(lab, tls=False, helper_images=(first, lab.python_image))
+    with anyio.fail_after(60):
+        async with docker_transport(s) as transport, running_forward(transport, lab.echo_port) as fwd:
+            assert await echo_roundtrip(fwd.port, b"no registry needed") == b"no registry needed"
+            info = transport.info()
+    assert pulls(caplog) == []  # the absent first image was never pulled
+    why = f"already on the Docker host; {first} was not"
+    assert (info["helper_image"], info["helper_image_why"]) == (lab.python_image, why)
+    assert info["helper_images"] == [first, lab.python_image]
+    assert (info["relay"], info["relay_why"]) == ("python", "python3 in the image")
+    assert (f"docker: helper {s.helper_name} ready: image {lab.python_image} ({why}), relay python "
+            f"(python3 in the image), pool {s.pool_size}") in caplog.messages
+    header = _status_header({"pid": 1, "state": "running", "transport": info}, time.time())
+    assert f"helper image {lab.python_image} ({why}), relay python (python3 in the image)" in header
+
+
+async def test_the_shell_relay_is_named_with_its_reason(lab: LabInfo) -> None:
+    s = settings(lab, tls=False, helper_images=(lab.socat_image, lab.python_image))
+    with anyio.fail_after(60):
+        async with docker_transport(s) as transport:
+            info = transport.info()
+    assert (info["helper_image"], info["helper_image_why"]) == (lab.socat_image, "already on the Docker host")
+    assert (info["relay"], info["relay_why"]) == ("socat", "no python3 in the image; socat is")
+
+
+async def test_no_usable_helper_image_names_each_image_tried(lab: LabInfo) -> None:
+    images = (absent(lab), absent(lab))
+    s = settings(lab, tls=False, helper_images=images)
+    with anyio.fail_after(60), pytest.raises(TransportError) as e:
+        async with docker_transport(s):
+            pass
+    message = str(e.value)
+    assert message.startswith("none of the helper images is on the Docker host at unix://"), message
+    for n, image in enumerate(images, 1):
+        assert f"({n}) {image}: pulling image {image}: the Docker host at unix://" in message, message
+        assert f"answered 404: manifest for {image} not found" in message, message
+    assert message.endswith("load one of them there (docker pull or docker load on the Docker host) "
+                            "or set --helper-image"), message
+
+
+async def test_the_first_image_that_pulls_is_used_when_the_host_has_none(
+        lab: LabInfo, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="tunneld.docker")
+    first = absent(lab)
+    ref = push_lab_image(lab, lab.socat_image, f"kcit/helper-list-{uuid.uuid4().hex[:8]}")
+    try:
+        s = settings(lab, tls=False, helper_images=(first, ref))
+        with anyio.fail_after(60):
+            async with docker_transport(s) as transport, running_forward(transport, lab.echo_port) as fwd:
+                assert await echo_roundtrip(fwd.port, b"pulled second") == b"pulled second"
+                info = transport.info()
+    finally:
+        forget_image(ref)
+    assert info["helper_image"] == ref
+    assert info["helper_image_why"].startswith(f"pulled: none of the list was on the Docker host; {first}: ")
+    assert any(m.startswith(f"docker: pulled {ref}") for m in pulls(caplog)), pulls(caplog)
