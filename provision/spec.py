@@ -107,12 +107,24 @@ def spec_from_json(text: str, *, source: str = "provision spec") -> ProvisionSpe
         return ProvisionSpec(
             registry=_build(RegistrySpec, data["registry"]),
             cluster=None if cluster is None else _build(ClusterSpec, cluster),
-            docker=_build(DockerSettings, data["docker"]),
+            docker=_docker(data["docker"]),
             helper_image=str(data["helper_image"]),
             timeouts=_build(ProvisionTimeouts, data["timeouts"]),
         )
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ConfigError(f"{source}: not a provisioning spec written by `kci-tunneld up`: {e!r}") from None
+
+
+def _docker(data: dict[str, Any]) -> DockerSettings:
+    """DockerSettings from JSON: its list of helper images is a tuple again; a spec written before
+    there was a list has the one ``helper_image``."""
+    data = dict(data)
+    if "helper_image" in data:
+        data["helper_images"] = [data.pop("helper_image")]
+    if "helper_images" in data:
+        data["helper_images"] = tuple(data["helper_images"])
+    built: DockerSettings = _build(DockerSettings, data)
+    return built
 
 
 def _build(cls: Any, data: dict[str, Any]) -> Any:
