@@ -29,7 +29,8 @@ pytestmark = pytest.mark.timeout(10)
 def model_keys() -> set[str]:
     """Every TOML key the model can take, spelled as the reference spells it."""
     keys = {f"forwards[].{f.name}" for f in dataclasses.fields(ForwardSpec)}
-    keys |= {f"transport.docker.{f.name}" for f in dataclasses.fields(DockerSettings)}
+    # A field read from a TOML key of another spelling names it in its metadata (helper_images: helper_image).
+    keys |= {f"transport.docker.{f.metadata.get('toml', f.name)}" for f in dataclasses.fields(DockerSettings)}
     # The SSH host only ever comes from transport.via = "ssh://...".
     keys |= {f"transport.ssh.{f.name}" for f in dataclasses.fields(SshSettings) if f.name != "host"}
     keys |= {f"timeouts.{f.name}" for f in dataclasses.fields(Timeouts)}

@@ -57,7 +57,8 @@ class DockerSettings:
     cert_path: str | None = None
     context: str | None = None
     # In order of preference: the first already on the Docker host is used, else the first that pulls.
-    helper_images: tuple[str, ...] = (DEFAULT_HELPER_IMAGE,)
+    # Its TOML key is the singular helper_image (a string or a list): metadata["toml"] says so.
+    helper_images: tuple[str, ...] = field(default=(DEFAULT_HELPER_IMAGE,), metadata={"toml": "helper_image"})
     helper_name: str = DEFAULT_HELPER_NAME
     pool_size: int = 4
 
