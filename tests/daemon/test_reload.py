@@ -244,3 +244,18 @@ def _accept_and_close(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         while True:
             sock.accept()[0].close()
+
+
+@pytest.mark.timeout(90)
+def test_a_renamed_forward_keeps_its_port(notify: NotifyListener, tmp_path: Path) -> None:
+    """The same address under a new name: the port is handed over, not bound twice (which would fail)."""
+    with EchoServer() as echo_server, running(tmp_path, notify, forward_toml("old", 0, echo_server.port)) as d:
+        port = int(d.forwards()["old"]["port"])  # type: ignore[call-overload]
+        d.config.write_text(forward_toml("new", port, echo_server.port))
+        with Hammer(port) as hammer:
+            result = d.cli("reload")
+            assert result.returncode == 0, result.stderr
+            time.sleep(0.3)
+        assert hammer.ok > 0 and not hammer.failed, hammer.failed[:3]
+        forwards = d.forwards()
+        assert list(forwards) == ["new"] and forwards["new"]["port"] == port

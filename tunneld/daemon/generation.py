@@ -58,18 +58,24 @@ class Generation:
 
 
 def prebind(desired: list[tuple[ForwardSpec, float | None]], gen: Generation) -> dict[str, list[socket.socket]]:
-    """Listening sockets for the forwards about to start: the running forward's own (duplicated,
-    so the port never closes) where it listens on the same address, else newly bound. Forwards
-    that retry binding (``--auto``'s) bind for themselves when nothing is handed over.
+    """Listening sockets for the forwards about to start: a running forward's own (duplicated, so the
+    port never closes) where one listens on the same address (the same name and bind/port setting,
+    or any forward bound to that port: a renamed forward keeps its port), else newly bound.
+    Forwards that retry binding (``--auto``'s) bind for themselves when nothing is handed over.
 
     :raises BindError: when a static forward's address cannot be bound (what was bound is closed).
     """
+    def listening(f: Forward) -> bool:
+        return bool(f.sockets) and all(s.fileno() != -1 for s in f.sockets)
+
+    by_address = {(f.spec.bind, f.port): f for f in gen.forwards.values() if listening(f)}
     handed: dict[str, list[socket.socket]] = {}
     try:
         for spec, retry in desired:
             running = gen.forwards.get(spec.name)
-            if running is not None and running.sockets and (running.spec.bind, running.spec.port) == (
-                    spec.bind, spec.port) and all(s.fileno() != -1 for s in running.sockets):
+            if running is None or (running.spec.bind, running.spec.port) != (spec.bind, spec.port):
+                running = by_address.get((spec.bind, spec.port)) if spec.port else None
+            if running is not None and listening(running):
                 handed[spec.name] = [s.dup() for s in running.sockets]
             elif retry is None:
                 handed[spec.name] = bind_listeners(spec.bind, spec.port)
