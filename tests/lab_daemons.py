@@ -129,9 +129,14 @@ def wait_until(what: str, check: Callable[[], bool], timeout: float, step: float
 
 @dataclass
 class Bystander:
-    """Round trips through a forward the fault must not touch, every 100 ms, in a thread."""
+    """Round trips through a forward the fault must not touch, every 100 ms, in a thread.
+
+    It makes at least ``rounds`` round trips: ``with`` waits for them at its end, so a fault that
+    heals fast does not leave too few to judge by.
+    """
 
     port: int
+    rounds: int = 10
     ok: int = 0
     failed: int = 0
 
@@ -142,6 +147,8 @@ class Bystander:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            wait_until(f"{self.rounds} bystander round trips", lambda: self.ok + self.failed >= self.rounds, 30)
         self._stop.set()
         self._thread.join(timeout=15)
 

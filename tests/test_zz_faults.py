@@ -146,7 +146,7 @@ def test_sshd_killed(daemons: dict[str, Daemon], lab: LabInfo) -> None:
 def test_veth_link_down_for_5s(daemons: dict[str, Daemon], lab: LabInfo) -> None:
     tls, ssh, unix = daemons["tls"], daemons["ssh"], daemons["unix"]
     before = {d.label: settled(d) for d in (tls, ssh, unix)}
-    with Bystander(unix.port("echo")) as bystander:  # the unix socket does not cross the veth
+    with Bystander(unix.port("echo"), rounds=21) as bystander:  # the unix socket does not cross the veth
         subprocess.run(["ip", "link", "set", lab.host_veth, "down"], check=True, timeout=10)
         try:
             time.sleep(5)
@@ -168,7 +168,7 @@ def test_remote_dockerd_restarted(daemons: dict[str, Daemon]) -> None:
     tls, ssh = daemons["tls"], daemons["ssh"]
     before = settled(tls)
     reconnects = tls.status()["transport"]["reconnects"]
-    with Bystander(ssh.port("echo")) as bystander, StateWatch(tls, "echo") as watch:
+    with Bystander(ssh.port("echo"), rounds=11) as bystander, StateWatch(tls, "echo") as watch:
         started = time.monotonic()
         labmod.restart_dockerd()  # stops every container; returns once dockerd and the lab's registry answer
         back = time.monotonic()
