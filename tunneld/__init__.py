@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING
 from tunneld.version import __version__
 
 if TYPE_CHECKING:
-    from tunneld.api import ForwardHandle, ForwardSet, build_config, open_forward, open_forwards
+    from tunneld.api import ForwardEvent, ForwardHandle, ForwardSet, build_config, open_forward, open_forwards
     from tunneld.config import (
+        AutoSettings,
         Config,
         ForwardSpec,
         Timeouts,
@@ -28,11 +29,13 @@ if TYPE_CHECKING:
 
 # name -> the module that defines it
 _EXPORTS = {
+    "AutoSettings": "tunneld.config",
     "BindError": "tunneld.errors",
     "Config": "tunneld.config",
     "ConfigError": "tunneld.errors",
     "ExitCode": "tunneld.errors",
     "Forward": "tunneld.engine.forward",
+    "ForwardEvent": "tunneld.api",
     "ForwardHandle": "tunneld.api",
     "ForwardSet": "tunneld.api",
     "ForwardSpec": "tunneld.config",
@@ -51,11 +54,13 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "AutoSettings",
     "BindError",
     "Config",
     "ConfigError",
     "ExitCode",
     "Forward",
+    "ForwardEvent",
     "ForwardHandle",
     "ForwardSet",
     "ForwardSpec",

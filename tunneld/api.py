@@ -20,11 +20,15 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import anyio
+import anyio.abc
 
 from tunneld.config import (
+    AutoSettings,
     Config,
     ForwardSpec,
     Timeouts,
@@ -165,6 +169,17 @@ class ForwardHandle:
         self._changed = anyio.Event()
 
 
+@dataclass(frozen=True)
+class ForwardEvent:
+    """A forward ``--auto`` added or removed, as :meth:`ForwardSet.follow` reports it."""
+
+    kind: Literal["added", "removed"]
+    name: str
+    port: int  # the same number here as on the Docker host
+    container: str
+    handle: ForwardHandle | None  # "added": the new forward (``wait_ready()`` it); "removed": None
+
+
 class ForwardSet:
     """The forwards of one config, sharing one transport; index them by name."""
 
@@ -174,6 +189,8 @@ class ForwardSet:
         self._ready_timeout = config.timeouts.ready
         self._handles: dict[str, ForwardHandle] = {}
         self._changed = anyio.Event()
+        self._followed: list[ForwardEvent] = []
+        self._followed_changed = anyio.Event()
 
     def __getitem__(self, name: str) -> ForwardHandle:
         return self._handles[name]
@@ -223,10 +240,26 @@ class ForwardSet:
                 return
             await changed.wait()
 
+    async def follow(self) -> AsyncIterator[ForwardEvent]:
+        """With ``auto`` enabled: yield each forward discovery added or removed, from the first
+        (so a late reader misses nothing), then each as it happens, until the block ends."""
+        index = 0
+        while True:
+            changed = self._followed_changed
+            while index < len(self._followed):
+                yield self._followed[index]
+                index += 1
+            await changed.wait()
+
     def _add(self, forward: Forward) -> ForwardHandle:
         handle = ForwardHandle(forward, self._ready_timeout)
         self._handles[forward.spec.name] = handle
         return handle
+
+    def _followed_event(self, event: ForwardEvent) -> None:
+        self._followed.append(event)
+        self._followed_changed.set()
+        self._followed_changed = anyio.Event()
 
     def _forward_changed(self, forward: Forward) -> None:
         handle = self._handles.get(forward.spec.name)
@@ -254,8 +287,8 @@ async def open_forwards(
     """
     if not isinstance(config, Config):
         config = load_config(Path(config))
-    if not config.forwards:
-        raise ConfigError("forwards: nothing to forward; give at least one [[forwards]] entry")
+    if not config.forwards and not config.auto.enabled:
+        raise ConfigError("forwards: nothing to forward; give at least one [[forwards]] entry, or enable auto")
     drain = config.timeouts.drain if grace is None else grace
     try:
         async with create_transport(config.transport, config.timeouts) as transport:
@@ -265,11 +298,15 @@ async def open_forwards(
                 gen = Generation(config, transport, tg, fset._forward_changed)
                 for spec in config.forwards:
                     fset._add(await gen.add(spec))
+                following = anyio.CancelScope()
+                if config.auto.enabled:
+                    await tg.start(_follow, config, gen, fset, following)
                 try:
                     yield fset
                 finally:
                     # After a normal exit the forwards drain for `grace`; after an exception or a
                     # cancellation the task group cancels them right away.
+                    following.cancel()
                     gen.stop(drain)
     except BaseExceptionGroup as group:
         single = _unwrap(group)
@@ -279,6 +316,41 @@ async def open_forwards(
         return
     # Raised outside the except block so Python does not chain the group onto it as __context__.
     raise single
+
+
+async def _follow(config: Config, gen: Generation, fset: ForwardSet, scope: anyio.CancelScope, *,
+                  task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    """Run ``--auto``'s discovery for ``open_forwards``: add and remove its forwards in ``gen``,
+    and tell ``fset.follow()`` readers. Started once the first look at the Docker host is applied."""
+    # Only auto needs the Docker API client (aiodocker): a direct or ssh-only app never loads it.
+    from tunneld.docker.discovery import Found
+    from tunneld.docker.follower import Discovery
+
+    static = {f.name for f in config.forwards}
+    held: dict[str, Found] = {}
+
+    async def apply(found: list[Found]) -> None:
+        wanted = {f.spec.name: f for f in found if f.spec.name not in static}
+        for name, old in list(held.items()):
+            if name not in wanted or wanted[name].spec != old.spec:
+                gen.remove(name, config.timeouts.drain)
+                fset._handles.pop(name, None)
+                del held[name]
+                fset._followed_event(ForwardEvent("removed", name, old.spec.port, old.container, None))
+        for name, f in wanted.items():
+            if name not in held:
+                handle = fset._add(await gen.add(f.spec, retry_bind=config.auto.interval))
+                held[name] = f
+                fset._followed_event(ForwardEvent("added", name, f.spec.port, f.container, handle))
+        fset._changed.set()
+        fset._changed = anyio.Event()
+
+    discovery = Discovery(config.transport.docker, config.auto, config.timeouts, apply,
+                          reserved=lambda: {f.port: f.name for f in config.forwards if f.port})
+    with scope:
+        async with anyio.create_task_group() as tg:
+            await tg.start(discovery.run)
+            task_status.started()
 
 
 def open_forward(
@@ -302,20 +374,22 @@ def open_forward(
 
 
 def build_config(
-    forwards: Sequence[str | ForwardSpec],
+    forwards: Sequence[str | ForwardSpec] = (),
     *,
     via: str | TransportSpec = "direct",
     timeouts: Timeouts | None = None,
     allow_non_loopback: bool = False,
+    auto: AutoSettings | None = None,
 ) -> Config:
-    """Build a validated Config from ``-L``-style strings or specs and a transport.
+    """Build a validated Config from ``-L``-style strings or specs and a transport; ``auto``
+    (``AutoSettings(enabled=True, mode="all")`` for follow mode) discovers forwards too.
 
     :raises ConfigError: naming the bad forward or ``via``.
     """
     specs = tuple(parse_forward_arg(f, key="forward") if isinstance(f, str) else f for f in forwards)
     transport = via if isinstance(via, TransportSpec) else TransportSpec()
     base = Config(forwards=specs, transport=transport, timeouts=timeouts or Timeouts(),
-                  allow_non_loopback=allow_non_loopback)
+                  allow_non_loopback=allow_non_loopback, auto=auto or AutoSettings())
     # merge_cli applies a --via string exactly as the CLI does, and validates the whole model.
     return merge_cli(base, via=None if isinstance(via, TransportSpec) else via)
 

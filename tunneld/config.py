@@ -21,6 +21,8 @@ from tunneld.errors import ConfigError
 
 TransportKind = Literal["direct", "docker", "ssh"]
 ProbeKind = Literal["tcp", "http", "https"]
+AutoMode = Literal["kind", "all"]
+AUTO_MODES: tuple[AutoMode, ...] = ("kind", "all")
 
 # Network defaults live here and nowhere else (seconds unless named otherwise).
 DEFAULT_CONNECT_TIMEOUT = 10.0
@@ -117,13 +119,23 @@ class ForwardSpec:
 
 @dataclass(frozen=True)
 class AutoSettings:
-    """``--auto``: forward the kind API servers and registries the remote Docker publishes, kept current."""
+    """``--auto``: forward what the remote Docker publishes, kept current as containers come and go.
+
+    ``mode`` "kind": the kind API servers and registries; "all" (follow mode, ``--auto=all``): every
+    TCP port any container publishes. The selectors narrow either: a container counts when it
+    matches each kind of selector given (any of its patterns) and no ``exclude`` pattern.
+    """
 
     enabled: bool = False
-    interval: float = DEFAULT_AUTO_INTERVAL  # seconds between looks at the remote Docker
+    mode: AutoMode = "kind"
+    interval: float = DEFAULT_AUTO_INTERVAL  # seconds between full looks at the remote Docker
     linger: float = DEFAULT_AUTO_LINGER  # keep a vanished container's forward this long (restarts)
     bind: str = "localhost"
     containers: tuple[str, ...] = ()  # shell-style name patterns to consider; empty: every container
+    images: tuple[str, ...] = ()  # shell-style image patterns (postgres:*, */redis:7*)
+    labels: tuple[str, ...] = ()  # KEY or KEY=VALUE; a container must carry every one
+    projects: tuple[str, ...] = ()  # docker compose project names (the com.docker.compose.project label)
+    exclude: tuple[str, ...] = ()  # shell-style patterns of names or images to leave out
 
 
 @dataclass(frozen=True)
@@ -354,12 +366,21 @@ def names_transport(data: Mapping[str, Any]) -> bool:
 
 
 def _parse_auto(t: _Table) -> AutoSettings:
+    labels = t.strs("labels")
+    for label in labels:
+        if label.startswith("="):
+            raise ConfigError(f"{t.path('labels')}: {label!r} has no key; write KEY or KEY=VALUE")
     out = AutoSettings(
         enabled=bool(t.bool_("enabled", False)),
+        mode=t.choice("mode", "kind", AUTO_MODES),  # type: ignore[arg-type]
         interval=t.num("interval", DEFAULT_AUTO_INTERVAL),
         linger=t.num("linger", DEFAULT_AUTO_LINGER),
         bind=_unbracket(t.str_("bind", "localhost") or "localhost"),
         containers=t.strs("containers"),
+        images=t.strs("images"),
+        labels=labels,
+        projects=t.strs("projects"),
+        exclude=t.strs("exclude"),
     )
     t.done()
     return out

@@ -24,3 +24,6 @@ KIND_CLUSTER_LABEL = "io.x-k8s.kind.cluster"
 KIND_ROLE_LABEL = "io.x-k8s.kind.role"
 KIND_CONTROL_PLANE = "control-plane"
 KIND_LOAD_BALANCER = "external-load-balancer"
+
+# docker compose's project label: follow mode (--auto=all) selects by it.
+COMPOSE_PROJECT_LABEL = "com.docker.compose.project"

@@ -13,31 +13,15 @@ import anyio
 from tests.lab.lab import LabInfo, docker, ns_exec
 from tests.oci import Layout, _put_blob
 from tunneld.docker.api import DockerClient
-from tunneld.docker.discovery import Container
+from tunneld.docker.discovery import Container, container_of
+from tunneld.docker.models import running_from_inspect
 
 
 def from_inspect(doc: Mapping[str, Any]) -> Container | None:
-    """A ``GET /containers/{id}/json`` document as a Container, or None when it is not running.
-
-    HostPort is a string there (unparseable or "0" bindings are left out); HostIp may be empty.
-    """
-    state = doc.get("State")
-    if isinstance(state, Mapping) and not state.get("Running", True):
-        return None
-    ports: dict[str, tuple[tuple[str, int], ...]] = {}
-    for key, binds in ((doc.get("NetworkSettings") or {}).get("Ports") or {}).items():
-        out = []
-        for b in binds or []:
-            try:
-                port = int(str(b.get("HostPort") or "0"))
-            except ValueError:
-                continue
-            if 0 < port < 65536:
-                out.append((str(b.get("HostIp") or ""), port))
-        ports[str(key)] = tuple(out)
-    cfg = doc.get("Config") or {}
-    return Container(name=str(doc.get("Name") or str(doc.get("Id", "?"))[:12]).lstrip("/"),
-                     image=str(cfg.get("Image") or ""), labels=dict(cfg.get("Labels") or {}), ports=ports)
+    """A ``GET /containers/{id}/json`` document as a Container (through the adapter's own reading of
+    it), or None when it is not running."""
+    running = running_from_inspect(doc)
+    return None if running is None else container_of(running)
 
 
 async def stop_container(client: DockerClient, ref: str, *, deadline: float = 10.0) -> None:

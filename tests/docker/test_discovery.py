@@ -53,7 +53,7 @@ def test_kind_control_plane_is_forwarded_on_the_port_it_publishes() -> None:
     found = select(containers(
         kind_node("dev", "control-plane", {"6443/tcp": [{"HostIp": "127.0.0.1", "HostPort": "41234"}]}),
         kind_node("dev", "worker"),
-    ))
+    )).found
     assert len(found) == 1
     spec = found[0].spec
     assert (spec.name, spec.bind, spec.port, spec.host, spec.host_port) == ("kind-dev", "localhost", 41234,
@@ -65,7 +65,7 @@ def test_external_load_balancer_wins_over_control_planes() -> None:
     found = select(containers(
         kind_node("ha", "control-plane", {"6443/tcp": None}),
         kind_node("ha", "external-load-balancer", {"6443/tcp": [{"HostIp": "127.0.0.1", "HostPort": "40001"}]}),
-    ))
+    )).found
     assert [(f.spec.name, f.spec.port, f.container) for f in found] == [("kind-ha", 40001, "ha-external-load-balancer")]
 
 
@@ -100,7 +100,7 @@ def test_registries_by_image_or_ctlptl_label_publishing_5000() -> None:
         inspect_doc("lookalike", image="myregistry:1", ports={"5000/tcp": [{"HostIp": "", "HostPort": "5003"}]}),
         inspect_doc("stopped", image="registry:2", ports={"5000/tcp": [{"HostIp": "", "HostPort": "5004"}]},
                     running=False),
-    ))
+    )).found
     got = {(f.spec.name, f.spec.port, f.spec.host, f.spec.probe, f.spec.probe_path) for f in found}
     assert got == {("kind-registry", 5001, "127.0.0.1", "http", "/v2/"),
                    ("ctlptl-registry", 5002, "127.0.0.1", "http", "/v2/")}
@@ -121,10 +121,18 @@ def test_config_ports_and_repeated_ports_are_skipped_and_patterns_filter() -> No
         inspect_doc("b-reg", ports={"5000/tcp": [{"HostIp": "::1", "HostPort": "5005"}]}),
         inspect_doc("c-reg", ports={"5000/tcp": [{"HostIp": "127.0.0.1", "HostPort": "5006"}]}),
     )
-    assert [f.spec.name for f in select(docs)] == ["a-reg", "c-reg"]  # b-reg wants 5005 too
-    assert [f.spec.name for f in select(docs, reserved={5005})] == ["c-reg"]
-    assert [f.spec.name for f in select(docs, patterns=["b-*", "c-*"])] == ["b-reg", "c-reg"]
-    assert [f.spec.bind for f in select(docs, bind="127.0.0.1")] == ["127.0.0.1", "127.0.0.1"]
+    chosen = select(docs)
+    assert [f.spec.name for f in chosen.found] == ["a-reg", "c-reg"]  # b-reg wants 5005 too: reported
+    assert [(c.container, c.port, c.holder) for c in chosen.conflicts] == [("b-reg", 5005, "container a-reg")]
+    assert [f.spec.name for f in select(docs, reserved={5005}).found] == ["c-reg"]
+    conflicts = select(docs, reserved={5005: "mine"}).conflicts
+    assert conflicts[0].text() == ("port 5005 of container a-reg is not forwarded: "
+                                                "it is already the config's forward mine's")
+    patterns = AutoSettings(containers=("b-*", "c-*"))
+    assert [f.spec.name for f in select(docs, auto=patterns).found] == ["b-reg", "c-reg"]
+    assert [f.spec.bind for f in select(docs, bind="127.0.0.1").found] == ["127.0.0.1", "127.0.0.1"]
+    # The container forwarded on a port now keeps it against a newcomer that sorts first.
+    assert [f.container for f in select(docs, holders={5005: "b-reg"}).found] == ["b-reg", "c-reg"]
 
 
 def test_auto_and_metrics_config_keys() -> None:

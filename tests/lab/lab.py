@@ -59,6 +59,7 @@ from .layout import (
     LOCK_FILE,
     NETNS,
     NETNS_PATH,
+    NS_EPHEMERAL,
     NS_IP,
     NS_VETH,
     PREFIX_LEN,
@@ -165,6 +166,10 @@ def _ensure_network() -> str:
     ip("-n", NETNS, "addr", "replace", f"{NS_IP}/{PREFIX_LEN}", "dev", NS_VETH)
     ip("-n", NETNS, "link", "set", NS_VETH, "up")
     ip("-n", NETNS, "link", "set", "lo", "up")
+    # dockerd picks a `-P` / `-p 0` port from its namespace's ephemeral range, and follow mode
+    # (--auto=all) forwards it on the same number here: below this machine's own ephemeral range
+    # (32768+), a random published port cannot collide with a test's client socket by chance.
+    ip("netns", "exec", NETNS, "sysctl", "-q", "-w", f"net.ipv4.ip_local_port_range={NS_EPHEMERAL}")
     return ", ".join(done) or f"reused {NETNS} ({HOST_IP} <-> {NS_IP})"
 
 

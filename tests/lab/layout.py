@@ -13,6 +13,9 @@ NETNS_PATH = Path("/var/run/netns") / NETNS
 HOST_VETH, NS_VETH = "kcilab0", "kcilab1"
 # A /30 used by nothing but this lab; the namespace address is the "remote host".
 HOST_IP, NS_IP, PREFIX_LEN = "10.213.77.1", "10.213.77.2", 30
+# The namespace's ephemeral ports, where its dockerd picks random published ports: below this
+# machine's (32768-60999), so follow mode's same-number forwards never meet a client socket here.
+NS_EPHEMERAL = "20000 29999"
 
 RUN_DIR = Path("/run/kcilab")  # sockets, pids, logs, keys: nothing that must survive a reboot
 STATE_DIR = Path("/var/lib/kcilab")  # the image store: kept by `down`, removed by --purge

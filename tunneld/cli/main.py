@@ -19,7 +19,7 @@ from typing import Any
 from provision import cli as provision_cli
 from tunneld import loop
 from tunneld.cli.status import format_status
-from tunneld.config import Config, config_from_toml, load_config, merge_cli, names_transport, read_toml
+from tunneld.config import AUTO_MODES, Config, config_from_toml, load_config, merge_cli, names_transport, read_toml
 from tunneld.daemon import launch, options
 from tunneld.daemon.control import check_control_dir, check_control_path, default_control_path, probe_existing
 from tunneld.errors import AlreadyRunningError, ConfigError, ExitCode, TunneldError, error_for
@@ -49,6 +49,14 @@ examples:
   # whatever kind API servers and registries the remote Docker publishes, each on its own port
   # number here too (so kind's kubeconfig https://127.0.0.1:PORT works), kept current
   kci-tunneld start --detach --via docker --auto --metrics-port 9464
+
+  # follow mode: every port any container publishes, forwarded as containers come and go, so
+  # Testcontainers and docker compose work against a remote Docker host (docs/testcontainers.md)
+  export TESTCONTAINERS_HOST_OVERRIDE=localhost TESTCONTAINERS_RYUK_DISABLED=true
+  kci-tunneld start --detach --auto=all
+
+  # follow mode narrowed to one compose project, leaving its database out
+  kci-tunneld start --detach --auto=all --auto-project shop --auto-exclude 'postgres:*'
 
 --detach returns 0 only once every forward listens AND a probe through the transport reached its
 target; the daemon keeps running in the background and logs to the file it prints."""
@@ -99,11 +107,27 @@ def build_parser() -> argparse.ArgumentParser:
                        help="allow BIND addresses other than loopback (exposes the far side to the network)")
     start.add_argument("-i", dest="identity_files", action="append", default=[], metavar="FILE",
                        help="ssh transport: private key file; repeatable")
-    start.add_argument("--auto", action="store_true",
+    start.add_argument("--auto", nargs="?", const="kind", choices=AUTO_MODES, metavar="all",
                        help="discover kind API servers and registries the remote Docker publishes and forward "
                             "each on the same port number here; follow them as they come, go and move "
-                            "(config: [auto] enabled = true). Without --via: over the Docker host in "
-                            "DOCKER_HOST (else the local /var/run/docker.sock); never over direct")
+                            "(config: [auto] enabled = true). --auto=all (follow mode): every TCP port any "
+                            "container publishes, within milliseconds of its start, for Testcontainers and "
+                            "compose stacks (config: [auto] mode = \"all\"). Without --via: over the Docker "
+                            "host in DOCKER_HOST (else the local /var/run/docker.sock); never over direct")
+    follow = start.add_argument_group(
+        "--auto selectors", "narrow what --auto forwards; repeatable; each replaces the config's list.\n"
+                            "A container counts when it matches each kind given (any of its patterns)\n"
+                            "and no --auto-exclude.")
+    follow.add_argument("--auto-container", dest="auto_containers", action="append", metavar="GLOB",
+                        help="container names (config: [auto] containers)")
+    follow.add_argument("--auto-image", dest="auto_images", action="append", metavar="GLOB",
+                        help="image names, e.g. 'postgres:*' (config: [auto] images)")
+    follow.add_argument("--auto-label", dest="auto_labels", action="append", metavar="KEY[=VALUE]",
+                        help="a label every container must carry (config: [auto] labels)")
+    follow.add_argument("--auto-project", dest="auto_projects", action="append", metavar="NAME",
+                        help="a docker compose project (config: [auto] projects)")
+    follow.add_argument("--auto-exclude", dest="auto_exclude", action="append", metavar="GLOB",
+                        help="leave out containers whose name or image matches (config: [auto] exclude)")
     start.add_argument("--metrics-port", type=int, metavar="PORT",
                        help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics (config: [metrics] port)")
 
@@ -184,8 +208,24 @@ def _config(args: argparse.Namespace) -> Config:
         overrides["docker.helper_images"] = tuple(dict.fromkeys(args.helper_image))
     if args.identity_files:
         overrides["ssh.identity_files"] = tuple(args.identity_files)
+    auto = base.auto
     if args.auto:
-        base = dataclasses.replace(base, auto=dataclasses.replace(base.auto, enabled=True))
+        auto = dataclasses.replace(auto, enabled=True, mode=args.auto)
+    selectors: dict[str, Any] = {}
+    for key, flag in (("containers", "container"), ("images", "image"), ("labels", "label"),
+                      ("projects", "project"), ("exclude", "exclude")):
+        given = getattr(args, f"auto_{key}")
+        if given is not None:
+            bad = [g for g in given if not g or (key == "labels" and g.startswith("="))]
+            if bad:
+                wanted = "KEY or KEY=VALUE" if key == "labels" else "a name pattern"
+                raise ConfigError(f"--auto-{flag}: expected {wanted}, got {bad[0]!r}")
+            selectors[key] = tuple(dict.fromkeys(given))
+    auto = dataclasses.replace(auto, **selectors)
+    if auto != base.auto:
+        if not auto.enabled:
+            raise ConfigError("--auto-*: selectors narrow --auto; add --auto (or --auto=all)")
+        base = dataclasses.replace(base, auto=auto)
     if args.metrics_port is not None:
         if not 0 <= args.metrics_port <= 65535:
             raise ConfigError(f"--metrics-port: expected an integer 0..65535, got {args.metrics_port}")

@@ -119,9 +119,14 @@ def _status_header(reply: dict[str, Any], now: float) -> str:
     auto = reply.get("auto") or {}
     if auto.get("enabled"):
         found = len(auto.get("found") or [])
-        head += f"\nauto: {found} found, {auto.get('scans', 0)} scans, last {_ago(now, auto.get('last_scan'))} ago"
+        mode = " (follow mode: every published port)" if auto.get("mode") == "all" else ""
+        head += (f"\nauto{mode}: {found} found, {auto.get('scans', 0)} scans, "
+                 f"last {_ago(now, auto.get('last_scan'))} ago")
         if auto.get("last_error"):
             head += f"; cannot list containers: {auto['last_error']}"
+        for conflict in auto.get("conflicts") or []:
+            head += (f"\nauto: NOT forwarded: port {conflict['port']} of container {conflict['container']} "
+                     f"(already {conflict['holder']}'s)")
     for address in reply.get("metrics") or []:
         head += f"\nmetrics: http://{address}/metrics"
         break

@@ -41,7 +41,8 @@ from tunneld.errors import ExitCode, NotReadyError, TunneldError
 from tunneld.transports import create_transport
 
 if TYPE_CHECKING:
-    from tunneld.docker.discovery import Discovery, Found
+    from tunneld.docker.discovery import Found
+    from tunneld.docker.follower import Discovery
 
 logger = logging.getLogger(__name__)
 
@@ -295,10 +296,10 @@ class Daemon:
             self.discovery, self._auto_settled = None, False
             if config.auto.enabled:
                 # Only --auto needs the Docker API client (aiodocker): a --via direct daemon never loads it.
-                from tunneld.docker.discovery import Discovery
+                from tunneld.docker.follower import Discovery
 
                 discovery = Discovery(config.transport.docker, config.auto, config.timeouts, self._apply_discovered,
-                                      reserved=lambda: {f.port for f in self.config.forwards if f.port})
+                                      reserved=lambda: {f.port: f.name for f in self.config.forwards if f.port})
                 self.discovery = discovery
                 await self._start_service("auto", discovery.run)
             elif self._discovered:

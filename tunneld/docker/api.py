@@ -38,8 +38,11 @@ from tunneld.docker.models import (
     ExecResult,
     PublishedPort,
     PullProgress,
+    RunningContainer,
     details,
     pull_progress,
+    running_from_inspect,
+    running_from_list,
 )
 from tunneld.errors import ConfigError, TransportError
 from tunneld.tls import ssl_reason
@@ -416,15 +419,19 @@ class DockerClient:
 
     async def published_ports(self) -> list[PublishedPort]:
         """Every port a running container publishes on the Docker host (``docker ps`` PORTS)."""
+        return [p for c in await self.running_containers() for p in c.ports]
+
+    async def running_containers(self) -> list[RunningContainer]:
+        """Every running container with its name, image, labels and published ports: one request."""
         async with self._call("listing containers"):
             found = await self.docker.containers.list(all="false")
             rows = [dict(c._container) for c in found]
-        return [
-            PublishedPort(container=str((r.get("Names") or [""])[0]).lstrip("/"), host_ip=str(p.get("IP", "")),
-                          host_port=int(p["PublicPort"]), container_port=int(p.get("PrivatePort", 0)),
-                          proto=str(p.get("Type", "tcp")))
-            for r in rows for p in (r.get("Ports") or []) if p.get("PublicPort")
-        ]
+        return [running_from_list(r) for r in rows]
+
+    async def running_container(self, ref: str) -> RunningContainer | None:
+        """``ref`` with the ports it publishes now, or None when it is gone or not running."""
+        data = await self._inspect(ref)
+        return None if data is None else running_from_inspect(data)
 
     async def create_container_json(self, name: str, body: Mapping[str, Any]) -> str:
         """Create (not start) a container from an Engine API ``ContainerCreate`` body; returns its id.
@@ -465,14 +472,18 @@ class DockerClient:
     # ---------------------------------------------------------------- the event stream (--auto follows it)
 
     @asynccontextmanager
-    async def container_events(self, since: int | None = None) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
+    async def container_events(self, since: int | None = None, actions: Sequence[str] = ()
+                               ) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
         """Container events as ``docker events --filter type=container`` streams them (from ``since``,
-        epoch seconds, when given): an async iterator of the Engine's JSON objects, ending when the
-        Docker host closes the stream.
+        epoch seconds, when given; only ``actions``, such as start and die, when given): an async
+        iterator of the Engine's JSON objects, ending when the Docker host closes the stream.
 
         :raises TransportError: when the stream cannot be opened, or (while iterating) breaks.
         """
-        params: dict[str, Any] = {"filters": json.dumps({"type": ["container"]})}
+        filters: dict[str, list[str]] = {"type": ["container"]}
+        if actions:
+            filters["event"] = list(actions)  # the docker transport's own exec_* events stay on the host
+        params: dict[str, Any] = {"filters": json.dumps(filters)}
         if since is not None:
             params["since"] = str(since)
         timeout = aiohttp.ClientTimeout(total=None, connect=self.timeout, sock_connect=self.timeout)

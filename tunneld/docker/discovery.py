@@ -1,47 +1,33 @@
-"""``--auto``: find what the remote Docker publishes that is worth forwarding, and keep it current.
+"""``--auto``'s rules: which of the remote Docker's published ports to forward, and where to.
 
 - kind API servers: containers labelled ``io.x-k8s.kind.cluster``; per cluster the
   ``external-load-balancer`` (multi-control-plane clusters) if there is one, else the
   ``control-plane``; its ``6443/tcp`` binding. Forward ``kind-<cluster>``, probed over HTTPS.
 - registries: ctlptl's ``dev.tilt.ctlptl.role=registry`` label, or a ``registry:*`` image; the
   ``5000/tcp`` binding. Forward named after the container, probed with ``GET /v2/``.
+- follow mode (``--auto=all``) adds every other TCP port any container publishes, as
+  ``<container>:<port>``, probed by connecting.
 
 Each is forwarded on the SAME local port number the remote host publishes, so ``localhost:PORT``
-means the same thing here as there (kind's kubeconfig ``https://127.0.0.1:PORT`` works unchanged),
-to the address the binding listens on as seen from the remote host.
+means the same thing here as there (kind's kubeconfig ``https://127.0.0.1:PORT`` works unchanged,
+and so does a Testcontainers ``getMappedPort``), to the address the binding listens on as seen
+from the remote host. A port two containers want goes to the one that has it already (else the
+first by name); the other is reported as a conflict, never dropped silently.
 
-``select`` is pure (containers in, forwards out); ``Discovery`` polls the Docker host every
-``auto.interval`` seconds (``docker ps`` for published ports, then ``docker inspect`` of the few
-containers publishing 6443/tcp or 5000/tcp for their labels and image). A container that vanishes
-keeps its forward for ``auto.linger`` seconds (a ``docker restart`` or a dockerd restart should not
-unbind the port under a client's feet); while the Docker host cannot be reached nothing changes.
-
-One module for both halves, on purpose: the rules (which label, which port, which binding wins)
-and the poller that feeds them are one feature that changes together, the poller's event filter
-(``_relevant``) applies the same rules to event attributes, and the pure half alone is ~130 lines
-with no other user. The labels themselves are spelled in tunneld/labels.py.
+Pure: containers in, forwards out. tunneld/docker/follower.py keeps the containers current.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import logging
-import time
-from collections import deque
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
-import anyio
-import anyio.abc
-
-from tunneld.backoff import backoff
-from tunneld.config import AutoSettings, DockerSettings, ForwardSpec, Timeouts
-from tunneld.docker.api import DockerClient
-from tunneld.docker.host import resolve_endpoint
-from tunneld.docker.models import PublishedPort
-from tunneld.errors import TransportError
+from tunneld.config import AutoSettings, ForwardSpec
+from tunneld.docker.models import RunningContainer
 from tunneld.labels import (
+    COMPOSE_PROJECT_LABEL,
     CTLPTL_REGISTRY,
     CTLPTL_ROLE_LABEL,
     KIND_CLUSTER_LABEL,
@@ -56,10 +42,6 @@ API_SERVER_PORT = "6443/tcp"
 REGISTRY_PORT = "5000/tcp"
 
 _WILDCARDS = {"", "0.0.0.0", "::"}
-_EVENTS = 20  # what `status` shows under "recent events"
-# Container events worth telling a person about (the rest, exec_* above all, are noise here).
-_LIFECYCLE = {"start": "started", "die": "stopped", "destroy": "removed", "oom": "ran out of memory"}
-_EVENTS_BACKOFF_CAP = 5.0
 
 
 @dataclass(frozen=True)
@@ -70,6 +52,16 @@ class Container:
     image: str
     labels: Mapping[str, str]
     ports: Mapping[str, tuple[tuple[str, int], ...]]  # "6443/tcp" -> ((HostIp, HostPort), ...)
+    id: str = ""
+
+
+def container_of(running: RunningContainer) -> Container:
+    """The Docker adapter's record, with its bindings grouped by container port."""
+    ports: dict[str, list[tuple[str, int]]] = {}
+    for p in running.ports:
+        ports.setdefault(f"{p.container_port}/{p.proto}", []).append((p.host_ip, p.host_port))
+    return Container(name=running.name, image=running.image, labels=running.labels,
+                     ports={k: tuple(v) for k, v in ports.items()}, id=running.id)
 
 
 @dataclass(frozen=True)
@@ -78,34 +70,90 @@ class Found:
 
     spec: ForwardSpec
     container: str
-    what: str  # "kind API server" or "registry"
+    what: str  # "kind API server", "registry" or "container"
 
     def as_dict(self) -> dict[str, object]:
         return {"forward": self.spec.name, "container": self.container, "what": self.what,
                 "port": self.spec.port, "target": self.spec.target}
 
 
-def select(containers: Sequence[Container], *, bind: str = "localhost", reserved: Collection[int] = (),
-           patterns: Sequence[str] = ()) -> list[Found]:
+@dataclass(frozen=True)
+class Conflict:
+    """A published port not forwarded, because the port here is already another forward's."""
+
+    container: str
+    port: int
+    holder: str  # "container web" or "the config's forward registry"
+
+    def text(self) -> str:
+        return f"port {self.port} of container {self.container} is not forwarded: it is already {self.holder}'s"
+
+    def as_dict(self) -> dict[str, object]:
+        return {"container": self.container, "port": self.port, "holder": self.holder}
+
+
+@dataclass
+class Selection:
+    found: list[Found] = field(default_factory=list)
+    conflicts: list[Conflict] = field(default_factory=list)
+
+
+def selected(c: Container, auto: AutoSettings) -> bool:
+    """True when ``c`` passes ``auto``'s selectors: each kind given (any of its patterns; every
+    label) and no ``exclude`` pattern on its name or image."""
+    def any_glob(value: str, patterns: Iterable[str]) -> bool:
+        return any(fnmatch.fnmatchcase(value, p) for p in patterns)
+
+    if auto.containers and not any_glob(c.name, auto.containers):
+        return False
+    if auto.images and not any_glob(c.image, auto.images):
+        return False
+    if auto.projects and c.labels.get(COMPOSE_PROJECT_LABEL) not in auto.projects:
+        return False
+    for label in auto.labels:
+        key, eq, value = label.partition("=")
+        if key not in c.labels or (eq and c.labels[key] != value):
+            return False
+    return not (any_glob(c.name, auto.exclude) or any_glob(c.image, auto.exclude))
+
+
+_EVERY = AutoSettings()
+
+
+def select(containers: Sequence[Container], *, auto: AutoSettings = _EVERY, bind: str | None = None,
+           reserved: Mapping[int, str] | Collection[int] = (), holders: Mapping[int, str] | None = None) -> Selection:
     """What to forward from these running containers.
 
-    Only containers whose name matches one of ``patterns`` (shell-style) count, when any are given.
-    Ports in ``reserved`` (the config's own forwards) and ports already chosen are skipped.
+    ``reserved``: ports the config's own forwards hold (a mapping names them). ``holders``: port ->
+    container forwarded on it now, which keeps the port when another container wants it too.
     """
-    if patterns:
-        containers = [c for c in containers if any(fnmatch.fnmatchcase(c.name, p) for p in patterns)]
-    candidates = _kind_api_servers(containers, bind) + _registries(containers, bind)
-    out: list[Found] = []
-    taken = set(reserved)
+    bind = bind or auto.bind
+    pool = [c for c in containers if selected(c, auto)]
+    keep = holders or {}
+    # The container holding a port now goes first: a newcomer on the same port does not take it over.
+    pool.sort(key=lambda c: (c.name not in keep.values(), c.name))
+    candidates = _kind_api_servers(pool, bind) + _registries(pool, bind)
+    if auto.mode == "all":
+        candidates += _published(pool, bind)
+    out = Selection()
+    taken: dict[int, str] = {}
+    for port in reserved:
+        name = reserved[port] if isinstance(reserved, Mapping) else ""
+        taken[port] = f"the config's forward {name}".rstrip()
     names: set[str] = set()
     for found in candidates:
-        if found.spec.port in taken or found.spec.name in names:
-            logger.debug("auto: %s (%s) skipped: port %d or its name is taken", found.spec.name, found.container,
-                         found.spec.port)
+        port = found.spec.port
+        if port in taken:
+            if taken[port] != f"container {found.container}":  # its own other role (a registry's 5000)
+                out.conflicts.append(Conflict(found.container, port, taken[port]))
             continue
-        taken.add(found.spec.port)
+        if found.spec.name in names:
+            logger.debug("auto: %s (%s) skipped: its name is taken", found.spec.name, found.container)
+            continue
+        taken[port] = f"container {found.container}"
         names.add(found.spec.name)
-        out.append(found)
+        out.found.append(found)
+    out.found.sort(key=lambda f: f.spec.name)
     return out
 
 
@@ -118,17 +166,20 @@ def binding(container: Container, container_port: str) -> tuple[str, int] | None
     """
     best: tuple[int, str, int] | None = None
     for ip, port in container.ports.get(container_port, ()):
-        if ip in _WILDCARDS:
-            rank, target = (1 if ip != "::" else 2), "127.0.0.1"
-        elif ip == "127.0.0.1":
-            rank, target = 0, ip
-        elif ip == "::1":
-            rank, target = 3, ip
-        else:
-            rank, target = 4, ip
+        rank, target = _rank(ip)
         if best is None or rank < best[0]:
             best = (rank, target, port)
     return (best[1], best[2]) if best else None
+
+
+def _rank(ip: str) -> tuple[int, str]:
+    if ip in _WILDCARDS:
+        return (1 if ip != "::" else 2), "127.0.0.1"
+    if ip == "127.0.0.1":
+        return 0, ip
+    if ip == "::1":
+        return 3, ip
+    return 4, ip
 
 
 def _kind_api_servers(containers: Sequence[Container], bind: str) -> list[Found]:
@@ -160,9 +211,15 @@ def is_registry_image(image: str) -> bool:
     return repo in ("registry", "library/registry", "docker.io/library/registry", "index.docker.io/library/registry")
 
 
+def is_kind_or_registry(name: str, image: str, labels: Mapping[str, str]) -> bool:
+    """A container plain ``--auto`` forwards or would: kind-labelled, or a registry."""
+    return (bool(labels.get(KIND_CLUSTER_LABEL)) or labels.get(CTLPTL_ROLE_LABEL) == CTLPTL_REGISTRY
+            or is_registry_image(image))
+
+
 def _registries(containers: Sequence[Container], bind: str) -> list[Found]:
     out = []
-    for c in sorted(containers, key=lambda c: c.name):
+    for c in containers:
         if not (c.labels.get(CTLPTL_ROLE_LABEL) == CTLPTL_REGISTRY or is_registry_image(c.image)):
             continue
         found = binding(c, REGISTRY_PORT)
@@ -175,187 +232,20 @@ def _registries(containers: Sequence[Container], bind: str) -> list[Found]:
     return out
 
 
-async def list_candidates(client: DockerClient) -> list[Container]:
-    """Running containers publishing 6443/tcp or 5000/tcp, with their labels and image.
-
-    :raises TransportError: when the Docker host cannot be asked.
-    """
-    ports: dict[str, list[PublishedPort]] = {}
-    for p in await client.published_ports():
-        ports.setdefault(p.container, []).append(p)
+def _published(containers: Sequence[Container], bind: str) -> list[Found]:
+    """Every TCP port each container publishes, one forward per host port (``-p 8080:80`` is bound
+    on 0.0.0.0 and :: alike: one forward, dialled on 127.0.0.1)."""
     out = []
-    for name, published in sorted(ports.items()):
-        if not any(p.proto == "tcp" and p.container_port in (6443, 5000) for p in published):
-            continue
-        details = await client.container_details(name)
-        if details is None or not details.running:
-            continue  # gone between the two calls
-        grouped: dict[str, list[tuple[str, int]]] = {}
-        for p in published:
-            grouped.setdefault(f"{p.container_port}/{p.proto}", []).append((p.host_ip, p.host_port))
-        out.append(Container(name=name, image=details.image, labels=details.labels,
-                             ports={k: tuple(v) for k, v in grouped.items()}))
+    for c in containers:
+        by_port: dict[int, tuple[int, str]] = {}
+        for key, bindings in c.ports.items():
+            if not key.endswith("/tcp"):
+                continue
+            for ip, port in bindings:
+                rank, target = _rank(ip)
+                if port not in by_port or rank < by_port[port][0]:
+                    by_port[port] = (rank, target)
+        for port, (_, host) in sorted(by_port.items()):
+            spec = ForwardSpec(name=f"{c.name}:{port}", bind=bind, port=port, host=host, host_port=port)
+            out.append(Found(spec, c.name, "container"))
     return out
-
-
-Apply = Callable[[list[Found]], Awaitable[None]]
-
-
-class Discovery:
-    """Polls the remote Docker and hands the wanted forwards to ``apply`` whenever they change."""
-
-    def __init__(self, docker: DockerSettings, auto: AutoSettings, timeouts: Timeouts, apply: Apply,
-                 reserved: Callable[[], Collection[int]] = frozenset) -> None:
-        """:raises TransportError: when the Docker host settings are unusable (bad DOCKER_HOST, missing certs)."""
-        self.endpoint = resolve_endpoint(docker)
-        self.auto = auto
-        self.timeouts = timeouts
-        self._apply = apply
-        self._reserved = reserved
-        self._seen: dict[str, tuple[Found, float]] = {}  # name -> (what, monotonic time last seen)
-        self.current: list[Found] = []
-        self.scanned = anyio.Event()  # set after the first successful look
-        self.scans = 0
-        self.last_scan: float | None = None
-        self.last_error: str | None = None
-        self.events: deque[dict[str, object]] = deque(maxlen=_EVENTS)
-        self._rescan = anyio.Event()
-
-    def status(self) -> dict[str, object]:
-        return {
-            "enabled": True,
-            "docker_host": self.endpoint.describe(),
-            "interval": self.auto.interval,
-            "scans": self.scans,
-            "last_scan": self.last_scan,
-            "last_error": self.last_error,
-            "containers": list(self.auto.containers),
-            "found": [f.as_dict() for f in self.current],
-            "events": list(self.events),
-        }
-
-    async def run(self, *, task_status: anyio.abc.TaskStatus[Discovery] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Poll forever, and look again at once when a container starts or stops; ``started`` after the
-        first attempt, whether or not the Docker host answered."""
-        async with DockerClient(self.endpoint, timeout=self.timeouts.connect) as client, \
-                anyio.create_task_group() as tg:
-            tg.start_soon(self._follow_events, client)
-            started = False
-            while True:
-                await self.scan(client)
-                if not started:
-                    started = True
-                    task_status.started(self)
-                with anyio.move_on_after(self.auto.interval):
-                    await self._rescan.wait()
-                self._rescan = anyio.Event()
-
-    async def _follow_events(self, client: DockerClient) -> None:
-        """Record container starts and stops for `status` (a `docker restart` between two polls shows
-        too) and trigger a look; reconnect with backoff when the stream ends (dockerd restarted)."""
-        since = int(time.time())
-        failures = 0
-        seen: deque[tuple[object, object, object]] = deque(maxlen=256)  # a reconnect replays from `since`
-        while True:
-            try:
-                async with client.container_events(since=since) as stream:
-                    if failures:
-                        self._event("the Docker event stream is back")
-                        self._rescan.set()
-                    failures = 0
-                    async for event in stream:
-                        key = (event.get("id"), event.get("Action"), event.get("timeNano"))
-                        if key in seen:
-                            continue
-                        seen.append(key)
-                        since = max(since, int(event.get("time") or 0))
-                        self._on_event(event)
-                reason = "the Docker host closed it"
-            except TransportError as e:
-                reason = str(e)
-            failures += 1
-            if failures == 1:
-                logger.warning("auto: lost the Docker event stream (%s); reconnecting", reason)
-                self._event(f"lost the Docker event stream (is dockerd restarting?): {reason[:160]}")
-            await anyio.sleep(backoff(failures, _EVENTS_BACKOFF_CAP))
-
-    def _on_event(self, event: Mapping[str, Any]) -> None:
-        verb = _LIFECYCLE.get(str(event.get("Action") or event.get("status") or ""))
-        attrs = (event.get("Actor") or {}).get("Attributes") or {}
-        name = str(attrs.get("name") or "")
-        if verb is None or not self._relevant(name, attrs):
-            return
-        if verb == "stopped" and attrs.get("exitCode") is not None:
-            verb += f" (exit code {attrs['exitCode']})"
-        logger.info("auto: container %s %s", name, verb)
-        self._event(f"container {name} {verb}")
-        self._rescan.set()
-
-    def _relevant(self, name: str, attrs: Mapping[str, Any]) -> bool:
-        """A container --auto forwards, or would: kind-labelled, a registry, one it found before."""
-        if self.auto.containers and not any(fnmatch.fnmatchcase(name, p) for p in self.auto.containers):
-            return False
-        return (any(f.container == name for f in self.current) or bool(attrs.get(KIND_CLUSTER_LABEL))
-                or attrs.get(CTLPTL_ROLE_LABEL) == CTLPTL_REGISTRY or is_registry_image(str(attrs.get("image") or "")))
-
-    async def scan(self, client: DockerClient) -> None:
-        """One look at the Docker host; apply what changed."""
-        try:
-            containers = await list_candidates(client)
-        except TransportError as e:
-            if str(e) != self.last_error:
-                logger.warning("auto: cannot list containers, keeping the %d forward(s) found before: %s",
-                               len(self.current), e)
-                self._event(f"cannot list containers: {e}")
-            self.last_error = str(e)
-            return
-        if self.last_error is not None:
-            logger.info("auto: the Docker host answers again")
-            self._event("the Docker host answers again")
-        self.last_error = None
-        self.scans += 1
-        self.last_scan = time.time()
-        found = select(containers, bind=self.auto.bind, reserved=self._reserved(), patterns=self.auto.containers)
-        wanted = self._with_lingering(found)
-        if [f.spec for f in wanted] != [f.spec for f in self.current] or not self.scanned.is_set():
-            self._log_changes(wanted)
-            self.current = wanted
-            await self._apply(wanted)
-        self.scanned.set()
-
-    def _with_lingering(self, found: list[Found]) -> list[Found]:
-        now = time.monotonic()
-        for f in found:
-            self._seen[f.spec.name] = (f, now)
-        names = {f.spec.name for f in found}
-        ports = {f.spec.port for f in found}
-        out = list(found)
-        for name, (f, at) in list(self._seen.items()):
-            if name in names:
-                continue
-            if now - at >= self.auto.linger or f.spec.port in ports:
-                del self._seen[name]  # gone for good, or its port now belongs to another container
-                continue
-            out.append(f)
-        return sorted(out, key=lambda f: f.spec.name)
-
-    def _event(self, text: str) -> None:
-        self.events.append({"at": time.time(), "event": text})
-
-    def _log_changes(self, wanted: list[Found]) -> None:
-        old = {f.spec.name: f for f in self.current}
-        new = {f.spec.name: f for f in wanted}
-        for name, f in new.items():
-            if name not in old:
-                text = f"found {f.what} {f.container} publishing {f.spec.port}: forwarding it as {name}"
-            elif old[name].spec != f.spec:
-                text = f"{f.what} {f.container} moved to port {f.spec.port} (was {old[name].spec.port})"
-            else:
-                continue
-            logger.info("auto: %s", text)
-            self._event(text)
-        for name, f in old.items():
-            if name not in new:
-                text = f"{f.what} {f.container} gone for {self.auto.linger:g}s: no longer forwarding port {f.spec.port}"
-                logger.info("auto: %s", text)
-                self._event(text)

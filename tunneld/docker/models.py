@@ -36,6 +36,17 @@ class PublishedPort:
 
 
 @dataclass(frozen=True)
+class RunningContainer:
+    """A running container and the ports it publishes (``docker ps``, or ``docker inspect`` of one)."""
+
+    id: str
+    name: str
+    image: str  # as configured (registry:2)
+    labels: Mapping[str, str]
+    ports: tuple[PublishedPort, ...]
+
+
+@dataclass(frozen=True)
 class ContainerDetails:
     """The parts of ``docker inspect`` provisioning compares and reports."""
 
@@ -84,6 +95,40 @@ def details(data: Mapping[str, Any], ref: str) -> ContainerDetails:
         restart_policy=str((host.get("RestartPolicy") or {}).get("Name") or ""),
         networks=tuple(sorted(((data.get("NetworkSettings") or {}).get("Networks") or {}).keys())),
     )
+
+
+def running_from_list(row: Mapping[str, Any]) -> RunningContainer:
+    """One row of ``GET /containers/json`` (running containers only)."""
+    name = str((row.get("Names") or [""])[0]).lstrip("/")
+    ports = tuple(
+        PublishedPort(container=name, host_ip=str(p.get("IP") or ""), host_port=int(p["PublicPort"]),
+                      container_port=int(p.get("PrivatePort") or 0), proto=str(p.get("Type") or "tcp"))
+        for p in (row.get("Ports") or []) if p.get("PublicPort")
+    )
+    return RunningContainer(id=str(row.get("Id", "")), name=name, image=str(row.get("Image", "")),
+                            labels=dict(row.get("Labels") or {}), ports=ports)
+
+
+def running_from_inspect(data: Mapping[str, Any]) -> RunningContainer | None:
+    """A ``docker inspect`` document as a RunningContainer, or None when the container is not running.
+
+    The ports are the ones in effect (``NetworkSettings.Ports``): a ``-P`` or ``-p 0`` binding shows
+    the number Docker chose there, while ``HostConfig.PortBindings`` still says 0.
+    """
+    if not (data.get("State") or {}).get("Running"):
+        return None
+    cfg = data.get("Config") or {}
+    name = str(data.get("Name") or str(data.get("Id", "?"))[:12]).lstrip("/")
+    ports = []
+    for key, binds in sorted(((data.get("NetworkSettings") or {}).get("Ports") or {}).items()):
+        number, _, proto = str(key).partition("/")
+        for b in binds or ():  # HostPort is a string; HostIp may be empty (every address)
+            if str(b.get("HostPort") or "").isdigit() and 0 < int(b["HostPort"]) < 65536:
+                ports.append(PublishedPort(container=name, host_ip=str(b.get("HostIp") or ""),
+                                           host_port=int(b["HostPort"]), container_port=int(number or 0),
+                                           proto=proto or "tcp"))
+    return RunningContainer(id=str(data.get("Id", "")), name=name, image=str(cfg.get("Image", "")),
+                            labels=dict(cfg.get("Labels") or {}), ports=tuple(ports))
 
 
 def pull_progress(image: str, line: Mapping[str, Any]) -> PullProgress:
