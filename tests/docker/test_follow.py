@@ -27,6 +27,7 @@ import tunneld
 from tests.cli.runner import Cli
 from tests.docker.support import from_inspect
 from tests.docker.test_discovery import forwards, inspect_doc, wait_for
+from tests.docker.test_over_ssh import make_home
 from tests.lab.lab import LabInfo, docker
 from tunneld.config import AutoSettings, parse_config
 from tunneld.docker.discovery import Container, select, selected
@@ -226,7 +227,7 @@ def test_every_published_port_is_forwarded_on_its_number_and_follows_the_contain
                                                                                  "auto", name)
         assert sorted(fwd["listen"]) == sorted([f"127.0.0.1:{port}", f"[::1]:{port}"])
         # The forward is ready once the remote port accepts; the server inside takes a moment more.
-        assert wait_for("served through the forward", lambda: served(port) == name, 10)
+        assert wait_for("served through the forward", lambda p=port: served(p) == name, 10)
         assert served(port, "[::1]") == name
     status = cli.status()
     assert status["auto"]["mode"] == "all" and status["auto"]["selectors"]["labels"] == [f"{LABEL}={label}"]
@@ -236,6 +237,30 @@ def test_every_published_port_is_forwarded_on_its_number_and_follows_the_contain
     wait_for("forwards removed after the linger", lambda: not forwards(cli), 15)
     for port in ports:
         assert served(port) == ""
+
+
+@pytest.mark.timeout(120)
+def test_follow_mode_over_ssh_with_an_ssh_docker_host(tmp_path: Path, lab: LabInfo, label: str) -> None:
+    """DOCKER_HOST=ssh:// for the events and inspects, the SSH transport for the bytes."""
+    cli = Cli(tmp_path, env={"DOCKER_HOST": f"ssh://{lab.ssh_alias}", "HOME": str(make_home(tmp_path, lab))})
+    for var in ("DOCKER_CONTEXT", "DOCKER_TLS_VERIFY", "DOCKER_TLS", "DOCKER_CERT_PATH", "DOCKER_CONFIG"):
+        cli.env.pop(var, None)
+    try:
+        config = follow_config(tmp_path / "c.toml", label).read_text().replace('via = "docker"',
+                                                                               f'via = "ssh://{lab.ssh_alias}"')
+        (tmp_path / "c.toml").write_text(config)
+        result = cli.start_detached("--config", str(tmp_path / "c.toml"))
+        assert result.returncode == 0, result.stderr
+        status = cli.status()
+        assert status["transport"]["kind"] == "ssh" and status["auto"]["docker_host"].startswith("ssh://")
+        name = f"kcilab-follow-{label}"
+        run_web(name, label, "127.0.0.1::8000")
+        port = published(name)["8000/tcp"][0]
+        assert ready_forward(cli, f"{name}:{port}")["target"] == f"127.0.0.1:{port}"
+        assert wait_for("served over ssh", lambda: served(port) == name, 10)
+    finally:
+        cli.run("stop", timeout=30)
+        cli.cleanup()
 
 
 @pytest.mark.timeout(120)

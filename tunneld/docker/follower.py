@@ -173,10 +173,11 @@ class Discovery:
     def _wanted(self, name: str, attrs: Mapping[str, Any]) -> bool:
         """Whether a container this event is about could be forwarded (its labels ride in the event)."""
         labels = {str(k): str(v) for k, v in attrs.items()}
-        image = str(attrs.get("image") or "")
-        if not selected(Container(name=name, image=image, labels=labels, ports={}), self.auto):
-            return False
-        return self.auto.mode == "all" or is_kind_or_registry(name, image, labels)
+        return self._wants(Container(name=name, image=str(attrs.get("image") or ""), labels=labels, ports={}))
+
+    def _wants(self, c: Container) -> bool:
+        """Whether ``c`` is one to follow: the selectors pass it, and (plain --auto) it is kind's or a registry."""
+        return selected(c, self.auto) and (self.auto.mode == "all" or is_kind_or_registry(c.name, c.image, c.labels))
 
     async def _look_at(self, client: DockerClient, cid: str, seq: int) -> None:
         """Inspect one container an event named, and put what it publishes into the model."""
@@ -188,11 +189,12 @@ class Discovery:
             return
         if self._events_seen.get(cid, seq) != seq:
             return  # a later event (die, destroy) about it came in while we asked: that one stands
-        if running is None:
+        container = None if running is None else container_of(running)
+        if container is None or not self._wants(container):  # a rename can take it out of the selection
             self._model.pop(cid, None)
         else:
-            self._model[cid] = container_of(running)
-        self._changed[cid] = (time.monotonic(), running is not None)
+            self._model[cid] = container
+        self._changed[cid] = (time.monotonic(), container is not None)
         self._dirty.set()
 
     def _request_scan(self) -> None:
@@ -218,7 +220,7 @@ class Discovery:
             logger.info("auto: the Docker host answers again")
             self._event("the Docker host answers again")
         self.last_error = None
-        fresh = {c.id: c for c in map(container_of, running)}
+        fresh = {c.id: c for c in map(container_of, running) if self._wants(c)}  # the model: followed ones only
         for cid, (at, runs) in list(self._changed.items()):
             if at < asked:
                 del self._changed[cid]  # this answer is newer
