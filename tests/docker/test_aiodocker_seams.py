@@ -98,7 +98,8 @@ async def wait_closed(name: str, *, deadline: float, what: str) -> None:
 
 
 async def test_container_objects_carry_the_engine_document_in__container(lab: LabInfo, container: str) -> None:
-    """inspect_container, container_details, list_containers and published_ports read the Engine's whole
+    """inspect_container, container_details, list_containers, published_ports, running_containers and
+    running_container read the Engine's whole
     inspect or list document from ``DockerContainer._container``: aiodocker has no public accessor for it
     (``container[key]`` reads one key; ``show()`` costs another request)."""
     use = "to read the Engine's inspect/list document (inspect_container, container_details, list_containers, " \
@@ -133,6 +134,14 @@ async def test_container_objects_carry_the_engine_document_in__container(lab: La
             mine = [p for p in await client.published_ports() if p.container == container]
             assert [(p.host_ip, p.host_port, p.container_port, p.proto) for p in mine] == \
                 [("127.0.0.1", host_port, 8080, "tcp")]
+            # --auto's: the list row's Image and Labels, and the inspect document's NetworkSettings.Ports.
+            [listed_here] = [c for c in await client.running_containers() if c.name == container]
+            inspected = await client.running_container(container)
+            assert inspected is not None
+            for c in (listed_here, inspected):
+                assert (c.id, c.labels.get(LABEL), [(p.host_ip, p.host_port, p.container_port) for p in c.ports]) == \
+                    (got.id, container, [("127.0.0.1", host_port, 8080)])
+                assert c.image == doc["Config"]["Image"]
 
 
 # ---------------------------------------------------------------- Stream.__aenter__ and Stream._resp

@@ -410,7 +410,7 @@ class DockerClient:
                 await wrapped.aclose()
 
     # ---------------------------------------------------------------- details, bodies, networks, short execs
-    # (provisioning's calls; --auto reads container_details and published_ports too)
+    # (provisioning's calls; --auto reads running_containers and running_container)
 
     async def container_details(self, ref: str) -> ContainerDetails | None:
         """What ``docker inspect`` says about ``ref`` (env, published ports, networks...), or None."""
