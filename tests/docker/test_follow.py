@@ -26,6 +26,7 @@ import pytest
 import tunneld
 from tests.cli.runner import Cli
 from tests.docker.support import from_inspect
+from tests.docker.test_aiodocker_seams import client_for
 from tests.docker.test_discovery import forwards, inspect_doc, wait_for
 from tests.docker.test_over_ssh import make_home
 from tests.lab.lab import LabInfo, docker
@@ -205,6 +206,28 @@ def ready_forward(cli: Cli, name: str, timeout: float = 15) -> dict[str, Any]:
         log = Path(status["log_file"]).read_text()[-3000:]
         raise AssertionError(f"{e}\nforwards: {forwards(cli)}\nauto: {status['auto']}\nlog:\n{log}") from None
     return found
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.anyio
+async def test_a_container_whose_image_tag_moved_is_listed_by_its_image_name(lab: LabInfo, label: str) -> None:
+    """``docker ps`` shows such a container's image by id; the follower still reads the name (registry:2
+    after a newer registry:2 was pulled must still be a registry)."""
+    tag = f"kcilab/follow-moved:{label}"
+    name = f"kcilab-follow-{label}-moved"
+    await anyio.to_thread.run_sync(lambda: docker("tag", lab.python_image, tag))
+    try:
+        await anyio.to_thread.run_sync(lambda: docker("run", "-d", "--name", name, "-l", f"{LABEL}={label}", tag,
+                                                      "sleep", "600"))
+        await anyio.to_thread.run_sync(lambda: docker("tag", lab.busybox_image, tag))  # the tag moves on
+        listed = docker("ps", "--filter", f"name={name}", "--format", "{{.Image}}").stdout.strip()
+        assert listed != tag  # what the list says (an id)
+        async with client_for(lab) as client:
+            [mine] = [c for c in await client.running_containers() if c.name == name]
+        assert mine.image == tag
+    finally:
+        await anyio.to_thread.run_sync(lambda: docker("rm", "-f", name, check=False))
+        await anyio.to_thread.run_sync(lambda: docker("rmi", tag, check=False))
 
 
 @pytest.mark.timeout(120)
