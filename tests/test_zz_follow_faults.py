@@ -10,6 +10,7 @@ module: restarting the lab's dockerd stops every container in the lab.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import socket
 import time
@@ -25,6 +26,7 @@ from tests.docker.test_follow import LABEL, follow_config, published, ready_forw
 from tests.lab import lab as labmod
 from tests.lab.lab import LabInfo, docker
 from tests.lab_daemons import wait_until
+from tunneld.docker.follower import INSPECTS_AT_ONCE
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.lab]
 
@@ -95,7 +97,10 @@ def test_a_container_that_dies_mid_connection_ends_it_and_nothing_else(daemon: C
     wait_until("both serve", lambda: served(port) == name and served(other) == bystander, 10)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as held:
         held.sendall(b"GET /id HTTP/1.1\r\nHost: x\r\n\r\n")  # keep-alive: the connection stays open
-        assert b"200" in held.recv(65536).split(b"\r\n", 1)[0]
+        answer = b""
+        while not answer.endswith(f"{name}\n".encode()):  # the whole answer, body included
+            answer += held.recv(65536)
+        assert answer.startswith(b"HTTP/1.0 200") or answer.startswith(b"HTTP/1.1 200"), answer
         killed = time.monotonic()
         docker("kill", name)
         held.settimeout(15)
@@ -163,18 +168,50 @@ def test_dockerd_restarting(daemon: Cli, label: str) -> None:
     docker("rm", "-f", fixed, random_port)
 
 
+# The docker transport's exec pool grows under a burst of probes and shrinks back to its size a minute
+# after (tunneld/docker/transport.py IDLE_TTL): its slots' tasks and fds are not the follower's.
+POOL_TASKS = {"tunneld.docker.execs.Slot.writer", "tunneld.docker.transport.DockerTransport._run_slot",
+              "tunneld.docker.execs.Slot._abort_later"}
+
+
+def tasks_by_name(cli: Cli) -> dict[str, int]:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(cli.control))
+        s.sendall(json.dumps({"cmd": "tasks"}).encode() + b"\n")
+        reply = b""
+        while not reply.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    tasks: dict[str, int] = json.loads(reply)["tasks"]
+    return tasks
+
+
+def pool_slots(cli: Cli) -> int:
+    pool = cli.status()["transport"]["pool"]
+    return int(pool["idle"]) + int(pool["busy"]) + int(pool["starting"])
+
+
 def test_200_containers_come_and_go_and_nothing_is_left_behind(daemon: Cli, label: str) -> None:
     pid = int(daemon.status()["pid"])
-    wait_until("no forwards from earlier tests", lambda: not forwards(daemon), 15)
-    time.sleep(1)  # let the earlier tests' connections close
-    fds, tasks = open_fds(pid), daemon.status()["tasks"]
-    listening = listening_ports(pid)
-    seen: set[str] = set()
 
     def one(i: int) -> None:
         name = f"kcilab-ff-{label}-churn{i}"
         run_web(name, label, "127.0.0.1::8000")
         docker("rm", "-f", name)
+
+    # A warm-up round first: the Docker client keeps the connections a burst of inspects needed
+    # (a bounded pool, reused: the second and later rounds add none), so count from after it.
+    with concurrent.futures.ThreadPoolExecutor(CHURN_AT_ONCE) as pool:
+        list(pool.map(one, range(-CHURN_AT_ONCE * 2, 0)))
+    wait_until("no forwards from earlier tests or the warm-up", lambda: not forwards(daemon), 30)
+    time.sleep(1)  # let the earlier connections close
+    fds, slots = open_fds(pid), pool_slots(daemon)
+    tasks = {k: v for k, v in tasks_by_name(daemon).items() if k not in POOL_TASKS}
+    listening = listening_ports(pid)
+    seen: set[str] = set()
 
     started = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(CHURN_AT_ONCE) as pool:
@@ -186,12 +223,25 @@ def test_200_containers_come_and_go_and_nothing_is_left_behind(daemon: Cli, labe
             f.result()
     churn = time.monotonic() - started
     wait_until("every churned forward removed", lambda: not forwards(daemon), 30)
-    after = daemon.status()
-    print(f"\nCHURN {CHURN} containers in {churn:.1f}s, {len(seen)} forwards seen while they ran; "
-          f"fds {fds} -> {open_fds(pid)}, tasks {tasks} -> {after['tasks']}")
     assert len(seen) > CHURN // 4  # they were followed, not missed
     assert listening_ports(pid) == listening
-    wait_until("file descriptors back where they were", lambda: open_fds(pid) <= fds + 2, 15)
-    assert after["tasks"] <= tasks + 2, (tasks, after["tasks"])
-    assert after["auto"]["watching"] >= 0 and not after["auto"]["conflicts"]
+
+    def settled() -> bool:
+        now = {k: v for k, v in tasks_by_name(daemon).items() if k not in POOL_TASKS}
+        grown = {k: v for k, v in now.items() if v > tasks.get(k, 0)}
+        # One fd per exec slot; beside those, the follower's Docker client may keep up to INSPECTS_AT_ONCE
+        # connections a burst of inspects used (bounded by its limiter, not by how many containers came).
+        return not grown and open_fds(pid) - pool_slots(daemon) <= fds - slots + INSPECTS_AT_ONCE
+
+    try:
+        wait_until("tasks and file descriptors back where they were (beside the exec pool's)", settled, 30)
+    except AssertionError as e:
+        now = tasks_by_name(daemon)
+        held = sorted(os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd"))
+        raise AssertionError(f"{e}: tasks {tasks} -> {now}; fds {fds} -> {open_fds(pid)} ({held}); "
+                             f"exec slots {slots} -> {pool_slots(daemon)}") from None
+    after = daemon.status()
+    print(f"\nCHURN {CHURN} containers in {churn:.1f}s, {len(seen)} forwards seen while they ran; "
+          f"fds {fds} -> {open_fds(pid)}, exec slots {slots} -> {pool_slots(daemon)}")
+    assert not after["auto"]["conflicts"] and after["auto"]["watching"] == 0
     remove_labelled(label)

@@ -40,6 +40,9 @@ _LIFECYCLE = {"start": "started", "die": "stopped", "destroy": "removed", "oom":
 # Reconnect to the event stream at most this long after the Docker host answers again: the set is
 # rebuilt by the full look that follows a reconnect.
 _EVENTS_BACKOFF_CAP = 0.5
+# Inspects in flight at once: a burst of starts shares a few connections to dockerd (each one more
+# is a TLS handshake, and stays in the client's pool) instead of opening one per container.
+INSPECTS_AT_ONCE = 8
 
 Apply = Callable[[list[Found]], Awaitable[None]]
 
@@ -71,6 +74,7 @@ class Discovery:
         self.events: deque[dict[str, object]] = deque(maxlen=_EVENTS)
         self._dirty = anyio.Event()
         self._scan_due = True
+        self._inspects = anyio.CapacityLimiter(INSPECTS_AT_ONCE)
 
     def status(self) -> dict[str, object]:
         auto = self.auto
@@ -182,7 +186,8 @@ class Discovery:
     async def _look_at(self, client: DockerClient, cid: str, seq: int) -> None:
         """Inspect one container an event named, and put what it publishes into the model."""
         try:
-            running = await client.running_container(cid)
+            async with self._inspects:
+                running = await client.running_container(cid)
         except TransportError as e:
             logger.debug("auto: cannot inspect container %s (%s); a full look follows", cid[:12], e)
             self._request_scan()
