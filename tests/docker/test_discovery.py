@@ -74,7 +74,8 @@ def test_external_load_balancer_wins_over_control_planes() -> None:
     ([{"HostIp": "::1", "HostPort": "40000"}], ("::1", 40000)),
     ([{"HostIp": "0.0.0.0", "HostPort": "40000"}, {"HostIp": "::", "HostPort": "40000"}], ("127.0.0.1", 40000)),
     ([{"HostIp": "", "HostPort": "40000"}], ("127.0.0.1", 40000)),
-    ([{"HostIp": "::", "HostPort": "40000"}], ("127.0.0.1", 40000)),
+    # [::] alone is IPv6 only where Docker's proxy listens (seen on the lab: 127.0.0.1 refused, ::1 served).
+    ([{"HostIp": "::", "HostPort": "40000"}], ("::1", 40000)),
     ([{"HostIp": "::1", "HostPort": "40001"}, {"HostIp": "127.0.0.1", "HostPort": "40000"}], ("127.0.0.1", 40000)),
     ([{"HostIp": "192.0.2.10", "HostPort": "40000"}], ("192.0.2.10", 40000)),
     ([{"HostIp": "127.0.0.1", "HostPort": ""}], None),

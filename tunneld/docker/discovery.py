@@ -160,9 +160,9 @@ def select(containers: Sequence[Container], *, auto: AutoSettings = _EVERY, bind
 def binding(container: Container, container_port: str) -> tuple[str, int] | None:
     """(address to dial on the remote host, published port) for ``container_port``, or None.
 
-    HostIp may be 127.0.0.1, ::1, 0.0.0.0, :: or empty (= every address): a wildcard is dialled on
-    127.0.0.1. A loopback binding wins over a wildcard (same port either way in practice), IPv4 over
-    IPv6; a specific other address of the remote host is dialled there.
+    HostIp may be 127.0.0.1, ::1, 0.0.0.0, :: or empty (= every address): 0.0.0.0 and empty are
+    dialled on 127.0.0.1, :: on ::1. A loopback binding wins over a wildcard (same port either way in
+    practice), IPv4 over IPv6; a specific other address of the remote host is dialled there.
     """
     best: tuple[int, str, int] | None = None
     for ip, port in container.ports.get(container_port, ()):
@@ -173,8 +173,12 @@ def binding(container: Container, container_port: str) -> tuple[str, int] | None
 
 
 def _rank(ip: str) -> tuple[int, str]:
+    if ip == "::":
+        # Docker's proxy listens on [::] alone, IPv6 only (Go's tcp6), when the port it chose for ::
+        # differs from 0.0.0.0's (`-p 8000` can give two): 127.0.0.1 would be refused there.
+        return 2, "::1"
     if ip in _WILDCARDS:
-        return (1 if ip != "::" else 2), "127.0.0.1"
+        return 1, "127.0.0.1"
     if ip == "127.0.0.1":
         return 0, ip
     if ip == "::1":
