@@ -36,7 +36,7 @@ from tunneld.engine.relay.common import Traffic
 from tunneld.errors import TransportError
 from tunneld.ssh.target import SshError, SshTarget, auth_error, host_key_error, make_plan
 from tunneld.ssh.wire import FastConnection, adopt
-from tunneld.ssh.wired import Wired
+from tunneld.ssh.wired import Wired, write_in_pieces
 
 # Flow control per channel (bench/ssh_vs_openssh.py measured these against asyncssh's defaults of a
 # 2 MiB window and 32 KiB packets). The window is what the server may send before we acknowledge;
@@ -391,7 +391,7 @@ class ChannelStream(anyio.abc.ByteStream):
             raise anyio.BrokenResourceError(f"{self._what}: {s.error or 'channel closed'}")
         try:
             with self._cork():
-                self._chan.write(item)
+                write_in_pieces(self._chan, item)
         except OSError as e:
             raise anyio.BrokenResourceError(f"{self._what}: {e}") from e
         while s.write_paused and not s.lost and not self._closed:

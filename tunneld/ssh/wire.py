@@ -13,6 +13,8 @@ connection asyncssh built (``adopt``; asyncssh's ``connect`` has no hook for its
 - ``corked()``: packets sent inside the block go out in one ``writelines()`` at its end (a
   256 KiB relay chunk is 8 channel packets of 32 KiB: one system call, not 8);
 - chacha20-poly1305 with two cipher contexts per packet, not three (tunneld/ssh/chacha.py);
+- received bytes parsed in pieces of about one packet (``_recv_data``): asyncssh copies what is
+  left of its input buffer after every packet;
 - no formatting of a log line per packet that asyncssh's debug level (below 3) then drops: the
   connection's own packets and its TCP channels' (``create_tcp_channel``).
 
@@ -26,7 +28,6 @@ check before ``SSHPacketLogger._log_packet`` formats anything.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import asyncssh
@@ -37,6 +38,7 @@ from asyncssh.encryption import ChachaEncryption
 from tunneld.ssh.chacha import FastChachaCipher
 
 _MSG_IGNORE = 2
+_FEED = 34 * 1024  # one 32 KiB channel packet (OpenSSH's) and its header, padding and MAC
 _MSG_KEX_LAST = 49  # packets above this (auth, connection protocol) get asyncssh's IGNORE
 
 
@@ -49,6 +51,7 @@ class FastConnection(asyncssh.SSHClientConnection):
 
     _kci_inner: bool  # inside send_packet of a packet that asyncssh precedes with an IGNORE
     _kci_cork: list[bytes] | None  # packets held until the end of ``corked()``
+    _kci_corker: _Cork
     _kci_send_enc: object  # the send encryption the two fields below were worked out for
     _kci_cbc: bool
     _kci_recv_enc: object
@@ -75,6 +78,25 @@ class FastConnection(asyncssh.SSHClientConnection):
         finally:
             self._kci_inner = outer
 
+    def _recv_data(self) -> None:
+        # asyncssh parses packets off the front of its input buffer and copies what is left after
+        # each one (twice: after the header and after the packet), so a 256 KiB read of 32 KiB
+        # packets cost about seven copies of every byte. Fed in pieces of about one packet, the
+        # copies stay small: the same as the kernel handing over smaller reads, which TCP may do anyway.
+        # Corked: what the packets received make us send (the channel data a window update lets out,
+        # replies) leaves in one write.
+        with self.corked():
+            data = self._inpbuf
+            if len(data) <= _FEED:
+                super()._recv_data()
+                return
+            self._inpbuf = b""
+            for start in range(0, len(data), _FEED):
+                if self._transport is None:  # closed while parsing (an error, a disconnect): stop, as asyncssh does
+                    return
+                self._inpbuf += data[start:start + _FEED]
+                super()._recv_data()
+
     def log_sent_packet(self, pkttype: int, pktid: int | None, packet: Any, note: str = "") -> None:
         if _packets_logged():
             super().log_sent_packet(pkttype, pktid, packet, note)
@@ -97,25 +119,45 @@ class FastConnection(asyncssh.SSHClientConnection):
         else:
             super()._send(data)
 
-    @contextlib.contextmanager
-    def corked(self) -> Iterator[None]:
-        """Hold every packet sent in the block, then write them with one call, in order."""
-        if self._kci_cork is not None:  # nested: the outer block flushes
-            yield
+    def corked(self) -> _Cork:
+        """A block whose packets are held, then written with one call, in order (nests)."""
+        return self._kci_corker
+
+    def _flush_cork(self, transport: Any) -> None:
+        cork = self._kci_cork
+        self._kci_cork = None
+        # To the transport the block started with: a DISCONNECT sent just before asyncssh drops the
+        # transport (it aborts it on the next loop turn) still goes out, as without the cork.
+        if not cork or transport is None or transport.is_closing():
             return
-        cork: list[bytes] = []
-        self._kci_cork = cork
-        try:
-            yield
-        finally:
-            self._kci_cork = None
+        with contextlib.suppress(ConnectionError):
             if len(cork) == 1:
-                super()._send(cork[0])
-            elif cork:
-                transport = self._transport
-                if transport is not None:
-                    with contextlib.suppress(ConnectionError):
-                        transport.writelines(cork)
+                transport.write(cork[0])
+            else:
+                transport.writelines(cork)
+
+
+class _Cork:
+    """``FastConnection.corked()``: a plain object, not a generator, since it runs for every channel write."""
+
+    __slots__ = ("conn", "depth", "transport")
+
+    def __init__(self, conn: FastConnection) -> None:
+        self.conn = conn
+        self.depth = 0
+        self.transport: Any = None
+
+    def __enter__(self) -> None:
+        self.depth += 1
+        if self.depth == 1:
+            self.transport = self.conn._transport
+            self.conn._kci_cork = []
+
+    def __exit__(self, *exc: object) -> None:
+        self.depth -= 1
+        if self.depth == 0:
+            transport, self.transport = self.transport, None
+            self.conn._flush_cork(transport)
 
 
 class _TCPChannel(asyncssh.SSHTCPChannel[Any]):
@@ -159,6 +201,7 @@ def adopt(conn: asyncssh.SSHClientConnection) -> FastConnection | None:
     fast: FastConnection = conn  # type: ignore[assignment]
     fast._kci_inner = False
     fast._kci_cork = None
+    fast._kci_corker = _Cork(fast)
     fast._kci_send_enc = fast._kci_recv_enc = None
     fast._kci_cbc = False
     return fast
