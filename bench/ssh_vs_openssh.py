@@ -70,6 +70,9 @@ class Result:
     setup_p99_us: float = 0.0
     conns_1: float = 0.0  # new connections per second, 1 client
     conns_32: float = 0.0
+    # CPU of the forwarding process per unit of work: steadier than rates on a loaded machine.
+    cpu_rtt_us: float = 0.0  # per 64-byte round trip
+    cpu_conn_us: float = 0.0  # per new connection (the 32-client run)
 
     @staticmethod
     def median(runs: list[Result]) -> Result:
@@ -281,10 +284,14 @@ def measure(ports: tuple[int, int, int], args: argparse.Namespace) -> Result:
     r.mbps_up, r.cpu_up = iperf(p_iperf, args.seconds, pid=pid)
     r.mbps_down, r.cpu_down = iperf(p_iperf, args.seconds, reverse=True, pid=pid)
     r.mbps_up8, _ = iperf(p_iperf, args.seconds, streams=8, pid=pid)
+    cpu0 = cpu_seconds(pid)
     r.rtt_p50_us, r.rtt_p99_us = rtt(p_echo, args.rtt_count)
+    r.cpu_rtt_us = (cpu_seconds(pid) - cpu0) / (args.rtt_count + 50) * 1e6  # 50 warm-up round trips
     r.setup_p50_us, r.setup_p99_us = setup(p_echo, args.setup_count)
     r.conns_1 = conns(p_echo, 1, args.conn_seconds)
+    cpu0 = cpu_seconds(pid)
     r.conns_32 = conns(p_echo, 32, args.conn_seconds)
+    r.cpu_conn_us = (cpu_seconds(pid) - cpu0) / max(1.0, r.conns_32 * args.conn_seconds) * 1e6
     return r
 
 
@@ -306,6 +313,8 @@ def table(results: dict[str, tuple[Result, Result]]) -> str:
         ("channel set-up p99, us", lambda r: r.setup_p99_us, "{:.0f}", False),
         ("new connections/s, 1 client", lambda r: r.conns_1, "{:.0f}", True),
         ("new connections/s, 32 clients", lambda r: r.conns_32, "{:.0f}", True),
+        ("CPU per round trip, us", lambda r: r.cpu_rtt_us, "{:.0f}", False),
+        ("CPU per new connection, us", lambda r: r.cpu_conn_us, "{:.0f}", False),
     ]
     head = "| metric |" + "".join(f" OpenSSH {c.split('@')[0]} | tunneld | ratio |" for c in results)
     sep = "|---|" + "---:|---:|---:|" * len(results)
@@ -397,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.getloadavg()[0]:.2f} (other work on this machine makes wall-clock figures noisy; CPU per MB "
         "is the steadier comparison). "
         f"Throughput: iperf3, {args.seconds:g} s per run, received bytes; CPU: the forwarding process "
-        "(ssh client, or the daemon) in % of one core. RTT: 64-byte ping-pong through the lab echo service, "
+        "(ssh client, or the daemon) in % of one core; per round trip and per new connection (the 32-client "
+        "run): its CPU time divided by the count. RTT: 64-byte ping-pong through the lab echo service, "
         f"{args.rtt_count} round trips on one connection. Set-up: connect -> first echoed byte, "
         f"{args.setup_count} fresh connections (one SSH channel each). New connections/s: 1 or 32 clients "
         f"each connecting, doing one 64-byte round trip and closing, for {args.conn_seconds:g} s.",
