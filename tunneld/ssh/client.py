@@ -2,7 +2,8 @@
 channels, and carry them as anyio byte streams, with asyncssh's exceptions translated into
 messages a person can act on.
 
-Nothing outside this module and tunneld/ssh/target.py imports asyncssh or holds its objects.
+Nothing outside tunneld/ssh/ imports asyncssh or holds its objects (here, target.py, and the packet
+path beside them: wire.py, chacha.py, wired.py).
 What it offers:
 
 - ``open_connection(settings, timeouts) -> SshConnection``: resolve the settings through the ssh

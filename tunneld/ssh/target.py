@@ -2,8 +2,8 @@
 through ~/.ssh/config into asyncssh options (``make_plan``), known_hosts loading, and the errors
 that explain a refused host key or a failed authentication in terms a person can act on.
 
-Nothing here opens a connection or a channel: that is tunneld/ssh/client.py, which (with this
-module) is the only code that imports asyncssh.
+Nothing here opens a connection or a channel: that is tunneld/ssh/client.py. Only tunneld/ssh/
+imports asyncssh.
 """
 
 from __future__ import annotations

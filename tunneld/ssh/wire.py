@@ -19,10 +19,10 @@ connection asyncssh built (``adopt``; asyncssh's ``connect`` has no hook for its
   connection's own packets and its TCP channels' (``create_tcp_channel``).
 
 tests/ssh/test_asyncssh_seams.py pins the asyncssh behaviour this relies on, so an asyncssh that
-changes it fails loudly there. The upstream changes would be: one condition in
-``SSHConnection.send_packet`` (send the IGNORE only for CBC ciphers), a vectored write of the
-packets a channel write produces, one cipher context less per chacha20 packet, and the debug-level
-check before ``SSHPacketLogger._log_packet`` formats anything.
+changes it fails loudly there. The upstream changes (docs/ssh-transport.md) would be: one
+condition in ``SSHConnection.send_packet`` (the IGNORE only for CBC ciphers), a vectored write of
+the packets one channel write or one received batch produces, parsing the input buffer by offset,
+one cipher context per chacha20 key, and the debug-level check before ``_log_packet`` formats anything.
 """
 
 from __future__ import annotations
