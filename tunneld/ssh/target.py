@@ -23,8 +23,8 @@ _DEFAULT_KNOWN_HOSTS = ("~/.ssh/known_hosts", "~/.ssh/known_hosts2", "/etc/ssh/s
 _DEFAULT_KEY_NAMES = ("id_ed25519", "id_ecdsa", "id_rsa", "id_ed25519_sk", "id_ecdsa_sk", "id_dsa")
 # Cipher preference when the ssh config names none (the server still picks from it). asyncssh (like
 # OpenSSH) puts chacha20-poly1305 first, but through asyncssh it costs far more than AES-GCM where
-# OpenSSL runs AES on the CPU's AES instructions: two OpenSSL cipher contexts per packet (~9 us each
-# here), against one cached AES-GCM object per key; per byte ~1.5x the CPU (docs/performance.md,
+# OpenSSL runs AES on the CPU's AES instructions: two OpenSSL cipher contexts per packet (2.5-9 us
+# each here), against ~1 us for a small AES-GCM packet; per byte ~1.4x the CPU (docs/performance.md,
 # "## SSH"). Without AES instructions, AES is the slow one and OpenSSH's order stands.
 _CIPHERS_AES_FIRST = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com",
                       "aes256-ctr", "aes192-ctr", "aes128-ctr")
