@@ -22,12 +22,18 @@ from bench.metrics import Result
 from bench.proxies import ProxyUnavailable, Running, Targets, targets
 
 ROWS = {
+    "openssh-lab": "OpenSSH ssh -L, lab sshd",
     "ssh": "kci-tunneld --via ssh",
     "jujitsu": "socat jujitsu (docker exec per connection)",
     "docker": "kci-tunneld --via docker",
 }
+# The SSH rows: OpenSSH and kci-tunneld through the lab's own sshd, with the same cipher pinned and the
+# same targets, so their ratio compares the forwarders and nothing else (the `openssh` row of
+# bench/run.py runs its own sshd on loopback, with targets outside the namespace).
+_SSH_ROWS = ("openssh-lab", "ssh")
 # (module, context manager) each row borrows: called as cm(lab, targets, workdir) -> (iperf, echo, pids).
 _HOOKS = {
+    "openssh-lab": ("bench.ssh_vs_openssh", "openssh_forward"),
     "ssh": ("bench.ssh_vs_openssh", "tunneld_forward"),
     "jujitsu": ("bench.docker_vs_jujitsu", "jujitsu_forward"),
     "docker": ("bench.docker_vs_jujitsu", "tunneld_forward"),
@@ -71,14 +77,14 @@ def _row(key: str, lab: Any, t: Targets, workdir: Path) -> Iterator[Running]:
     d = workdir / key
     d.mkdir(exist_ok=True)
     try:
-        ctx = _ssh_forward(module, cm, lab, t, d) if key == "ssh" else cm(lab, t.iperf, t.echo, d)
+        ctx = _ssh_forward(module, cm, lab, t, d) if key in _SSH_ROWS else cm(lab, t.iperf, t.echo, d)
     except TypeError as e:  # their signature moved on: say so rather than guess
         raise ProxyUnavailable(f"{module_name}.{hook}() does not take the arguments this suite passes: {e}") from None
     try:
         with ctx as (p_iperf, p_echo, pids):
             yield Running(ROWS[key], {"iperf": int(p_iperf), "echo": int(p_echo)},
                           list(pids) if isinstance(pids, (list, tuple)) else [int(pids)],
-                          note=f"cipher {module.CIPHERS[0].split('@')[0]}" if key == "ssh" else "")
+                          note=f"cipher {module.CIPHERS[0].split('@')[0]}" if key in _SSH_ROWS else "")
     except ProxyUnavailable:
         raise
     except Exception as e:  # their start-up failed: report it in the table, keep the run going
@@ -87,8 +93,12 @@ def _row(key: str, lab: Any, t: Targets, workdir: Path) -> Iterator[Running]:
 
 def _ssh_forward(module: Any, cm: Callable[..., Any], lab: Any, t: Targets, d: Path) -> Any:
     """bench/ssh_vs_openssh.py's tunneld_forward(config, alias, iperf_port, echo_port, workdir, loop, relay,
-    cipher): the daemon on uvloop, its default relay, the cipher pinned (their first) as that report does."""
+    cipher) or openssh_forward(config, alias, iperf_port, echo_port): the daemon on uvloop, its default relay,
+    the cipher pinned (their first) as that report does; OpenSSH with the same config."""
     params = inspect.signature(cm).parameters
+    if "workdir" not in params:  # openssh_forward: the same pinned config, nothing else to choose
+        cipher_cfg = module.cipher_config(Path(lab.ssh_config), module.CIPHERS[0], lab.ssh_alias, d / "ssh_config")
+        return cm(cipher_cfg, lab.ssh_alias, t.iperf, t.echo)
     config = Path(lab.ssh_config)
     extra: dict[str, str] = {}
     if "cipher" in params:

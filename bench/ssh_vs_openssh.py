@@ -12,6 +12,8 @@ service), and measures through it:
 - throughput, 1 stream up (client -> far side), 1 stream down (iperf3 -R), 8 streams up;
 - 64-byte round trip p50/p99 on one connection (ping-pong through the echo service);
 - channel set-up p50/p99: connect -> first echoed byte, a fresh connection (= SSH channel) each;
+- new connections per second with 1 and 32 concurrent clients (connect, one 64-byte round trip,
+  close: ``python3 -m bench.load conns``, as ``python3 -m bench`` measures it);
 - CPU of the forwarding process (``ssh`` or the daemon) during each throughput run.
 
 kci-tunneld runs as the real daemon (``python -m tunneld start --detach``), on uvloop unless
@@ -45,8 +47,11 @@ from bench.proxies import tunneld_argv  # noqa: E402
 from tests.lab.lab import info as lab_info  # noqa: E402
 
 CIPHERS = ("chacha20-poly1305@openssh.com", "aes128-gcm@openssh.com")
-GOAL_THROUGHPUT = 0.5  # of OpenSSH's, same cipher
-GOAL_SETUP = 2.0  # at most this multiple of OpenSSH's set-up p50
+# Issue 17's goals, against OpenSSH with the same cipher: throughput and new connections per second at
+# least this share of OpenSSH's, RTT p50 at most this multiple of it.
+GOAL_THROUGHPUT = 0.8
+GOAL_CONNS = 0.8
+GOAL_RTT = 1.3
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -63,6 +68,11 @@ class Result:
     rtt_p99_us: float = 0.0
     setup_p50_us: float = 0.0
     setup_p99_us: float = 0.0
+    conns_1: float = 0.0  # new connections per second, 1 client
+    conns_32: float = 0.0
+    # CPU of the forwarding process per unit of work: steadier than rates on a loaded machine.
+    cpu_rtt_us: float = 0.0  # per 64-byte round trip
+    cpu_conn_us: float = 0.0  # per new connection (the 32-client run)
 
     @staticmethod
     def median(runs: list[Result]) -> Result:
@@ -253,14 +263,35 @@ def setup(port: int, count: int) -> tuple[float, float]:
     return pct(samples, 50), pct(samples, 99)
 
 
+def conns(port: int, concurrency: int, seconds: float) -> float:
+    """New connections per second through the forward: ``concurrency`` clients, each connecting, doing one
+    64-byte round trip and closing, for ``seconds`` (bench/load.py, its own process)."""
+    out = subprocess.run([sys.executable, "-m", "bench.load", "conns", "--port", str(port), "--concurrency",
+                          str(concurrency), "--seconds", f"{seconds:g}"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=seconds + 60)
+    if out.returncode != 0:
+        raise RuntimeError(f"bench.load conns failed: {out.stderr.strip()[-400:]}")
+    data = json.loads(out.stdout.strip().splitlines()[-1])
+    if data["errors"]:
+        print(f"#   conns at {concurrency}: {int(data['errors'])} failed", file=sys.stderr)
+    time.sleep(0.5)  # let the closes settle before the next run
+    return float(data["per_second"])
+
+
 def measure(ports: tuple[int, int, int], args: argparse.Namespace) -> Result:
     p_iperf, p_echo, pid = ports
     r = Result()
     r.mbps_up, r.cpu_up = iperf(p_iperf, args.seconds, pid=pid)
     r.mbps_down, r.cpu_down = iperf(p_iperf, args.seconds, reverse=True, pid=pid)
     r.mbps_up8, _ = iperf(p_iperf, args.seconds, streams=8, pid=pid)
+    cpu0 = cpu_seconds(pid)
     r.rtt_p50_us, r.rtt_p99_us = rtt(p_echo, args.rtt_count)
+    r.cpu_rtt_us = (cpu_seconds(pid) - cpu0) / (args.rtt_count + 50) * 1e6  # 50 warm-up round trips
     r.setup_p50_us, r.setup_p99_us = setup(p_echo, args.setup_count)
+    r.conns_1 = conns(p_echo, 1, args.conn_seconds)
+    cpu0 = cpu_seconds(pid)
+    r.conns_32 = conns(p_echo, 32, args.conn_seconds)
+    r.cpu_conn_us = (cpu_seconds(pid) - cpu0) / max(1.0, r.conns_32 * args.conn_seconds) * 1e6
     return r
 
 
@@ -280,6 +311,10 @@ def table(results: dict[str, tuple[Result, Result]]) -> str:
         ("64 B RTT p99, us", lambda r: r.rtt_p99_us, "{:.0f}", False),
         ("channel set-up p50, us", lambda r: r.setup_p50_us, "{:.0f}", False),
         ("channel set-up p99, us", lambda r: r.setup_p99_us, "{:.0f}", False),
+        ("new connections/s, 1 client", lambda r: r.conns_1, "{:.0f}", True),
+        ("new connections/s, 32 clients", lambda r: r.conns_32, "{:.0f}", True),
+        ("CPU per round trip, us", lambda r: r.cpu_rtt_us, "{:.0f}", False),
+        ("CPU per new connection, us", lambda r: r.cpu_conn_us, "{:.0f}", False),
     ]
     head = "| metric |" + "".join(f" OpenSSH {c.split('@')[0]} | tunneld | ratio |" for c in results)
     sep = "|---|" + "---:|---:|---:|" * len(results)
@@ -297,14 +332,17 @@ def table(results: dict[str, tuple[Result, Result]]) -> str:
 def goals(results: dict[str, tuple[Result, Result]]) -> list[str]:
     out = []
     for cipher, (o, t) in results.items():
-        for label, a, b in (("1 stream up", o.mbps_up, t.mbps_up), ("1 stream down", o.mbps_down, t.mbps_down),
-                            ("8 streams up", o.mbps_up8, t.mbps_up8)):
-            ok = b >= GOAL_THROUGHPUT * a
-            out.append(f"- {cipher} {label}: {b / a:.2f}x OpenSSH (goal >= {GOAL_THROUGHPUT}x): "
-                       f"{'met' if ok else 'NOT met'}")
-        ok = t.setup_p50_us <= GOAL_SETUP * o.setup_p50_us
-        out.append(f"- {cipher} set-up p50: {t.setup_p50_us / o.setup_p50_us:.2f}x OpenSSH "
-                   f"(goal <= {GOAL_SETUP}x): {'met' if ok else 'NOT met'}")
+        at_least = (("1 stream up", o.mbps_up, t.mbps_up, GOAL_THROUGHPUT),
+                    ("1 stream down", o.mbps_down, t.mbps_down, GOAL_THROUGHPUT),
+                    ("new connections/s, 1 client", o.conns_1, t.conns_1, GOAL_CONNS),
+                    ("new connections/s, 32 clients", o.conns_32, t.conns_32, GOAL_CONNS))
+        for label, a, b, goal in at_least:
+            ratio = b / a if a else 0.0
+            out.append(f"- {cipher} {label}: {ratio:.2f}x OpenSSH (goal >= {goal}x): "
+                       f"{'met' if ratio >= goal else 'NOT met'}")
+        ratio = t.rtt_p50_us / o.rtt_p50_us if o.rtt_p50_us else 0.0
+        out.append(f"- {cipher} 64 B RTT p50: {ratio:.2f}x OpenSSH (goal <= {GOAL_RTT}x): "
+                   f"{'met' if ratio <= GOAL_RTT else 'NOT met'}")
     return out
 
 
@@ -323,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs per forwarder, alternating; medians reported")
     parser.add_argument("--rtt-count", type=int, default=2000)
     parser.add_argument("--setup-count", type=int, default=200)
+    parser.add_argument("--conn-seconds", type=float, default=3.0, help="per connections-per-second run")
     parser.add_argument("--iperf-port", type=int, default=5299, help="iperf3 server port inside the namespace")
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop", help="the daemon's event loop")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ssh.md")
@@ -360,16 +399,18 @@ def main(argv: list[str] | None = None) -> int:
         "",
         table(results),
         "",
-        "Goals (the SSH transport's, against OpenSSH with the same cipher):",
+        "Goals (issue 17's, against OpenSSH with the same cipher):",
         *goals(results),
         "",
         f"Medians of {args.repeat} alternating runs per forwarder. Load average before/after: {load_before} / "
         f"{os.getloadavg()[0]:.2f} (other work on this machine makes wall-clock figures noisy; CPU per MB "
         "is the steadier comparison). "
         f"Throughput: iperf3, {args.seconds:g} s per run, received bytes; CPU: the forwarding process "
-        "(ssh client, or the daemon) in % of one core. RTT: 64-byte ping-pong through the lab echo service, "
+        "(ssh client, or the daemon) in % of one core; per round trip and per new connection (the 32-client "
+        "run): its CPU time divided by the count. RTT: 64-byte ping-pong through the lab echo service, "
         f"{args.rtt_count} round trips on one connection. Set-up: connect -> first echoed byte, "
-        f"{args.setup_count} fresh connections (one SSH channel each).",
+        f"{args.setup_count} fresh connections (one SSH channel each). New connections/s: 1 or 32 clients "
+        f"each connecting, doing one 64-byte round trip and closing, for {args.conn_seconds:g} s.",
         "",
     ])
     print(report)

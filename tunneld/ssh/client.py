@@ -2,7 +2,8 @@
 channels, and carry them as anyio byte streams, with asyncssh's exceptions translated into
 messages a person can act on.
 
-Nothing outside this module and tunneld/ssh/target.py imports asyncssh or holds its objects.
+Nothing outside tunneld/ssh/ imports asyncssh or holds its objects (here, target.py, and the packet
+path beside them: wire.py, chacha.py, wired.py).
 What it offers:
 
 - ``open_connection(settings, timeouts) -> SshConnection``: resolve the settings through the ssh
@@ -32,8 +33,11 @@ import anyio.abc
 import asyncssh
 
 from tunneld.config import SshSettings, Timeouts, format_host
+from tunneld.engine.relay.common import Traffic
 from tunneld.errors import TransportError
 from tunneld.ssh.target import SshError, SshTarget, auth_error, host_key_error, make_plan
+from tunneld.ssh.wire import FastConnection, adopt
+from tunneld.ssh.wired import Wired, write_in_pieces
 
 # Flow control per channel (bench/ssh_vs_openssh.py measured these against asyncssh's defaults of a
 # 2 MiB window and 32 KiB packets). The window is what the server may send before we acknowledge;
@@ -54,6 +58,11 @@ class _Client(asyncssh.SSHClient):
     def __init__(self) -> None:
         self.offered_key: str | None = None
         self.closed: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+        self.fast: FastConnection | None = None
+
+    def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
+        # Before the version exchange: every packet after the key exchange takes the cheaper path.
+        self.fast = adopt(conn)
 
     def validate_host_public_key(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
         # Only called for a key that known_hosts does not trust: record it, then refuse.
@@ -117,6 +126,9 @@ class SshConnection:
         self._client = client
         self.target = target
         self.open_timeout = open_timeout  # how long a channel open may take (timeouts.connect)
+        # Channel writes go out as one system call however many packets they make (tunneld/ssh/wire.py).
+        self._cork: Callable[[], contextlib.AbstractContextManager[None]] = (
+            client.fast.corked if client.fast is not None else contextlib.nullcontext)
 
     @property
     def closed(self) -> bool:
@@ -178,9 +190,11 @@ class SshConnection:
             f"`{command}`",
             lambda: self._conn.create_session(_PipeSession, command, encoding=None, request_pty=False,
                                               window=CHANNEL_WINDOW, max_pktsize=CHANNEL_MAX_PKTSIZE),
+            wirable=False,
         )
 
-    async def _open(self, what: str, create: Callable[[], Awaitable[tuple[Any, Any]]]) -> ChannelStream:
+    async def _open(self, what: str, create: Callable[[], Awaitable[tuple[Any, Any]]], *,
+                    wirable: bool = True) -> ChannelStream:
         prefix = f"could not connect to {what} via ssh {self.target}"
         timeout = self.open_timeout
         try:
@@ -197,7 +211,7 @@ class SshConnection:
         except (OSError, asyncssh.Error) as e:
             raise TransportError(f"{prefix}: the SSH connection is gone ({e})") from None
         assert isinstance(session, _PipeSession)
-        return ChannelStream(chan, session, what)
+        return ChannelStream(chan, session, what, self._cork, wirable=wirable)
 
 
 def _decode(value: object) -> object:
@@ -224,6 +238,8 @@ class _PipeSession(asyncssh.SSHTCPSession[bytes], asyncssh.SSHUNIXSession[bytes]
         # One task may wait to receive while another waits for send window: each has its own slot.
         self.read_waiter: asyncio.Future[None] | None = None
         self.write_waiter: asyncio.Future[None] | None = None
+        # Once the channel is wired to a client socket (tunneld/ssh/wired.py), every callback goes there.
+        self.sink: Wired | None = None
 
     def connection_made(self, chan: Any) -> None:
         self.chan = chan
@@ -232,6 +248,9 @@ class _PipeSession(asyncssh.SSHTCPSession[bytes], asyncssh.SSHUNIXSession[bytes]
     def data_received(self, data: bytes, datatype: int | None) -> None:
         if datatype:  # an exec session's stderr: keep the start of it for the error message
             self.stderr = (self.stderr + data)[:_STDERR_KEEP]
+            return
+        if self.sink is not None:
+            self.sink.channel_data(data)
             return
         self.buffer.append(data)
         self.buffered += len(data)
@@ -243,20 +262,45 @@ class _PipeSession(asyncssh.SSHTCPSession[bytes], asyncssh.SSHUNIXSession[bytes]
 
     def eof_received(self) -> bool:
         self.eof = True
+        if self.sink is not None:
+            self.sink.channel_eof()
         _wake(self.read_waiter)
         return True  # keep our sending side open: half-close
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        if self.sink is not None:
+            self.sink.channel_pause_writing()
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self.sink is not None:
+            self.sink.channel_resume_writing()
         _wake(self.write_waiter)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self.error = exc
+        if self.sink is not None:
+            self.sink.channel_lost(exc)
         self.wake_all()
+
+    def hand_over(self, sink: Wired) -> None:
+        """Route every callback to ``sink`` from now on, after what arrived before (bytes, EOF, close)."""
+        self.sink = sink
+        while self.buffer:
+            sink.channel_data(self.buffer.popleft())
+        self.buffered = 0
+        if self.read_paused:
+            self.read_paused = False
+            if not sink.client_paused:
+                self.chan.resume_reading()
+        if self.write_paused:
+            sink.channel_pause_writing()
+        if self.lost:
+            sink.channel_lost(self.error)
+        elif self.eof:
+            sink.channel_eof()
 
     def wake_all(self) -> None:
         _wake(self.read_waiter)
@@ -275,13 +319,32 @@ class ChannelStream(anyio.abc.ByteStream):
     reads pause (no window updates) while RECV_HIGH_WATER bytes wait to be received.
     """
 
-    def __init__(self, chan: Any, session: _PipeSession, what: str) -> None:
+    def __init__(self, chan: Any, session: _PipeSession, what: str,
+                 cork: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext, *,
+                 wirable: bool = False) -> None:
         self._chan = chan
+        self._cork = cork
         self._s = session
         self._what = what
         self._closed = False
         self._eof_sent = False
         self._loop = asyncio.get_running_loop()
+        # The relay's fast path (tunneld/engine/relay/__init__.py): a TCP or unix-socket channel wires
+        # itself to the client's socket. Not an exec channel: its stderr decides how its stream ends.
+        self.relay_socket: Callable[[socket.socket, Traffic], Awaitable[None]] | None = (
+            self._relay_socket if wirable else None)
+
+    async def _relay_socket(self, client: socket.socket, traffic: Traffic) -> None:
+        """Relay between ``client`` and this channel with callbacks only (tunneld/ssh/wired.py); the
+        stream is used up by it.
+
+        :raises RelayBroken: when either side failed; both are closed by then.
+        """
+        self._closed = True
+        wired = Wired(self._chan, self._cork, traffic, self._what)
+        await wired.wire(client)
+        self._s.hand_over(wired)
+        await wired.wait()
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
         s = self._s
@@ -328,7 +391,8 @@ class ChannelStream(anyio.abc.ByteStream):
         if s.lost:
             raise anyio.BrokenResourceError(f"{self._what}: {s.error or 'channel closed'}")
         try:
-            self._chan.write(item)
+            with self._cork():
+                write_in_pieces(self._chan, item)
         except OSError as e:
             raise anyio.BrokenResourceError(f"{self._what}: {e}") from e
         while s.write_paused and not s.lost and not self._closed:

@@ -2,8 +2,8 @@
 through ~/.ssh/config into asyncssh options (``make_plan``), known_hosts loading, and the errors
 that explain a refused host key or a failed authentication in terms a person can act on.
 
-Nothing here opens a connection or a channel: that is tunneld/ssh/client.py, which (with this
-module) is the only code that imports asyncssh.
+Nothing here opens a connection or a channel: that is tunneld/ssh/client.py. Only tunneld/ssh/
+imports asyncssh.
 """
 
 from __future__ import annotations
@@ -21,11 +21,15 @@ from tunneld.errors import TransportError
 # Known-hosts files OpenSSH reads when neither the settings nor the ssh config name any.
 _DEFAULT_KNOWN_HOSTS = ("~/.ssh/known_hosts", "~/.ssh/known_hosts2", "/etc/ssh/ssh_known_hosts")
 _DEFAULT_KEY_NAMES = ("id_ed25519", "id_ecdsa", "id_rsa", "id_ed25519_sk", "id_ecdsa_sk", "id_dsa")
-# Cipher preference when the ssh config names none. asyncssh (like OpenSSH) puts chacha20-poly1305
-# first, but its chacha20 shim costs about twice the CPU per byte of AES-GCM here, which OpenSSL runs
-# on AES-NI (bench/ssh_vs_openssh.py: ~2.5 vs ~1.4 ms of CPU per MB sent).
-_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com",
-            "aes256-ctr", "aes192-ctr", "aes128-ctr")
+# Cipher preference when the ssh config names none (the server still picks from it). asyncssh (like
+# OpenSSH) puts chacha20-poly1305 first, but through asyncssh it costs far more than AES-GCM where
+# OpenSSL runs AES on the CPU's AES instructions: two OpenSSL cipher contexts per packet (2.5-9 us
+# each here), against ~1 us for a small AES-GCM packet; per byte ~1.4x the CPU (docs/performance.md,
+# "## SSH"). Without AES instructions, AES is the slow one and OpenSSH's order stands.
+_CIPHERS_AES_FIRST = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com",
+                      "aes256-ctr", "aes192-ctr", "aes128-ctr")
+_CIPHERS_CHACHA_FIRST = ("chacha20-poly1305@openssh.com", "aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
+                         "aes256-ctr", "aes192-ctr", "aes128-ctr")
 
 
 class SshError(TransportError):
@@ -110,7 +114,7 @@ def make_plan(settings: SshSettings, timeouts: Timeouts) -> Plan:
         raise SshError(f"cannot read the ssh configuration for {settings.host}: {e}", definitive=True) from None
     config = options.config
     if not config.get("Ciphers"):
-        kwargs["encryption_algs"] = list(_CIPHERS)
+        kwargs["encryption_algs"] = list(default_ciphers())
     if settings.identity_files:
         identities = tuple(kwargs["client_keys"])
     else:
@@ -128,6 +132,22 @@ def make_plan(settings: SshSettings, timeouts: Timeouts) -> Plan:
         identities=identities, agent=bool(options.agent_path), known_hosts=known,
     )
     return Plan(target=target, kwargs=kwargs)
+
+
+def default_ciphers(cpuinfo: str | None = None) -> tuple[str, ...]:
+    """The cipher order offered when the ssh config has no ``Ciphers``: AES-GCM first where the CPU
+    has AES instructions (the ``aes`` flag in /proc/cpuinfo, x86 and arm64 alike), else chacha20 first."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+                cpuinfo = f.read()
+        except OSError:
+            cpuinfo = ""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features") and "aes" in value.split():
+            return _CIPHERS_AES_FIRST
+    return _CIPHERS_CHACHA_FIRST
 
 
 def _as_list(value: object) -> list[str]:
@@ -219,6 +239,7 @@ __all__ = [
     "SshError",
     "SshTarget",
     "auth_error",
+    "default_ciphers",
     "host_key_error",
     "make_plan",
 ]

@@ -7,7 +7,7 @@ Contract, on every path:
 - errors: a reset (any failure) on either side reaches the other as a reset, never as a clean EOF;
   ``RelayBroken.by_client`` says whose socket failed; cancellation closes both ends.
 
-Three paths sit behind ``relay()``, chosen by what the two ends are (docs/performance.md has the
+Four paths sit behind ``relay()``, chosen by what the two ends are (docs/performance.md has the
 numbers that chose them):
 - plain TCP on both ends (the direct transport) on Linux, in ``splice.py``: ``splice(2)`` moves bytes
   socket -> pipe -> socket inside the kernel, driven by the loop's reader/writer callbacks; no bytes
@@ -16,8 +16,10 @@ numbers that chose them):
 - plain TCP elsewhere (or plain sockets that are not TCP), in ``sockets.py``: asyncio Protocols with
   flow control wired crosswise (no task wake-up per chunk, about 4x the throughput of pumps over
   streams);
-- everything else (Docker exec streams, SSH channels), in ``streams.py``: two pump tasks over anyio
-  byte streams.
+- an upstream that relays to a socket itself (``relay_socket``: SSH TCP and unix-socket channels,
+  tunneld/ssh/wired.py) gets the client's socket: callbacks both ways, no tasks;
+- everything else (Docker exec streams, SSH exec channels), in ``streams.py``: two pump tasks over
+  anyio byte streams.
 ``KCI_TUNNELD_RELAY=protocol|streams`` forces a slower path, for benchmarks and bug hunts.
 
 What the paths share (``Traffic``, ``RelayBroken``, the reset on close) is in ``common.py``, which
@@ -58,7 +60,10 @@ async def relay(client: anyio.abc.ByteStream, upstream: anyio.abc.ByteStream, tr
     :raises RelayBroken: when either side failed; both are closed by then.
     """
     path = os.environ.get(RELAY_ENV, "")
-    if isinstance(client, RawSocketStream) and isinstance(upstream, RawSocketStream) and path != "streams":
+    wired = getattr(upstream, "relay_socket", None)
+    if wired is not None and isinstance(client, RawSocketStream) and path != "streams":
+        await wired(client.detach(), traffic)
+    elif isinstance(client, RawSocketStream) and isinstance(upstream, RawSocketStream) and path != "streams":
         if path != "protocol" and can_splice(client.sock) and can_splice(upstream.sock):
             await _relay_splice(client.detach(), upstream.detach(), traffic)
         else:

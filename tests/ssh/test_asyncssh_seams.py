@@ -1,0 +1,186 @@
+"""asyncssh's behaviour and private parts that tunneld/ssh/wire.py and tunneld/ssh/chacha.py rely on,
+pinned against the lab's real sshd.
+
+The SSH transport's speed-ups live at the adapter's seam (a subclass of asyncssh's client connection,
+a faster chacha20-poly1305 shim). They depend on how asyncssh 2.x sends packets; each test below names
+the behaviour and what the adapter uses it for, so that an asyncssh release that changes one fails
+here, loudly, instead of silently losing the speed-up or, worse, the wire format. docs/ssh-transport.md
+("asyncssh behaviour we rely on") lists the same seams and the upstream changes that would retire them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import asyncssh
+import asyncssh.logging
+import pytest
+from asyncssh.crypto.chacha import ChachaCipher
+from asyncssh.encryption import ChachaEncryption
+
+from tests.helpers import stream_echo
+from tests.lab.lab import LabInfo
+from tests.ssh.test_transport import TIMEOUTS, settings
+from tunneld.ssh.chacha import FastChachaCipher
+from tunneld.ssh.client import SshConnection, open_connection
+from tunneld.ssh.wire import FastConnection
+
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
+
+CHACHA = "chacha20-poly1305@openssh.com"
+GCM = "aes128-gcm@openssh.com"
+
+
+def cipher_config(tmp_path: Path, lab: LabInfo, cipher: str) -> str:
+    """An ssh config that pins ``cipher`` for the lab's host (the transport honours Ciphers)."""
+    path = tmp_path / f"ssh_config.{cipher}"
+    path.write_text(f"Host {lab.ssh_host}\n    Ciphers {cipher}\n")
+    return str(path)
+
+
+@asynccontextmanager
+async def connected(lab: LabInfo, tmp_path: Path, cipher: str) -> AsyncIterator[SshConnection]:
+    conn = await open_connection(settings(lab, config_file=cipher_config(tmp_path, lab, cipher)), TIMEOUTS)
+    try:
+        assert conn.describe()["cipher"] == cipher
+        yield conn
+    finally:
+        await conn.aclose()
+
+
+@asynccontextmanager
+async def stock(lab: LabInfo, cipher: str) -> AsyncIterator[asyncssh.SSHClientConnection]:
+    """A plain asyncssh connection (no adapter), for what asyncssh itself does."""
+    known = asyncssh.import_known_hosts(Path(lab.ssh_known_hosts).read_text())
+    async with asyncssh.connect(lab.ssh_host, port=lab.ssh_port, username=lab.ssh_user,
+                                client_keys=[str(lab.ssh_key)], known_hosts=known, config=[],
+                                encryption_algs=[cipher]) as conn:
+        yield conn
+
+
+async def _packets_for_one_write(conn: asyncssh.SSHClientConnection, lab: LabInfo) -> int:
+    """How many packets asyncssh sends for one small channel write (read off its send sequence number)."""
+    chan, _ = await conn.create_connection(asyncssh.SSHTCPSession, "127.0.0.1", lab.echo_port)
+    before = conn._send_seq
+    chan.write(b"x" * 64)
+    sent = conn._send_seq - before
+    chan.close()
+    return int(sent)
+
+
+async def test_asyncssh_builds_its_own_connection_class_and_tells_the_client(lab: LabInfo, tmp_path: Path) -> None:
+    """wire.adopt turns the connection into a FastConnection from SSHClient.connection_made: that needs
+    asyncssh.connect to build exactly SSHClientConnection and to call connection_made with it."""
+    async with connected(lab, tmp_path, GCM) as conn:
+        assert type(conn._conn) is FastConnection
+        assert await stream_echo(await conn.open_tcp("127.0.0.1", lab.echo_port), b"hello") == b"hello"
+
+
+@pytest.mark.parametrize("cipher", [CHACHA, GCM])
+async def test_stock_asyncssh_sends_an_ignore_before_every_packet_and_we_do_not(
+        lab: LabInfo, tmp_path: Path, cipher: str) -> None:
+    """FastConnection.send_packet drops the SSH_MSG_IGNORE that asyncssh's send_packet inserts (by
+    calling self.send_packet(MSG_IGNORE, ...) first) before every packet after the key exchange."""
+    async with stock(lab, cipher) as conn:
+        assert await _packets_for_one_write(conn, lab) == 2  # IGNORE + CHANNEL_DATA
+    async with connected(lab, tmp_path, cipher) as ours:
+        assert await _packets_for_one_write(ours._conn, lab) == 1
+
+
+async def test_cbc_ciphers_keep_the_ignore() -> None:
+    """RFC 4251 9.3.1: the countermeasure matters for CBC only; the check reads asyncssh's cipher name."""
+    from tunneld.ssh import wire
+
+    class Named:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def get_extra_info(self, key: str) -> str:
+            assert key == "send_cipher"  # the name asyncssh records when new keys take effect
+            return self.name
+
+    assert wire._is_cbc(Named("aes128-cbc"))  # type: ignore[arg-type]
+    assert wire._is_cbc(Named("rijndael-cbc@lysator.liu.se"))  # type: ignore[arg-type]
+    assert not wire._is_cbc(Named(GCM))  # type: ignore[arg-type]
+    assert not wire._is_cbc(Named("aes128-ctr"))  # type: ignore[arg-type]
+    assert not wire._is_cbc(Named(CHACHA))  # type: ignore[arg-type]
+
+
+async def test_corked_packets_leave_in_one_write_in_order(lab: LabInfo, tmp_path: Path) -> None:
+    """corked() relies on asyncssh writing every packet through SSHConnection._send."""
+    async with connected(lab, tmp_path, GCM) as conn:
+        fast = conn._conn
+        assert isinstance(fast, FastConnection)
+        chan, _ = await fast.create_connection(asyncssh.SSHTCPSession, "127.0.0.1", lab.echo_port)
+        with fast.corked():
+            chan.write(b"y" * 200_000)  # several channel packets (sshd's maximum packet is 32 KiB)
+            held = len(fast._kci_cork or [])
+        assert held >= 4
+        assert fast._kci_cork is None
+        chan.close()
+        # The link still works: what went out corked was well-formed and in sequence.
+        assert await stream_echo(await conn.open_tcp("127.0.0.1", lab.echo_port), b"z" * 300_000) == b"z" * 300_000
+
+
+async def test_tcp_channels_are_created_through_create_tcp_channel(lab: LabInfo, tmp_path: Path) -> None:
+    """The quiet packet logging of TCP channels needs asyncssh's create_connection to build its channel
+    with self.create_tcp_channel() and to keep asyncssh.logging.logger._debug_level."""
+    async with connected(lab, tmp_path, GCM) as conn:
+        chan, _ = await conn._conn.create_connection(asyncssh.SSHTCPSession, "127.0.0.1", lab.echo_port)
+        assert type(chan).__name__ == "_TCPChannel" and isinstance(chan, asyncssh.SSHTCPChannel)
+        chan.close()
+    assert isinstance(asyncssh.logging.logger._debug_level, int)
+
+
+async def test_chacha_cipher_is_replaced_in_place(lab: LabInfo, tmp_path: Path) -> None:
+    """wire._faster_chacha needs ChachaEncryption to keep its ChachaCipher in ``_cipher``, which keeps
+    its two keys in ``_key`` and ``_adkey``."""
+    async with connected(lab, tmp_path, CHACHA) as conn:
+        data = os.urandom(256 * 1024)
+        assert await stream_echo(await conn.open_tcp("127.0.0.1", lab.echo_port), data) == data
+        fast = conn._conn
+        for enc in (fast._send_encryption, fast._recv_encryption):
+            assert type(enc) is ChachaEncryption
+            assert type(enc._cipher) is FastChachaCipher
+
+
+@pytest.mark.parametrize("size", [0, 1, 60, 4096, 32768, 131072])
+def test_fast_chacha_matches_asyncssh_byte_for_byte(size: int) -> None:
+    key = os.urandom(64)
+    theirs = ChachaCipher(key)
+    ours = FastChachaCipher(theirs._key, theirs._adkey)
+    for seq in (0, 1, 2**32 + 5, 2**64 - 1):
+        nonce = seq.to_bytes(8, "big")
+        header, data = os.urandom(4), os.urandom(size)
+        sealed = ours.encrypt_and_sign(header, data, nonce)
+        assert sealed == theirs.encrypt_and_sign(header, data, nonce)
+        packet, tag = sealed
+        assert ours.decrypt_header(packet[:4], nonce) == theirs.decrypt_header(packet[:4], nonce) == header
+        assert ours.verify_and_decrypt(packet[:4], packet[4:], nonce, tag) == data
+        bad = bytes([tag[0] ^ 1]) + tag[1:]
+        assert ours.verify_and_decrypt(packet[:4], packet[4:], nonce, bad) is None
+        assert theirs.verify_and_decrypt(packet[:4], packet[4:], nonce, bad) is None
+
+
+async def test_speed_ups_survive_a_rekey(lab: LabInfo, tmp_path: Path) -> None:
+    """New keys mean new encryption objects: both directions are upgraded again, data keeps flowing."""
+    async with connected(lab, tmp_path, CHACHA) as conn:
+        fast = conn._conn
+        assert isinstance(fast, FastConnection)
+        before = fast._send_encryption
+        stream = await conn.open_tcp("127.0.0.1", lab.echo_port)
+        data = os.urandom(64 * 1024)
+        limit = fast._rekey_bytes
+        fast._rekey_bytes = 0  # this send starts a key exchange, as after rekey_bytes; the data waits for it
+        await stream.send(data)
+        fast._rekey_bytes = limit
+        with anyio.fail_after(10):
+            assert await stream_echo(stream, b"") == data
+            assert await stream_echo(await conn.open_tcp("127.0.0.1", lab.echo_port), data) == data
+        assert fast._send_encryption is not before
+        assert type(fast._send_encryption._cipher) is FastChachaCipher
+        assert type(fast._recv_encryption._cipher) is FastChachaCipher

@@ -1,0 +1,188 @@
+"""The SSH path of the relay: one channel wired straight to the client's socket, no tasks.
+
+The generic relay (tunneld/engine/relay/generic.py) runs two pump tasks over byte streams: per chunk
+a future is woken, a task resumes, and ``sock_recv`` registers and unregisters the socket with the
+loop (two ``epoll_ctl`` calls). For a 64-byte round trip through an SSH channel that was most of the
+daemon's own CPU (docs/performance.md, "## SSH"). Here the client socket is an asyncio Protocol and
+the channel's session callbacks feed it directly, as asyncssh's own forwarder does:
+
+- bytes: client ``data_received`` -> ``chan.write`` (corked: one system call per chunk); channel
+  data -> ``transport.write`` on the client socket, no intermediate buffer;
+- backpressure, crosswise: the client socket's ``pause_writing`` pauses reads on the channel (and
+  so its window updates); the channel's ``pause_writing`` (send buffer over its high-water mark)
+  pauses reads on the client socket;
+- half-close: EOF either way is passed on; both stay open until both directions saw EOF;
+- errors: a failed side makes the other fail too (the client socket is reset, the channel closed);
+  ``RelayBroken.by_client`` says whose side failed; cancellation does the same.
+
+What the channel received before the relay started (early bytes, an EOF) is handed over first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+
+from tunneld.engine.relay.common import WRITE_HIGH_WATER, WRITE_LOW_WATER, RelayBroken, Traffic, linger_zero
+
+# OpenSSH's maximum packet for forwarded channels: what the far side accepts per channel packet. Another
+# server's limit stays correct (asyncssh cuts further), only a little slower.
+SEND_PIECE = 32 * 1024
+
+
+def write_in_pieces(chan: Any, data: bytes) -> None:
+    """``chan.write(data)``, handed over in packet-sized pieces.
+
+    asyncssh cuts what it sends into packets by slicing its send buffer and deleting the front,
+    which copies the rest each time (about 3.5 extra copies of a 256 KiB read); pieces of one packet
+    each are sent whole.
+    """
+    if len(data) <= SEND_PIECE:
+        chan.write(data)
+        return
+    view = memoryview(data)
+    for start in range(0, len(data), SEND_PIECE):
+        chan.write(view[start:start + SEND_PIECE])
+
+
+class Wired(asyncio.Protocol):
+    """The client's socket (this Protocol) and one SSH channel (``chan``), each writing to the other."""
+
+    def __init__(self, chan: Any, cork: Callable[[], contextlib.AbstractContextManager[None]], traffic: Traffic,
+                 what: str) -> None:
+        self.chan = chan
+        self.cork = cork
+        self.traffic = traffic
+        self.what = what
+        self.transport: asyncio.Transport | None = None
+        self.client_eof = False  # the client shut down its sending side (or the socket closed)
+        self.chan_eof = False  # the far side's EOF (or the channel closed) was passed to the client
+        self.chan_gone = False  # the channel closed: nothing more can be sent on it
+        self.client_paused = False  # the client socket's write buffer is full: channel reads paused
+        self.finished = False
+        self.error: BaseException | None = None
+        self.by_client = False
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    # ------------------------------------------------------------ the client's socket
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio.Transport subclasses
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        self.traffic.up += len(data)
+        if self.chan_gone:  # the far side closed without reading on: these bytes cannot arrive
+            self.fail(anyio.BrokenResourceError(f"{self.what}: channel closed"), by_client=False)
+            return
+        try:
+            with self.cork():
+                write_in_pieces(self.chan, data)
+        except OSError as e:
+            self.fail(e, by_client=False)
+
+    def eof_received(self) -> bool:
+        self.client_eof = True
+        if not self.chan_gone:
+            with contextlib.suppress(OSError):
+                self.chan.write_eof()  # queued behind unsent data: the peer sees every byte, then EOF
+        self.finish_if_done()
+        return True  # keep our sending side open: half-close
+
+    def pause_writing(self) -> None:
+        self.client_paused = True
+        self.chan.pause_reading()  # no window updates either: the far side slows down
+
+    def resume_writing(self) -> None:
+        self.client_paused = False
+        self.chan.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            self.fail(exc, by_client=True)
+        elif not self.finished:  # closed under us, e.g. by the loop at shutdown
+            self.fail(ConnectionResetError("the client socket closed"), by_client=True)
+        if not self.done.done():
+            self.done.set_result(None)
+
+    # ------------------------------------------------------------ the channel (called by its session)
+
+    def channel_data(self, data: bytes) -> None:
+        self.traffic.down += len(data)
+        if self.transport is not None and not self.finished:
+            self.transport.write(data)
+
+    def channel_eof(self) -> None:
+        if self.chan_eof:
+            return
+        self.chan_eof = True
+        if self.transport is not None and not self.finished:
+            with contextlib.suppress(OSError, RuntimeError):
+                self.transport.write_eof()  # sent once the client socket's buffer is flushed
+        self.finish_if_done()
+
+    def channel_pause_writing(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def channel_resume_writing(self) -> None:
+        if self.transport is not None and not self.finished:
+            self.transport.resume_reading()
+
+    def channel_lost(self, exc: Exception | None) -> None:
+        self.chan_gone = True
+        if exc is not None:
+            self.fail(anyio.BrokenResourceError(f"{self.what}: {exc}"), by_client=False)
+        else:
+            self.channel_eof()  # closed by the far side: an end, like EOF, for the client
+
+    # ------------------------------------------------------------ both
+
+    def finish_if_done(self) -> None:
+        if self.client_eof and self.chan_eof and not self.finished:
+            self.finished = True
+            self.chan.close()  # flushes what is queued (and our EOF), then CLOSE
+            if self.transport is not None:
+                self.transport.close()  # flushes, then connection_lost(None) sets done
+
+    def fail(self, error: BaseException, *, by_client: bool) -> None:
+        """One side failed: reset the client socket, close the channel, remember whose fault it was."""
+        if self.error is None and not self.finished:
+            self.error, self.by_client = error, by_client
+        self.finished = True
+        self.chan.close()
+        if self.transport is not None:
+            linger_zero(self.transport.get_extra_info("socket"))  # a failed relay must not look like a finished one
+            self.transport.abort()
+
+    async def wire(self, client: socket.socket) -> None:
+        """Take over ``client``: from now on its bytes go to the channel."""
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: self, sock=client)
+        except BaseException:
+            self.finished = True
+            self.chan.close()
+            linger_zero(client)
+            client.close()
+            raise
+
+    async def wait(self) -> None:
+        """Relay until both directions are done (or one failed).
+
+        :raises RelayBroken: when either side failed; both are closed by then.
+        """
+        try:
+            await self.done
+        except BaseException:  # cancelled: both ends go, the client's with a reset
+            self.fail(anyio.get_cancelled_exc_class()(), by_client=False)
+            raise
+        if self.error is not None:
+            raise RelayBroken(self.error, by_client=self.by_client) from self.error
+
+
+__all__ = ["SEND_PIECE", "Wired", "write_in_pieces"]
