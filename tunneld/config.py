@@ -61,6 +61,9 @@ class DockerSettings:
     helper_images: tuple[str, ...] = field(default=(DEFAULT_HELPER_IMAGE,), metadata={"toml": "helper_image"})
     helper_name: str = DEFAULT_HELPER_NAME
     pool_size: int = 4
+    # Execs of the multiplexed relay that carry every connection when the helper has python3; 0: a
+    # pool of execs, one connection at a time each (as without python3).
+    mux_execs: int = 2
 
     @property
     def helper_image(self) -> str:
@@ -410,6 +413,7 @@ def _parse_transport(t: _Table) -> TransportSpec:
         helper_images=d.str_or_strs("helper_image", (DEFAULT_HELPER_IMAGE,)),
         helper_name=d.str_("helper_name", DEFAULT_HELPER_NAME) or DEFAULT_HELPER_NAME,
         pool_size=d.int_("pool_size", 4, low=0, high=256),
+        mux_execs=d.int_("mux_execs", 2, low=0, high=16),
     )
     d.done()
     s = t.table("ssh")

@@ -47,11 +47,12 @@ async def test_an_image_already_on_the_host_is_used_without_a_registry(
     why = f"already on the Docker host; {first} was not"
     assert (info["helper_image"], info["helper_image_why"]) == (lab.python_image, why)
     assert info["helper_images"] == [first, lab.python_image]
-    assert (info["relay"], info["relay_why"]) == ("python", "python3 in the image")
-    assert (f"docker: helper {s.helper_name} ready: image {lab.python_image} ({why}), relay python "
-            f"(python3 in the image), pool {s.pool_size}") in caplog.messages
+    relay_why = "python3 in the image; many connections per exec"
+    assert (info["relay"], info["relay_why"]) == ("mux", relay_why)
+    assert (f"docker: helper {s.helper_name} ready: image {lab.python_image} ({why}), relay mux "
+            f"({relay_why}), {s.mux_execs} exec(s) carrying every connection") in caplog.messages
     header = _status_header({"pid": 1, "state": "running", "transport": info}, time.time())
-    assert f"helper image {lab.python_image} ({why}), relay python (python3 in the image)" in header
+    assert f"helper image {lab.python_image} ({why}), relay mux ({relay_why})" in header
 
 
 async def test_the_shell_relay_is_named_with_its_reason(lab: LabInfo) -> None:
