@@ -87,10 +87,18 @@ class MuxStream(anyio.abc.ByteStream):
                 raise self._down_end
             self._down_ready = anyio.Event()
             await self._down_ready.wait()
+        # What piled up while the client was busy leaves in one write to it.
         chunk = self._down.popleft()
         if len(chunk) > max_bytes:
             self._down.appendleft(chunk[max_bytes:])
             chunk = chunk[:max_bytes]
+        elif self._down and len(chunk) + len(self._down[0]) <= max_bytes:
+            parts = [chunk]
+            size = len(chunk)
+            while self._down and size + len(self._down[0]) <= max_bytes:
+                parts.append(self._down.popleft())
+                size += len(parts[-1])
+            chunk = b"".join(parts)
         self._grant(len(chunk))
         return chunk
 
