@@ -1,9 +1,10 @@
 """The daemon's end of the multiplexed relay (helper/mux.py): many connections over one exec.
 
-- ``Channel`` owns one exec running helper/mux.py: one writer task sends every frame queued since
-  its last write in one write (a TLS record and a message through dockerd and the shim each), one
-  reader task parses the relay's frames and hands each connection its own; a heartbeat finds an
-  exec that stopped answering (a frozen relay, a Docker host that went away without a reset).
+- ``Channel`` owns one exec running helper/mux.py: the frames queued in one turn of the event loop
+  leave in one write (a TLS record and a message through dockerd and the shim each), from a loop
+  callback, not a writer task (a task wake-up per round trip was measurable); one reader task parses
+  the relay's frames and hands each connection its own; a heartbeat finds an exec that stopped
+  answering (a frozen relay, a Docker host that went away without a reset).
 - ``MuxStream`` is one client's connection on a channel, with the anyio byte-stream contract, and
   with credit both ways: it sends only as many bytes as the relay has room for (its ``W`` frames),
   and the relay sends only as many as this stream has granted. Its grant is renewed as the client
@@ -42,7 +43,8 @@ RELAY_MUX = (resources.files("tunneld.docker.helper") / "mux.py").read_text()
 HEADER = struct.Struct(">cII")  # kind, connection id, payload length
 COUNT = struct.Struct(">I")
 DOWN_WINDOW = 1024 * 1024  # bytes the relay may send a connection before the client has read them
-MAX_FRAME = 256 * 1024  # upstream bytes per data frame, so one connection cannot hold the writer long
+MAX_FRAME = 256 * 1024  # upstream bytes per data frame
+OUT_HIGH_WATER = 2 * 1024 * 1024  # bytes written to the exec and not yet taken before senders wait
 PROTOCOL = "1"
 
 
@@ -125,6 +127,7 @@ class MuxStream(anyio.abc.ByteStream):
             self.up_credit -= take
             self.channel.send_frame(b"D", self.cid, bytes(view[:take]))
             view = view[take:]
+            await self.channel.drain()
 
     async def send_eof(self) -> None:
         if self.up_eof or self.discard:
@@ -227,8 +230,6 @@ class Channel:
         self.conns: dict[int, MuxStream] = {}
         self.opened = 0
         self._next_id = 0
-        self._out: list[bytes] = []
-        self._wake = anyio.Event()
         self._line = b""
         self._startup_output: list[str] = []
         self._buf = bytearray()  # a frame header not yet whole
@@ -264,24 +265,21 @@ class Channel:
     # ---- stdin: one writer task, so frames never interleave and the reader never blocks
 
     def send_frame(self, kind: bytes, cid: int, payload: bytes = b"") -> None:
-        if self.dead is not None:
+        """Queue a frame for the relay: what is queued in one turn of the loop leaves in one write."""
+        if self.dead is not None or self.stream is None:
             return
-        self._out.append(HEADER.pack(kind, cid, len(payload)))
-        if payload:
-            self._out.append(payload)
-        self._wake.set()
+        self.stream.write_soon(HEADER.pack(kind, cid, len(payload)) + payload if payload
+                               else HEADER.pack(kind, cid, 0))
 
-    async def writer(self) -> None:
+    async def drain(self) -> None:
+        """Wait while the Docker host has not taken OUT_HIGH_WATER of what we wrote (credit bounds each
+        connection; this bounds them all together)."""
         assert self.stream is not None
-        try:
-            while True:
-                await self._wake.wait()
-                self._wake = anyio.Event()
-                out, self._out = self._out, []
-                if out:
-                    await self.stream.write(out[0] if len(out) == 1 else b"".join(out))
-        except TransportError as e:
-            self.kill(str(e))
+        if self.stream.buffered() > OUT_HIGH_WATER and self.dead is None:
+            try:
+                await self.stream.drain()
+            except TransportError as e:
+                self.kill(str(e))
 
     async def heartbeat(self) -> None:
         """Ping every few seconds; an exec that has not answered anything for a while is dead."""

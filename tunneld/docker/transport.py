@@ -476,7 +476,6 @@ class DockerTransport:
         try:
             with channel.scope:
                 async with anyio.create_task_group() as io:
-                    io.start_soon(channel.writer)
                     io.start_soon(channel.heartbeat)
                     await channel.run()
                     io.cancel_scope.cancel()

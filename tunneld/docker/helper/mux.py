@@ -110,6 +110,9 @@ class Relay:
         conn = known
         if kind == b"D":
             conn.up += payload
+            if conn.connected and len(conn.up) == len(payload):
+                conn.ready(OUT)  # a round trip's request leaves now, not after one more poll
+                return
         elif kind == b"E":
             conn.up_eof = True
         elif kind == b"W":
@@ -143,7 +146,9 @@ class Relay:
             for conn in list(self.conns.values()):
                 if conn.deadline is not None and now >= conn.deadline:
                     conn.failed("Connection timed out")
-                elif conn.sent:
+                elif conn.sent >= UP_WINDOW // 4:
+                    # Credit back in quarters of the window: the daemon always has the rest, and a
+                    # round trip's few bytes cost no frame of their own.
                     self.emit(b"W", conn.cid, COUNT.pack(conn.sent))
                     conn.sent = 0
             self.flush()
