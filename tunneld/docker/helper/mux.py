@@ -255,8 +255,7 @@ class Conn:
             self.deadline = None
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.relay.emit(b"C", self.cid)
-            self.update()
-            return
+            events = OUT  # the client's first bytes leave now (the socket is writable: it just connected)
         if events & (OUT | ERR) and self.up:
             try:
                 sent = self.sock.send(self.up[:BLOCK])
