@@ -13,7 +13,9 @@ Both forwarders reach the same targets inside the lab namespace: an echo server 
   with DOCKER_HOST (and DOCKER_TLS_VERIFY, DOCKER_CERT_PATH) pointing at the lab;
 - **kci-tunneld**: the real daemon, ``python -m tunneld start --detach --via docker``, same env, once
   with the socat image as its helper (relay.sh: a socat per connection) and once with the lab's
-  python3 image (helper/relay.py: no process per connection); ``--helpers`` picks.
+  python3 image (since the mux relay: helper/mux.py, every connection over two execs; before,
+  helper/relay.py, an exec per connection); ``--helpers`` picks. bench/docker_mux.py sets the mux
+  against the pool of execs and the issue's limits.
 
 Measured through each, interleaved metric by metric so background load hits both alike:
 

@@ -483,6 +483,8 @@ class DockerTransport:
                 channel.kill(await self._why_no_relay(channel))
             channel.kill("the exec ended")
         finally:
+            if channel.dead is None:  # cancelled with the transport: its connections end too
+                channel.kill("the docker transport closed")
             if channel in self._channels:
                 self._channels.remove(channel)
                 self._channel_lost.set()
