@@ -195,3 +195,50 @@ def test_the_relay_ends_when_its_stdin_closes() -> None:
     with relay() as r:
         r.stdin.close()
         assert r.proc.wait(10) == 0
+
+
+def test_many_short_connections_at_once_each_get_their_own_bytes() -> None:
+    """Connections opened, answered, closed and reset while others open: the fds of closed sockets are
+    reused at once, and no event of an old socket may reach a new one (it made a socket still
+    connecting look connected: a spurious "X")."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=512)
+    listener.settimeout(20)
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+    def answer(conn: socket.socket) -> None:
+        with conn:
+            data = conn.recv(64)
+            conn.sendall(b"re:" + data)  # and close: the far side ends first, like an HTTP/1.0 server
+
+    threading.Thread(target=serve, daemon=True).start()
+    total = 600
+    try:
+        with relay() as r:
+            replies: dict[int, bytes] = {}
+            ended: set[int] = set()
+            opened = 0
+            while len(ended) < total:
+                while opened < total and opened - len(ended) < 64:  # 64 at a time, like the HTTP benchmark
+                    opened += 1
+                    r.send(b"O", opened, b"127.0.0.1 %d 65536" % port)
+                    r.send(b"D", opened, b"%d" % opened)
+                kind, cid, payload = r.frame()
+                assert kind in b"CDEW", (kind, cid, payload)
+                if kind == b"D":
+                    replies[cid] = replies.get(cid, b"") + payload
+                elif kind == b"E":
+                    ended.add(cid)
+                    r.send(b"E" if cid % 3 else b"K", cid)  # the client's EOF, or a reset
+            assert all(replies[cid] == b"re:%d" % cid for cid in range(1, total + 1))
+    finally:
+        stop.set()
+        listener.close()

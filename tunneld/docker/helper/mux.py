@@ -131,16 +131,17 @@ class Relay:
                 if conn.deadline is not None:
                     left = max(0, int((conn.deadline - now) * 1000) + 1)
                     timeout = left if timeout is None else min(timeout, left)
-            events = self.poll.poll(timeout)
-            for fd, ready in events:
+            # Each event goes to the socket that had the fd when poll() answered: while they are
+            # handled, a connection may close and a new one (or its next address) get the same fd,
+            # and a stale POLLOUT would make a socket still connecting look connected.
+            events = [(self.by_fd.get(fd), fd, ready) for fd, ready in self.poll.poll(timeout)]
+            for owner, fd, ready in events:
                 if fd == 0:
                     if ready & IN:
                         self.read_stdin()
                     elif ready:
                         sys.exit(0)  # hung up without a byte to read: the daemon closed the exec
-                    continue
-                owner = self.by_fd.get(fd)
-                if owner is not None:
+                elif owner is not None and owner.sock is not None and owner.sock.fileno() == fd:
                     owner.ready(ready)
             now = time.monotonic()
             for conn in list(self.conns.values()):
