@@ -63,7 +63,7 @@ class ExecStream:
         self._stream = stream
         self._describe = describe
         self._transport = _upgraded_transport(stream)
-        self._pending: list[bytes] = []  # write_soon's, until the loop runs _flush
+        self._pending: list[bytes | memoryview] = []  # write_soon's, until the loop runs _flush
 
     async def read(self) -> tuple[int, bytes] | None:
         """The next frame as (ExecStream.STDOUT or STDERR, bytes), or None at the end of the stream.
@@ -88,7 +88,7 @@ class ExecStream:
         except (aiohttp.ClientError, OSError, RuntimeError, AssertionError) as e:
             raise TransportError(f"lost the exec stream to {self._describe}: {_reason(e)}") from None
 
-    def write_soon(self, data: bytes) -> None:
+    def write_soon(self, data: bytes | memoryview) -> None:
         """Queue bytes for stdin: everything queued in this turn of the event loop leaves in one write
         (one TLS record, one message through dockerd), from a loop callback rather than a task, which
         is what a small round trip saves. No backpressure: see ``buffered()`` and ``drain()``."""
@@ -97,7 +97,7 @@ class ExecStream:
         self._pending.append(data)
 
     def _flush(self) -> None:
-        data = b"".join(self._pending)
+        data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
         self._pending.clear()
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(data)  # a lost connection is the reader's to report
@@ -531,7 +531,7 @@ class DockerClient:
 class _Abortable(Protocol):
     def abort(self) -> None: ...
 
-    def write(self, data: bytes) -> None: ...
+    def write(self, data: bytes | memoryview) -> None: ...
 
     def is_closing(self) -> bool: ...
 

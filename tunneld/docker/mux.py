@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 RELAY_MUX = (resources.files("tunneld.docker.helper") / "mux.py").read_text()
 HEADER = struct.Struct(">cII")  # kind, connection id, payload length
 COUNT = struct.Struct(">I")
-DOWN_WINDOW = 1024 * 1024  # bytes the relay may send a connection before the client has read them
+DOWN_WINDOW = 4 * 1024 * 1024  # bytes the relay may send a connection before the client has read them
 MAX_FRAME = 256 * 1024  # upstream bytes per data frame
 OUT_HIGH_WATER = 2 * 1024 * 1024  # bytes written to the exec and not yet taken before senders wait
 PROTOCOL = "1"
@@ -125,7 +125,7 @@ class MuxStream(anyio.abc.ByteStream):
                 continue
             take = min(len(view), self.up_credit, MAX_FRAME)
             self.up_credit -= take
-            self.channel.send_frame(b"D", self.cid, bytes(view[:take]))
+            self.channel.send_frame(b"D", self.cid, view[:take])  # no copy: joined once into the write
             view = view[take:]
             await self.channel.drain()
 
@@ -264,12 +264,13 @@ class Channel:
 
     # ---- stdin: one writer task, so frames never interleave and the reader never blocks
 
-    def send_frame(self, kind: bytes, cid: int, payload: bytes = b"") -> None:
+    def send_frame(self, kind: bytes, cid: int, payload: bytes | memoryview = b"") -> None:
         """Queue a frame for the relay: what is queued in one turn of the loop leaves in one write."""
         if self.dead is not None or self.stream is None:
             return
-        self.stream.write_soon(HEADER.pack(kind, cid, len(payload)) + payload if payload
-                               else HEADER.pack(kind, cid, 0))
+        self.stream.write_soon(HEADER.pack(kind, cid, len(payload)))
+        if payload:
+            self.stream.write_soon(payload)
 
     async def drain(self) -> None:
         """Wait while the Docker host has not taken OUT_HIGH_WATER of what we wrote (credit bounds each
@@ -343,7 +344,8 @@ class Channel:
                 chunk, view = view[:self._data_left], view[self._data_left:]
                 self._data_left -= len(chunk)
                 if self._data_conn is not None:
-                    self._data_conn.feed(bytes(chunk))
+                    # Most reads lie wholly inside one "D" frame: hand the read on, not a copy of it.
+                    self._data_conn.feed(data if len(chunk) == len(data) else bytes(chunk))
                 continue
             if len(self._buf) < HEADER.size:
                 need = HEADER.size - len(self._buf)

@@ -28,6 +28,7 @@ Runs under the helper's python3, not ours: Python 3.5 or later (no f-strings, no
 ``from __future__ import annotations``; .ci/run checks this with vermin), standard library only.
 """
 
+import collections
 import errno
 import os
 import select
@@ -43,7 +44,7 @@ if MYPY:  # for the type checker only: importing typing at run time would slow t
 HEADER = struct.Struct(">cII")
 COUNT = struct.Struct(">I")
 BLOCK = 256 * 1024
-UP_WINDOW = 1024 * 1024  # the client's bytes we hold per connection for a slow target
+UP_WINDOW = 4 * 1024 * 1024  # the client's bytes we hold per connection for a slow target
 ABORT = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 IN, OUT, ERR = select.POLLIN, select.POLLOUT, select.POLLERR | select.POLLHUP
 
@@ -109,8 +110,8 @@ class Relay:
             return  # for a connection already over: nothing to do
         conn = known
         if kind == b"D":
-            conn.up += payload
-            if conn.connected and len(conn.up) == len(payload):
+            conn.up.append(memoryview(payload))
+            if conn.connected and len(conn.up) == 1:
                 conn.ready(OUT)  # a round trip's request leaves now, not after one more poll
                 return
         elif kind == b"E":
@@ -161,7 +162,9 @@ class Conn:
     def __init__(self, relay: Relay, cid: int, window: int) -> None:
         self.relay, self.cid = relay, cid
         self.sock = None  # type: Optional[socket.socket]
-        self.up = bytearray()
+        # The client's bytes not yet sent, frame by frame: sending from the front of one buffer would
+        # move the rest of it at every send.
+        self.up = collections.deque()  # type: collections.deque[memoryview]
         self.up_eof = False  # "E" seen: shut the write side down once self.up is sent
         self.up_done = False
         self.down_done = False
@@ -259,13 +262,16 @@ class Conn:
             events = OUT  # the client's first bytes leave now (the socket is writable: it just connected)
         if events & (OUT | ERR) and self.up:
             try:
-                sent = self.sock.send(self.up[:BLOCK])
+                sent = self.sock.send(self.up[0])
             except BlockingIOError:
                 sent = 0
             except OSError as e:
                 self.broken("write: %s" % (e.strerror or e))
                 return
-            del self.up[:sent]
+            if sent == len(self.up[0]):
+                self.up.popleft()
+            else:
+                self.up[0] = self.up[0][sent:]
             self.sent += sent
         if events & (IN | ERR) and self.sock is not None and self.credit > 0 and not self.down_done:
             try:
