@@ -501,7 +501,15 @@ class DockerTransport:
         while not self._closing:
             while len(self._channels) < self.settings.mux_execs and not self._closing:
                 try:
-                    await self._start_channel()
+                    if await self._start_channel() is None:
+                        # The helper was remade from an image without a python3 for the mux (the list
+                        # went on to the next image): the shell relay's pool carries connections now.
+                        logger.warning("docker: helper image %s cannot run the mux relay; using the pool of "
+                                       "relay execs", self.helper.image)
+                        self.mode = "?"  # until the first slot says which relay
+                        self._top_up()
+                        self.spawn(self._housekeeping)
+                        return
                 except TransportError as e:
                     self._failures += 1
                     self.health.set(TransportState.RECONNECTING, str(e))
