@@ -4,7 +4,10 @@ How it works (docs/docker-transport.md has the full story and the numbers):
 
 - A helper container runs on the Docker host with host networking (``--net=host``), idle. It needs
   only a POSIX shell, ``sleep``, ``dd`` and either socat or busybox ``nc``.
-- A *slot* is one long-lived ``docker exec`` of RELAY_SCRIPT with stdin/stdout/stderr attached. It
+- With python3 in the helper image (the default image has it), ``mux_execs`` long-lived execs of
+  the multiplexed relay (helper/mux.py; tunneld/docker/mux.py speaks to it) carry every connection,
+  each connection on the exec with the fewest; one that ends is replaced. The pool below is not used.
+- Otherwise a *slot* is one long-lived ``docker exec`` of RELAY_SCRIPT with stdin/stdout/stderr attached. It
   carries one TCP connection at a time and many in its life, so the ~80 ms an exec costs is paid
   once per slot, not per connection. A pool keeps ``pool_size`` idle slots warm, grows under load
   and is refilled in the background when slots (or the whole helper) go away.
@@ -14,13 +17,16 @@ How it works (docs/docker-transport.md has the full story and the numbers):
 The relay script and the objects that speak to one exec (framing, half-close over TLS, the end
 marker) are in tunneld/docker/execs.py; how the helper container is made, reused and removed is
 tunneld/docker/helper/. This module keeps the helper running (repairing it when it goes away), owns
-the pool and ``connect()``.
+the pool, the mux channels and ``connect()``.
 
 Why one module of this size: the pool is one state machine. The idle slots, the waiting
 ``connect()`` calls, the starts in flight and the failure count are read and changed together by
 ``_top_up``, ``release``, ``_acquire``, ``_run_slot`` and ``connect``, all in one task group whose
 closing waits for the starts; a helper repair is triggered from the same places. Split along those
-methods, each part would reach into the others' state.
+methods, each part would reach into the others' state. The mux channels share the exec starts
+(their limit and the wait for them at closing), the helper repair and the health with the pool,
+which is why they are kept here too, and which is also what a split into a channel-keeping module
+would have to take along.
 """
 
 from __future__ import annotations
