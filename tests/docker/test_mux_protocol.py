@@ -48,7 +48,7 @@ class Relay:
 
     def until(self, kind: bytes, cid: int) -> tuple[bytes, list[tuple[bytes, int, bytes]]]:
         """Frames up to the first ``kind`` for ``cid``: its payload, and the frames before it."""
-        seen = []
+        seen: list[tuple[bytes, int, bytes]] = []
         while True:
             f = self.frame()
             if f[0] == kind and f[1] == cid:

@@ -35,7 +35,7 @@ from tests.lab.lab import LabInfo, docker
 from tests.oci import build_layout, roundtrip
 from tunneld.config import DockerSettings, Timeouts, TransportSpec
 from tunneld.docker.api import DockerClient
-from tunneld.docker.execs import FIRST_LIMIT, RELAY_PYTHON
+from tunneld.docker.execs import FIRST_LIMIT, RELAY_PYTHON, DockerStream
 from tunneld.docker.host import resolve_endpoint
 from tunneld.docker.transport import DockerTransport
 from tunneld.errors import ExitCode, TransportError
@@ -525,6 +525,7 @@ async def test_client_leaving_a_far_side_that_never_closes_frees_the_slot(lab: L
     with anyio.fail_after(60):
         async with ns_server(lab, HOLDING_SERVER) as (port, _), docker_transport(s) as transport:
             stream = await transport.connect("127.0.0.1", port)
+            assert isinstance(stream, DockerStream)  # a pool's slot, not the mux
             slot = stream.slot
             await stream.send(b"hello")
             await stream.aclose()  # the far side sees our EOF, and keeps its side open
