@@ -13,7 +13,9 @@ Both forwarders reach the same targets inside the lab namespace: an echo server 
   with DOCKER_HOST (and DOCKER_TLS_VERIFY, DOCKER_CERT_PATH) pointing at the lab;
 - **kci-tunneld**: the real daemon, ``python -m tunneld start --detach --via docker``, same env, once
   with the socat image as its helper (relay.sh: a socat per connection) and once with the lab's
-  python3 image (helper/relay.py: no process per connection); ``--helpers`` picks.
+  python3 image (since the mux relay: helper/mux.py, every connection over two execs; before,
+  helper/relay.py, an exec per connection); ``--helpers`` picks. bench/docker_mux.py sets the mux
+  against the pool of execs and the issue's limits.
 
 Measured through each, interleaved metric by metric so background load hits both alike:
 
@@ -112,15 +114,16 @@ def jujitsu(lab: LabInfo, targets_: Mapping[str, int], workdir: Path, mode: str 
 
 @contextmanager
 def tunneld(lab: LabInfo, targets_: Mapping[str, int], workdir: Path, mode: str = "tls",
-            image: str | None = None) -> Iterator[tuple[dict[str, int], list[int]]]:
-    """kci-tunneld --via docker as a detached daemon (the real CLI), stopped with --cleanup."""
+            image: str | None = None, docker_extra: str = "") -> Iterator[tuple[dict[str, int], list[int]]]:
+    """kci-tunneld --via docker as a detached daemon (the real CLI), stopped with --cleanup;
+    ``docker_extra``: more lines of its [transport.docker] table."""
     env = docker_env(lab, mode)
     env["PYTHONPATH"] = str(ROOT)
     toml = workdir / "tunneld.toml"
     forwards = "".join(f'[[forwards]]\nname = "{n}"\nbind = "127.0.0.1"\nhost = "127.0.0.1"\nhost_port = {p}\n'
                        for n, p in targets_.items())
     toml.write_text(f'[transport]\nvia = "docker"\n[transport.docker]\nhelper_name = "kci-bench-helper-'
-                    f'{uuid.uuid4().hex[:6]}"\nhelper_image = "{image or lab.socat_image}"\n{forwards}')
+                    f'{uuid.uuid4().hex[:6]}"\nhelper_image = "{image or lab.socat_image}"\n{docker_extra}{forwards}')
     control = workdir / "c.sock"
     cli = tunneld_argv()
     subprocess.run([*cli, "start", "--detach", "--config", str(toml), "--control", str(control),

@@ -132,6 +132,61 @@ async def _conns(port: int, concurrency: int, seconds: float, per_connection: fl
     return {"concurrency": concurrency, "per_second": ok / elapsed, "ok": ok, "errors": errors}
 
 
+# ---------------------------------------------------------------- short HTTP requests, one per connection
+
+
+class _OneGet(asyncio.Protocol):
+    """Connect, ``GET PATH`` with ``Connection: close``, read the answer to EOF: a client without keep-alive."""
+
+    def __init__(self, request: bytes, done: asyncio.Future[bool]) -> None:
+        self.request = request
+        self.done = done
+        self.head = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.write(self.request)  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        if len(self.head) < 16:
+            self.head += data
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():  # a whole answer: a status line, then the server's EOF
+            self.done.set_result(exc is None and self.head.startswith(b"HTTP/1.1 200"))
+
+
+async def _http(port: int, concurrency: int, seconds: float, path: str, per_request: float) -> dict[str, object]:
+    loop = asyncio.get_running_loop()
+    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode()
+    ok = errors = 0
+    took: list[float] = []
+    deadline = loop.time() + seconds
+
+    async def worker() -> None:
+        nonlocal ok, errors
+        while loop.time() < deadline:
+            done: asyncio.Future[bool] = loop.create_future()
+            t0 = loop.time()
+            try:
+                async with asyncio.timeout(per_request):
+                    await loop.create_connection(lambda done=done: _OneGet(request, done), HOST, port)  # type: ignore[misc]
+                    success = await done
+            except (OSError, TimeoutError):
+                success = False
+            if success:
+                ok += 1
+                took.append(loop.time() - t0)
+            else:
+                errors += 1
+
+    t0 = loop.time()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = loop.time() - t0
+    took.sort()
+    p50 = took[len(took) // 2] * 1000 if took else 0.0
+    return {"concurrency": concurrency, "per_second": ok / elapsed, "ok": ok, "errors": errors, "p50_ms": p50}
+
+
 # ---------------------------------------------------------------- idle connections
 
 
@@ -204,6 +259,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--timeout", type=float, default=10.0)
+    p = sub.add_parser("http", help="C clients for S seconds, each connection one GET (Connection: close)")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--path", default="/v2/")
+    p.add_argument("--timeout", type=float, default=10.0)
     p = sub.add_parser("idle", help="hold N idle connections until stdin closes")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--count", type=int, default=10000)
@@ -217,6 +278,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(rtt(args.port, args.count, args.warmup)), flush=True)
     elif args.kind == "conns":
         print(json.dumps(uvloop.run(_conns(args.port, args.concurrency, args.seconds, args.timeout))), flush=True)
+    elif args.kind == "http":
+        result = _http(args.port, args.concurrency, args.seconds, args.path, args.timeout)
+        print(json.dumps(uvloop.run(result)), flush=True)
     elif args.kind == "idle":
         uvloop.run(_idle(args.port, args.count, args.parallel, args.hold))
     return 0

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tunneld.config import (
-    DEFAULT_HELPER_IMAGE,
+    DEFAULT_HELPER_IMAGES,
     ForwardSpec,
     load_config,
     merge_cli,
@@ -170,7 +170,8 @@ def test_bad_config_names_the_key(toml: str, message: str) -> None:
 
 
 def test_helper_image_is_one_image_or_a_list_in_order() -> None:
-    assert parse_config({}).transport.docker.helper_images == (DEFAULT_HELPER_IMAGE,)
+    assert parse_config({}).transport.docker.helper_images == DEFAULT_HELPER_IMAGES == ("python:3.13-alpine",
+                                                                                         "alpine/socat")
     one = parse_config(tomllib.loads('[transport.docker]\nhelper_image = "busybox"\n'))
     assert one.transport.docker.helper_images == ("busybox",)
     two = parse_config(tomllib.loads('[transport.docker]\nhelper_image = ["python:3-alpine", "alpine/socat"]\n'))

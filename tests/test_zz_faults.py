@@ -51,6 +51,7 @@ UNIX_HELPER = "kcilab-faults-helper-unix"
 DOCKERD_RESTART_BOUND = 10.0  # counted from dockerd answering again (its own restart took 3-13 s here)
 REGISTRY_RESTART_BOUND = 5.0
 HELPER_REMOVED_BOUND = 10.0
+RELAY_KILLED_BOUND = 5.0
 LINK_DOWN_BOUND = 15.0
 SSHD_KILLED_BOUND = 10.0
 
@@ -116,6 +117,26 @@ def test_helper_container_removed(daemons: dict[str, Daemon]) -> None:
         wait_until("tls forwards ready", lambda: tls.status()["state"] == "ready", 15)
     report("helper removed", serving_after_removal=serving, ready_after_removal=time.monotonic() - started)
     assert docker("inspect", "-f", "{{.State.Running}}", TLS_HELPER).stdout.strip() == "true"  # re-created
+    assert bystander.failed == 0 and bystander.ok > 3
+    assert registry_ok(tls.port("registry"))
+    assert_no_leaks(tls, before)
+
+
+def test_relay_killed_in_the_helper(daemons: dict[str, Daemon]) -> None:
+    """The default helper runs the mux relay: every connection of the docker forwards is on its few
+    execs. Killing the relay processes ends them; new execs replace them, the helper stays."""
+    tls, ssh = daemons["tls"], daemons["ssh"]
+    assert tls.status()["transport"]["relay"] == "mux"
+    before = settled(tls)
+    port = tls.port("echo")
+    helper_id = docker("inspect", "-f", "{{.Id}}", TLS_HELPER).stdout.strip()
+    with Bystander(ssh.port("echo")) as bystander:
+        started = time.monotonic()
+        docker("exec", TLS_HELPER, "sh", "-c", "kill -9 $(pidof python3)")
+        serving = wait_until("echo served again through new relay execs", lambda: echo_ok(port), RELAY_KILLED_BOUND)
+        wait_until("tls forwards ready", lambda: tls.status()["state"] == "ready", 15)
+    report("mux relay killed", serving_after_kill=serving, ready_after_kill=time.monotonic() - started)
+    assert docker("inspect", "-f", "{{.Id}}", TLS_HELPER).stdout.strip() == helper_id  # not recreated
     assert bystander.failed == 0 and bystander.ok > 3
     assert registry_ok(tls.port("registry"))
     assert_no_leaks(tls, before)

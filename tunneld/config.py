@@ -32,7 +32,11 @@ DEFAULT_READY_TIMEOUT = 60.0
 DEFAULT_DRAIN_TIMEOUT = 10.0
 DEFAULT_RECONNECT_WAIT = 10.0
 DEFAULT_MAX_CONNECTIONS = 1024
-DEFAULT_HELPER_IMAGE = "alpine/socat"
+# The helper images, in order of preference (docs/docker-transport.md, "Which helper image", says why
+# these): the official python image, pinned to a minor series, runs the multiplexed relay; alpine/socat
+# (the shell relay) is used where only it is on the Docker host or the python image cannot be pulled.
+DEFAULT_HELPER_IMAGES = ("python:3.13-alpine", "alpine/socat")
+DEFAULT_HELPER_IMAGE = DEFAULT_HELPER_IMAGES[0]
 DEFAULT_HELPER_NAME = "kci-tunneld-helper"
 DEFAULT_AUTO_INTERVAL = 3.0
 DEFAULT_AUTO_LINGER = 30.0
@@ -60,9 +64,12 @@ class DockerSettings:
     context: str | None = None
     # In order of preference: the first already on the Docker host is used, else the first that pulls.
     # Its TOML key is the singular helper_image (a string or a list): metadata["toml"] says so.
-    helper_images: tuple[str, ...] = field(default=(DEFAULT_HELPER_IMAGE,), metadata={"toml": "helper_image"})
+    helper_images: tuple[str, ...] = field(default=DEFAULT_HELPER_IMAGES, metadata={"toml": "helper_image"})
     helper_name: str = DEFAULT_HELPER_NAME
     pool_size: int = 4
+    # Execs of the multiplexed relay that carry every connection when the helper has python3; 0: a
+    # pool of execs, one connection at a time each (as without python3).
+    mux_execs: int = 2
 
     @property
     def helper_image(self) -> str:
@@ -428,9 +435,10 @@ def _parse_transport(t: _Table) -> TransportSpec:
         tls_verify=d.bool_("tls_verify", None),
         cert_path=d.str_("cert_path", None),
         context=d.str_("context", None),
-        helper_images=d.str_or_strs("helper_image", (DEFAULT_HELPER_IMAGE,)),
+        helper_images=d.str_or_strs("helper_image", DEFAULT_HELPER_IMAGES),
         helper_name=d.str_("helper_name", DEFAULT_HELPER_NAME) or DEFAULT_HELPER_NAME,
         pool_size=d.int_("pool_size", 4, low=0, high=256),
+        mux_execs=d.int_("mux_execs", 2, low=0, high=16),
     )
     d.done()
     s = t.table("ssh")

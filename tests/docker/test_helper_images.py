@@ -20,6 +20,7 @@ from tests.docker.test_transport import docker_transport, settings
 from tests.helpers import echo_roundtrip, running_forward
 from tests.lab.lab import LabInfo
 from tunneld.cli.status import _status_header
+from tunneld.config import DEFAULT_HELPER_IMAGES
 from tunneld.errors import TransportError
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
@@ -47,11 +48,27 @@ async def test_an_image_already_on_the_host_is_used_without_a_registry(
     why = f"already on the Docker host; {first} was not"
     assert (info["helper_image"], info["helper_image_why"]) == (lab.python_image, why)
     assert info["helper_images"] == [first, lab.python_image]
-    assert (info["relay"], info["relay_why"]) == ("python", "python3 in the image")
-    assert (f"docker: helper {s.helper_name} ready: image {lab.python_image} ({why}), relay python "
-            f"(python3 in the image), pool {s.pool_size}") in caplog.messages
+    relay_why = "python3 in the image; many connections per exec"
+    assert (info["relay"], info["relay_why"]) == ("mux", relay_why)
+    assert (f"docker: helper {s.helper_name} ready: image {lab.python_image} ({why}), relay mux "
+            f"({relay_why}), {s.mux_execs} exec(s) carrying every connection") in caplog.messages
     header = _status_header({"pid": 1, "state": "running", "transport": info}, time.time())
-    assert f"helper image {lab.python_image} ({why}), relay python (python3 in the image)" in header
+    assert f"helper image {lab.python_image} ({why}), relay mux ({relay_why})" in header
+
+
+async def test_the_default_list_runs_the_mux_relay_without_a_registry(
+        lab: LabInfo, caplog: pytest.LogCaptureFixture) -> None:
+    # The lab's python stand-in carries the default list's first name (tests/lab/dockerd.py tags it).
+    caplog.set_level(logging.INFO, logger="tunneld.docker")
+    assert DEFAULT_HELPER_IMAGES[0] == lab.python_default_image
+    s = settings(lab, tls=True, helper_images=DEFAULT_HELPER_IMAGES)
+    with anyio.fail_after(60):
+        async with docker_transport(s) as transport, running_forward(transport, lab.echo_port) as fwd:
+            assert await echo_roundtrip(fwd.port, b"the default") == b"the default"
+            info = transport.info()
+    assert pulls(caplog) == []
+    assert (info["helper_image"], info["helper_image_why"], info["relay"]) == \
+        (DEFAULT_HELPER_IMAGES[0], "already on the Docker host", "mux")
 
 
 async def test_the_shell_relay_is_named_with_its_reason(lab: LabInfo) -> None:

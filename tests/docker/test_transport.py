@@ -35,7 +35,7 @@ from tests.lab.lab import LabInfo, docker
 from tests.oci import build_layout, roundtrip
 from tunneld.config import DockerSettings, Timeouts, TransportSpec
 from tunneld.docker.api import DockerClient
-from tunneld.docker.execs import FIRST_LIMIT, RELAY_PYTHON
+from tunneld.docker.execs import FIRST_LIMIT, RELAY_PYTHON, DockerStream
 from tunneld.docker.host import resolve_endpoint
 from tunneld.docker.transport import DockerTransport
 from tunneld.errors import ExitCode, TransportError
@@ -45,8 +45,13 @@ pytestmark = [pytest.mark.timeout(180)]
 TIMEOUTS = Timeouts(connect=10.0, probe=5.0, probe_interval=0.5, ready=30.0, drain=2.0)
 
 
-def settings(lab: LabInfo, *, tls: bool, **changes: object) -> DockerSettings:
-    """Explicit settings for the lab (nothing from os.environ), with a helper name no other test uses."""
+def settings(lab: LabInfo, *, tls: bool, relay: str | None = None, **changes: object) -> DockerSettings:
+    """Explicit settings for the lab (nothing from os.environ), with a helper name no other test uses;
+    ``relay`` picks the helper image (and for "python", the pool of execs instead of the mux)."""
+    if relay is not None:
+        changes["helper_image"] = image(lab, relay)
+        if relay == "python":
+            changes["mux_execs"] = 0
     if tls:
         base = DockerSettings(host=lab.docker_host_tcp, tls_verify=True, cert_path=str(lab.client_cert_dir))
     else:
@@ -80,12 +85,14 @@ async def helper_state(s: DockerSettings) -> str | None:
 
 
 tls_param = pytest.mark.parametrize("tls", [False, True], ids=["unix", "tls"])
-# The relay the helper image gets: relay.sh with socat (alpine/socat), or helper/relay.py (python3).
-relay_param = pytest.mark.parametrize("relay", ["socat", "python"])
+# The relay the helper image gets: relay.sh with socat (alpine/socat); with python3, helper/mux.py (many
+# connections per exec, the default) or helper/relay.py (a pool of execs, one connection each: mux_execs = 0).
+relay_param = pytest.mark.parametrize("relay", ["socat", "python", "mux"])
+pool_relay_param = pytest.mark.parametrize("relay", ["socat", "python"])
 
 
 def image(lab: LabInfo, relay: str) -> str:
-    return lab.python_image if relay == "python" else lab.socat_image
+    return lab.python_image if relay in ("python", "mux") else lab.socat_image
 
 
 # ---------------------------------------------------------------- choosing the Docker host (no lab)
@@ -319,7 +326,7 @@ async def test_a_helper_whose_python3_is_too_old_gets_the_shell_relay(
 async def test_echo_4mib_with_half_close(lab: LabInfo, tls: bool, relay: str) -> None:
     """Over TLS the exec stream cannot half-close: the client's EOF travels in band and must still arrive."""
     data = os.urandom(4 * 1024 * 1024)
-    s = settings(lab, tls=tls, helper_image=image(lab, relay))
+    s = settings(lab, tls=tls, relay=relay)
     with anyio.fail_after(90):
         async with docker_transport(s) as transport, running_forward(transport, lab.echo_port) as fwd:
             assert await echo_roundtrip(fwd.port, data) == data
@@ -350,7 +357,7 @@ async def test_stream_contract_and_slot_reuse(lab: LabInfo, relay: str) -> None:
     """Bytes after our EOF still arrive; EndOfStream at the far side's EOF; a refused target is named;
     connections reuse the pooled execs instead of starting one each."""
     with anyio.fail_after(60):
-        async with docker_transport(settings(lab, tls=False, pool_size=2, helper_image=image(lab, relay))) as transport:
+        async with docker_transport(settings(lab, tls=False, pool_size=2, relay=relay)) as transport:
             for i in range(20):
                 stream = await transport.connect("127.0.0.1", lab.echo_port)
                 await stream.send(b"ping %d" % i)
@@ -389,7 +396,7 @@ async def test_first_bytes_ride_with_the_request(lab: LabInfo, tls: bool, relay:
     ones, ones beyond what may wait in the relay's FIFO, and ones for a target that refuses, after
     which the same exec serves the next connection."""
     with anyio.fail_after(60):
-        async with docker_transport(settings(lab, tls=tls, pool_size=1, helper_image=image(lab, relay))) as transport:
+        async with docker_transport(settings(lab, tls=tls, pool_size=1, relay=relay)) as transport:
             assert await _echo(transport, lab, b"", first=b"hello") == b"hello"
             big = os.urandom(FIRST_LIMIT * 3 + 7)
             assert await _echo(transport, lab, b" and more", first=big) == big + b" and more"
@@ -397,9 +404,11 @@ async def test_first_bytes_ride_with_the_request(lab: LabInfo, tls: bool, relay:
                 with pytest.raises(TransportError, match="Connection refused"):
                     await transport.connect("127.0.0.1", 1, os.urandom(FIRST_LIMIT))
                 assert await _echo(transport, lab, b"", first=b"still") == b"still"
-            # The same as without first bytes (pool top-ups); an exec lost per refusal would make it 6 or more.
+            # The same as without first bytes (pool top-ups, or the mux's execs; with socat, one more: the
+            # first exec asked for the mux relay and found no python3); an exec lost per refusal would
+            # make it 6 or more.
             execs = transport.info()["execs_started"]
-            assert isinstance(execs, int) and execs <= 3, transport.info()
+            assert isinstance(execs, int) and execs <= 3 + (relay == "socat"), transport.info()
 
 
 # Inside the lab namespace: say something, half-close, then report what the client sent after that.
@@ -455,7 +464,7 @@ async def test_far_side_half_closes_first(lab: LabInfo, relay: str) -> None:
     """The far side says its piece and half-closes; the client keeps sending, and all of it arrives."""
     with anyio.fail_after(60):
         async with ns_server(lab, HALF_CLOSING_SERVER) as (port, lines), \
-                docker_transport(settings(lab, tls=True, helper_image=image(lab, relay))) as transport:
+                docker_transport(settings(lab, tls=True, relay=relay)) as transport:
             stream = await transport.connect("127.0.0.1", port)
             got = b""
             with pytest.raises(anyio.EndOfStream):
@@ -484,7 +493,7 @@ c.close()
 async def test_a_far_side_reset_is_a_broken_stream_not_an_end(lab: LabInfo, relay: str) -> None:
     """A reset far side must not look like a clean EOF to the client (a cut-off reply taken for a whole
     one); the slot carries the next connection."""
-    s = settings(lab, tls=True, pool_size=1, helper_image=image(lab, relay))
+    s = settings(lab, tls=True, pool_size=1, relay=relay)
     with anyio.fail_after(60):
         async with ns_server(lab, RESETTING_SERVER) as (port, _), docker_transport(s) as transport:
             stream = await transport.connect("127.0.0.1", port)
@@ -508,14 +517,15 @@ while True:
 """
 
 
-@relay_param
+@pool_relay_param  # the mux's own: tests/docker/test_mux.py
 @pytest.mark.anyio
 async def test_client_leaving_a_far_side_that_never_closes_frees_the_slot(lab: LabInfo, relay: str) -> None:
     """After timeouts.drain the relay of that one connection is ended; the exec itself is kept."""
-    s = settings(lab, tls=False, pool_size=1, helper_image=image(lab, relay))
+    s = settings(lab, tls=False, pool_size=1, relay=relay)
     with anyio.fail_after(60):
         async with ns_server(lab, HOLDING_SERVER) as (port, _), docker_transport(s) as transport:
             stream = await transport.connect("127.0.0.1", port)
+            assert isinstance(stream, DockerStream)  # a pool's slot, not the mux
             slot = stream.slot
             await stream.send(b"hello")
             await stream.aclose()  # the far side sees our EOF, and keeps its side open
@@ -529,14 +539,14 @@ async def test_client_leaving_a_far_side_that_never_closes_frees_the_slot(lab: L
             assert await _echo(transport, lab, b"next") == b"next"
 
 
-@pytest.mark.parametrize("tls, relay", [(False, "socat"), (True, "socat"), (True, "python")],
-                         ids=["unix", "tls", "tls-python"])
+@pytest.mark.parametrize("tls, relay", [(False, "socat"), (True, "socat"), (True, "python"), (True, "mux")],
+                         ids=["unix", "tls", "tls-python", "tls-mux"])
 @pytest.mark.anyio
 async def test_skopeo_push_and_pull_digests_identical(lab: LabInfo, tmp_path: Path, tls: bool, relay: str) -> None:
     layout = build_layout(tmp_path / "src", layer_sizes=(16 << 20, 10 << 20, 8 << 20))
     assert layout.size >= 32 * 1024 * 1024
     with anyio.fail_after(240):
-        async with docker_transport(settings(lab, tls=tls, helper_image=image(lab, relay))) as transport, \
+        async with docker_transport(settings(lab, tls=tls, relay=relay)) as transport, \
                 running_forward(transport, lab.registry_port) as fwd:
             registry = f"127.0.0.1:{fwd.port}"
             repo = f"kci/docker-{'tls' if tls else 'unix'}-{os.getpid()}-{time.monotonic_ns()}"
@@ -544,14 +554,14 @@ async def test_skopeo_push_and_pull_digests_identical(lab: LabInfo, tmp_path: Pa
             assert fwd.stats.traffic.up >= layout.size and fwd.stats.traffic.down >= layout.size
 
 
-@relay_param
+@pool_relay_param
 @pytest.mark.anyio
 async def test_closing_while_the_pool_tops_up_is_clean(lab: LabInfo, relay: str) -> None:
     """A transport closed while exec starts are in flight (the pool's top-up after a connection took a
     slot) lets them finish and aborts them, rather than cancelling them mid-request: over TLS under uvloop that
     made uvloop write on a closed socket ("Fatal error on SSL protocol" in the loop's exception
     handler, which anyio's test runner raises as the test's failure)."""
-    s = settings(lab, tls=True, helper_image=image(lab, relay))
+    s = settings(lab, tls=True, relay=relay)
     with anyio.fail_after(90):
         for _ in range(10):
             async with docker_transport(s) as transport:

@@ -349,7 +349,8 @@ def status() -> list[tuple[str, bool, str]]:
     detail = f"pid {pid}, unix {'ok' if unix else 'down'}, tls {'ok' if tls else 'down'}"
     rows.append(("dockerd", bool(pid and unix and tls), detail))
     if unix:
-        for name in (INFO.registry_image, INFO.socat_image, INFO.busybox_image, INFO.python_image):
+        for name in (INFO.registry_image, INFO.socat_image, INFO.busybox_image, INFO.python_image,
+                     INFO.python_default_image):
             present = engine_json(f"/images/{name}/json") is not None
             rows.append(("image", present, f"{name} {'present' if present else 'missing'}"))
         container = engine_json(f"/containers/{REGISTRY_CONTAINER}/json")

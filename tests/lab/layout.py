@@ -89,7 +89,10 @@ class LabInfo:
     registry_image: str
     socat_image: str
     busybox_image: str
-    python_image: str  # busybox and python3: the docker transport's python relay
+    python_image: str  # busybox and python3: the docker transport's python relays
+    # The same image under the name that starts tunneld.config's DEFAULT_HELPER_IMAGES, so that a daemon
+    # with the default helper list finds it on the lab's Docker host (offline) and runs the mux relay.
+    python_default_image: str
     echo_host: str  # inside the namespace only
     echo_host6: str
     echo_port: int
@@ -139,6 +142,7 @@ INFO = LabInfo(
     socat_image="alpine/socat:latest",
     busybox_image="kcilab/busybox:latest",
     python_image="kcilab/python:latest",
+    python_default_image="python:3.13-alpine",
     echo_host="127.0.0.1",
     echo_host6="::1",
     echo_port=ECHO_PORT,

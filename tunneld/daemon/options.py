@@ -87,9 +87,9 @@ def launch(*, via_default: str, via_note: str = "") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False, parents=[log_file()])
     p.add_argument("--via", metavar="TRANSPORT", help=_via_help(via_default) + via_note)
     p.add_argument("--helper-image", metavar="IMAGE", action="append",
-                   help="docker transport: helper image (default alpine/socat; one with python3, such as "
-                        "python:3-alpine, sets up connections faster); repeat it for a list in order of "
-                        "preference: the first already on the Docker host is used, else the first that pulls")
+                   help="docker transport: helper image (default python:3.13-alpine, then alpine/socat; one with "
+                        "python3 carries every connection over a few execs, the fastest); repeat it for a list in "
+                        "order of preference: the first already on the Docker host is used, else the first that pulls")
     p.add_argument("--detach", action="store_true",
                    help="run in the background; return once every forward is ready")
     p.add_argument("--ready-timeout", type=seconds, metavar="SECONDS",

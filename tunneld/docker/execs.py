@@ -60,7 +60,7 @@ RELAY_SCRIPT = "".join(line for line in _SCRIPT_FILE.read_text().splitlines(True
 # connection (tunneld/docker/helper/relay.py; it runs under the helper's python3, not ours).
 RELAY_PYTHON = (resources.files("tunneld.docker.helper") / "relay.py").read_text()
 PYTHON_TOO_OLD = "the python relay needs 3.5 or later"  # what helper/relay.py says under an older python3
-RELAY_MODES = ("python", "socat", "nc")
+RELAY_MODES = ("mux", "python", "socat", "nc")
 
 
 _SOCAT_RE = re.compile(r"socat\[(\d+)\] ([A-Z]) (.*)$")

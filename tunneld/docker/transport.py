@@ -4,7 +4,10 @@ How it works (docs/docker-transport.md has the full story and the numbers):
 
 - A helper container runs on the Docker host with host networking (``--net=host``), idle. It needs
   only a POSIX shell, ``sleep``, ``dd`` and either socat or busybox ``nc``.
-- A *slot* is one long-lived ``docker exec`` of RELAY_SCRIPT with stdin/stdout/stderr attached. It
+- With python3 in the helper image (the default image has it), ``mux_execs`` long-lived execs of
+  the multiplexed relay (helper/mux.py; tunneld/docker/mux.py speaks to it) carry every connection,
+  each connection on the exec with the fewest; one that ends is replaced. The pool below is not used.
+- Otherwise a *slot* is one long-lived ``docker exec`` of RELAY_SCRIPT with stdin/stdout/stderr attached. It
   carries one TCP connection at a time and many in its life, so the ~80 ms an exec costs is paid
   once per slot, not per connection. A pool keeps ``pool_size`` idle slots warm, grows under load
   and is refilled in the background when slots (or the whole helper) go away.
@@ -14,13 +17,16 @@ How it works (docs/docker-transport.md has the full story and the numbers):
 The relay script and the objects that speak to one exec (framing, half-close over TLS, the end
 marker) are in tunneld/docker/execs.py; how the helper container is made, reused and removed is
 tunneld/docker/helper/. This module keeps the helper running (repairing it when it goes away), owns
-the pool and ``connect()``.
+the pool, the mux channels and ``connect()``.
 
 Why one module of this size: the pool is one state machine. The idle slots, the waiting
 ``connect()`` calls, the starts in flight and the failure count are read and changed together by
 ``_top_up``, ``release``, ``_acquire``, ``_run_slot`` and ``connect``, all in one task group whose
 closing waits for the starts; a helper repair is triggered from the same places. Split along those
-methods, each part would reach into the others' state.
+methods, each part would reach into the others' state. The mux channels share the exec starts
+(their limit and the wait for them at closing), the helper repair and the health with the pool,
+which is why they are kept here too, and which is also what a split into a channel-keeping module
+would have to take along.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ from tunneld.docker.execs import (
 from tunneld.docker.helper import Helper, ensure_helper, remove_helper
 from tunneld.docker.host import Endpoint, resolve_endpoint
 from tunneld.docker.images import choose_image
+from tunneld.docker.mux import RELAY_MUX, Channel, MuxStream
 from tunneld.docker.progress import PullPrinter
 from tunneld.errors import TransportError
 from tunneld.labels import ROLE_HELPER
@@ -115,6 +122,11 @@ class DockerTransport:
         self._helper_suspect = False
         self.connections = 0
         self.execs_started = 0
+        # With python3 in the helper: mux_execs channels (execs of helper/mux.py), each carrying many
+        # connections at once, instead of the pool of slots.
+        self._channels: list[Channel] = []
+        self._channel_ready = anyio.Event()  # set while a channel is live
+        self._channel_lost = anyio.Event()
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -139,12 +151,21 @@ class DockerTransport:
             await client.__aexit__(None, None, None)
             raise
         try:
-            self.release(await self._start_slot())
+            if self.settings.mux_execs and self._relay_python and await self._start_channel() is not None:
+                self.mode = "mux"
+            else:
+                self.release(await self._start_slot())
         except BaseException as e:
             await self.__aexit__(type(e), e, e.__traceback__)
             raise
         if not self._failures:  # else a refill failed meanwhile: "reconnecting" until one works
             self.health.set(TransportState.CONNECTED)
+        if self.mode == "mux":
+            tg.start_soon(self._keep_channels)
+            logger.info("docker: helper %s ready: image %s (%s), relay mux (%s), %d exec(s) carrying every connection",
+                        self.settings.helper_name, self.helper.image, self.image_why, self.relay_why(),
+                        self.settings.mux_execs)
+            return self
         self._top_up()
         tg.start_soon(self._housekeeping)
         logger.info("docker: helper %s ready: image %s (%s), relay %s (%s), pool %d", self.settings.helper_name,
@@ -220,6 +241,8 @@ class DockerTransport:
         self._closing = True
         for slot in list(self._slots):
             slot.kill("cleanup")
+        for channel in list(self._channels):
+            channel.kill("cleanup")
         if self.client is None:
             return
         if await remove_helper(self.client, self.helper):
@@ -227,8 +250,10 @@ class DockerTransport:
 
     def relay_why(self) -> str:
         """Why the relay in use was chosen, for the log and ``status``."""
+        if self.mode == "mux":
+            return "python3 in the image; many connections per exec"
         if self.mode == "python":
-            return "python3 in the image"
+            return "python3 in the image" + ("" if self.settings.mux_execs else "; mux_execs = 0")
         python = "its python3 is older than 3.5" if not self._relay_python else "no python3 in the image"
         if self.mode == "socat":
             return f"{python}; socat is"
@@ -316,7 +341,7 @@ class DockerTransport:
             if not self._closing:
                 self._top_up()
 
-    async def _why_no_relay(self, slot: Slot) -> str:
+    async def _why_no_relay(self, slot: Slot | Channel) -> str:
         """The exec ended before the relay said it was ready: the helper went away, or its image lacks tools."""
         assert self.client is not None
         with anyio.CancelScope(shield=True):
@@ -409,9 +434,138 @@ class DockerTransport:
                     self._idle.remove(slot)
                     slot.kill("idle")
 
+    # ---------------------------------------------------------------- the mux channels
+
+    async def _start_channel(self) -> Channel | None:
+        """Start one exec of the multiplexed relay; None when the helper has no python3 for it (or one
+        too old), so the pool of slots carries the connections instead.
+
+        :raises TransportError: when the exec cannot be started or the relay does not come up.
+        """
+        assert self._tg is not None
+        self._starting += 1
+        try:
+            async with self._exec_starts:
+                self._numbers += 1
+                channel = Channel(self, self._numbers)
+                self._tg.start_soon(self._run_channel, channel)
+                with anyio.move_on_after(self.timeouts.connect):
+                    await channel.ready.wait()
+                if not channel.ready.is_set():
+                    channel.kill(f"the relay in helper {self.settings.helper_name} did not start within "
+                                 f"{self.timeouts.connect:g}s {channel.startup_output()}".rstrip())
+        finally:
+            self._start_done()
+        if channel.dead is not None:
+            if PYTHON_TOO_OLD in channel.startup_output():
+                logger.warning("docker: helper image %s: %s; using the shell relay",
+                               self.helper.image, channel.startup_output())
+                self._relay_python = ""
+                return None
+            raise TransportError(channel.dead)
+        if channel.mode != "mux":  # relay.sh found no python3: the shell relay, one connection per exec
+            channel.kill(f"no python3 in the helper (relay {channel.mode})")
+            return None
+        self._channels.append(channel)
+        self._channel_ready.set()
+        return channel
+
+    async def _run_channel(self, channel: Channel) -> None:
+        cmd = ["/bin/sh", "-c", RELAY_SCRIPT, "kci-tunneld-relay", str(math.ceil(self.timeouts.connect)), "", "", "",
+               RELAY_MUX]
+        try:
+            cm, channel.stream = await self._open_exec(cmd)
+        except TransportError as e:
+            channel.kill(str(e))
+            return
+        self.execs_started += 1
+        try:
+            with channel.scope:
+                async with anyio.create_task_group() as io:
+                    io.start_soon(channel.heartbeat)
+                    await channel.run()
+                    io.cancel_scope.cancel()
+            if channel.mode not in RELAY_MODES and channel.dead is None:
+                channel.kill(await self._why_no_relay(channel))
+            channel.kill("the exec ended")
+        finally:
+            if channel.dead is None:  # cancelled with the transport: its connections end too
+                channel.kill("the docker transport closed")
+            if channel in self._channels:
+                self._channels.remove(channel)
+                self._channel_lost.set()
+                if not self._channels:
+                    self._channel_ready = anyio.Event()
+            with anyio.CancelScope(shield=True):
+                await cm.__aexit__(None, None, None)
+            if channel.mode == "mux" and not self._closing:
+                logger.info("docker: relay exec %d ended (%s); %d connection(s) on it failed", channel.number,
+                            channel.dead, channel.opened)
+
+    async def _keep_channels(self) -> None:
+        """Keep mux_execs channels running: replace one that ended, backing off while starts fail."""
+        while not self._closing:
+            while len(self._channels) < self.settings.mux_execs and not self._closing:
+                try:
+                    if await self._start_channel() is None:
+                        # The helper was remade from an image without a python3 for the mux (the list
+                        # went on to the next image): the shell relay's pool carries connections now.
+                        logger.warning("docker: helper image %s cannot run the mux relay; using the pool of "
+                                       "relay execs", self.helper.image)
+                        self.mode = "?"  # until the first slot says which relay
+                        self._top_up()
+                        self.spawn(self._housekeeping)
+                        return
+                except TransportError as e:
+                    self._failures += 1
+                    self.health.set(TransportState.RECONNECTING, str(e))
+                    logger.warning("docker: could not start a relay exec: %s", e)
+                    await anyio.sleep(backoff(self._failures, REFILL_BACKOFF_CAP, REFILL_BACKOFF_START))
+                    continue
+                if self._failures:
+                    self.reconnects += 1
+                    logger.info("docker: relay execs start again after %d failed attempt(s)", self._failures)
+                self._failures = 0
+                self.health.last_error = None
+                self.health.set(TransportState.CONNECTED)
+            self._channel_lost = anyio.Event()
+            await self._channel_lost.wait()
+
+    async def _pick_channel(self) -> Channel:
+        """The live channel carrying the fewest connections (waits while none is live)."""
+        while True:
+            live = [c for c in self._channels if c.dead is None]
+            if live:
+                return min(live, key=lambda c: (c.load, c.opened))
+            await self._channel_ready.wait()
+            if self._channels:
+                await anyio.sleep(0.01)  # the live ones just died: their tasks are removing them
+
+    async def _connect_mux(self, host: str, port: int, first: bytes, target: str) -> MuxStream:
+        conn: MuxStream | None = None
+        try:
+            for _ in range(3):
+                channel = await self._pick_channel()
+                conn = channel.open(host, port, first)
+                await conn.settled.wait()
+                if conn.ok:
+                    self.connections += 1
+                    await send_first(conn, first[channel.up_window:], f"could not connect to {target}")
+                    return conn
+                if conn.failure is not None:
+                    raise TransportError(f"could not connect to {target} from helper container "
+                                         f"{self.settings.helper_name}: {conn.failure}")
+                # The exec died before the relay answered: try again on another.
+            raise TransportError(f"could not connect to {target}: relay execs keep failing "
+                                 f"({conn.broken if conn else None})")
+        except BaseException:
+            if conn is not None:
+                await conn.aclose()
+            raise
+
     # ---------------------------------------------------------------- connections
 
-    async def connect(self, host: str, port: int, first: bytes = b"") -> DockerStream:
+    async def connect(self, host: str, port: int, first: bytes = b"") -> DockerStream | MuxStream:
         """Open a stream to host:port as the helper container sees it, with ``first`` sent first;
         returns once the relay reached it.
 
@@ -425,6 +579,8 @@ class DockerTransport:
         conn: DockerStream | None = None
         try:
             with anyio.fail_after(self.timeouts.connect):
+                if self.mode == "mux":
+                    return await self._connect_mux(host, port, first, target)
                 for _ in range(3):
                     slot = await self._acquire(relay_key(host, port))
                     conn = slot.open(host, port, first[:FIRST_LIMIT])
@@ -475,6 +631,7 @@ class DockerTransport:
             "relay": self.mode,
             "relay_primed": self._primed,
             "pool": {"idle": len(self._idle), "busy": len(self._slots) - len(self._idle), "starting": self._starting},
+            "mux_execs": [c.load for c in self._channels],  # connections on each live channel
             "connections": self.connections,
             "execs_started": self.execs_started,
         }

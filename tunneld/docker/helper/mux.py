@@ -1,0 +1,322 @@
+"""The multiplexed relay: many TCP connections at once over one exec, each with its own flow control.
+
+Not imported by kci-tunneld: relay.sh hands its exec over to it, as ``python3 -S -c SOURCE
+CONNECT_TIMEOUT``, when the helper image has ``python3``; tunneld/docker/mux.py speaks to it. One
+process, one ``poll`` loop, no process and no exec per connection.
+
+Frames, both ways: 1 byte of kind, 4 bytes of connection id, 4 bytes of length (big-endian), then
+the payload. Ids are chosen by the daemon and never reused within an exec.
+
+- stdin (the daemon): ``O`` open (payload ``HOST PORT WINDOW``: WINDOW is how many bytes of the
+  far side's we may send before a ``W``), ``D`` the client's bytes, ``E`` the client's EOF (shut the
+  write side down once the bytes before it are sent), ``K`` abort (the client is gone: reset, forget),
+  ``W`` more room downstream (payload: 4-byte count), ``P`` ping (answered with the same payload).
+- stdout (to the daemon): ``C`` connected, ``F`` could not connect (payload: why; the id is
+  forgotten), ``D`` the far side's bytes, ``E`` the far side's EOF, ``X`` broken (a read or write
+  failed, payload: why; reset, forgotten), ``W`` room for more of the client's bytes (4-byte count),
+  ``P`` pong.
+- stderr: ``R mux 1 UP_WINDOW`` once, when ready (then only a traceback, if this program breaks).
+
+Flow control is per connection, so one slow or never-reading client stalls only itself: we read a
+socket only while its downstream credit lasts, and the daemon sends a connection's bytes only while
+its upstream credit (UP_WINDOW at first, then our ``W``s as they reach the target) lasts; so reading
+stdin never waits on a socket and the daemon's reader never waits on a client. A connection is
+forgotten once both directions are done (or on F, X, K). The frames written in one turn of the loop
+leave in one write: every write is a message through the shim, dockerd and the API.
+
+Runs under the helper's python3, not ours: Python 3.5 or later (no f-strings, no walrus, no
+``from __future__ import annotations``; .ci/run checks this with vermin), standard library only.
+"""
+
+import collections
+import errno
+import os
+import select
+import socket
+import struct
+import sys
+import time
+
+MYPY = False
+if MYPY:  # for the type checker only: importing typing at run time would slow the start
+    from typing import Any, Dict, List, Optional  # noqa: F401 (used in type comments)
+
+HEADER = struct.Struct(">cII")
+COUNT = struct.Struct(">I")
+BLOCK = 256 * 1024
+UP_WINDOW = 4 * 1024 * 1024  # the client's bytes we hold per connection for a slow target
+ABORT = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
+IN, OUT, ERR = select.POLLIN, select.POLLOUT, select.POLLERR | select.POLLHUP
+
+
+class Relay:
+    """The exec's state: its connections, the frames to write, the poll set."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.conns = {}  # type: Dict[int, Conn]
+        self.by_fd = {}  # type: Dict[int, Conn]
+        self.out = []  # type: List[bytes]
+        self.inbuf = bytearray()
+        self.poll = select.poll()
+        self.poll.register(0, IN)
+
+    def emit(self, kind: bytes, cid: int, payload: bytes = b"") -> None:
+        self.out.append(HEADER.pack(kind, cid, len(payload)))
+        if payload:
+            self.out.append(payload)
+
+    def flush(self) -> None:
+        out, self.out = self.out, []
+        while out:
+            batch, out = out[:512], out[512:]  # IOV_MAX is 1024
+            done = os.writev(1, batch)
+            total = sum(len(b) for b in batch)
+            if done < total:
+                rest = b"".join(batch)[done:]
+                while rest:
+                    rest = rest[os.write(1, rest):]
+
+    def read_stdin(self) -> None:
+        data = os.read(0, BLOCK)
+        if not data:
+            sys.exit(0)  # the daemon closed the exec
+        self.inbuf += data
+        buf = self.inbuf
+        at = 0
+        while len(buf) - at >= 9:
+            kind, cid, size = HEADER.unpack_from(buf, at)
+            if len(buf) - at - 9 < size:
+                break
+            payload = bytes(buf[at + 9:at + 9 + size])
+            at += 9 + size
+            self.frame(kind, cid, payload)
+        del buf[:at]
+
+    def frame(self, kind: bytes, cid: int, payload: bytes) -> None:
+        if kind == b"P":
+            self.emit(b"P", cid, payload)
+            return
+        if kind == b"O":
+            host, port, window = payload.split()
+            conn = Conn(self, cid, int(window))
+            self.conns[cid] = conn
+            conn.start(host, int(port))
+            return
+        known = self.conns.get(cid)
+        if known is None:
+            if kind not in b"DEKW":
+                sys.exit(2)  # not our protocol
+            return  # for a connection already over: nothing to do
+        conn = known
+        if kind == b"D":
+            conn.up.append(memoryview(payload))
+            if conn.connected and len(conn.up) == 1:
+                conn.ready(OUT)  # a round trip's request leaves now, not after one more poll
+                return
+        elif kind == b"E":
+            conn.up_eof = True
+        elif kind == b"W":
+            conn.credit += COUNT.unpack(payload)[0]
+        elif kind == b"K":
+            conn.close(abort=True)
+        else:
+            sys.exit(2)
+        conn.update()
+
+    def loop(self) -> None:
+        while True:
+            timeout = None
+            now = time.monotonic()
+            for conn in self.conns.values():
+                if conn.deadline is not None:
+                    left = max(0, int((conn.deadline - now) * 1000) + 1)
+                    timeout = left if timeout is None else min(timeout, left)
+            # Each event goes to the socket that had the fd when poll() answered: while they are
+            # handled, a connection may close and a new one (or its next address) get the same fd,
+            # and a stale POLLOUT would make a socket still connecting look connected.
+            events = [(self.by_fd.get(fd), fd, ready) for fd, ready in self.poll.poll(timeout)]
+            for owner, fd, ready in events:
+                if fd == 0:
+                    if ready & IN:
+                        self.read_stdin()
+                    elif ready:
+                        sys.exit(0)  # hung up without a byte to read: the daemon closed the exec
+                elif owner is not None and owner.sock is not None and owner.sock.fileno() == fd:
+                    owner.ready(ready)
+            now = time.monotonic()
+            for conn in list(self.conns.values()):
+                if conn.deadline is not None and now >= conn.deadline:
+                    conn.failed("Connection timed out")
+                elif conn.sent >= UP_WINDOW // 4:
+                    # Credit back in quarters of the window: the daemon always has the rest, and a
+                    # round trip's few bytes cost no frame of their own.
+                    self.emit(b"W", conn.cid, COUNT.pack(conn.sent))
+                    conn.sent = 0
+            self.flush()
+
+
+class Conn:
+    """One connection: its socket, the client's bytes not yet sent, the credit downstream."""
+
+    def __init__(self, relay: Relay, cid: int, window: int) -> None:
+        self.relay, self.cid = relay, cid
+        self.sock = None  # type: Optional[socket.socket]
+        # The client's bytes not yet sent, frame by frame: sending from the front of one buffer would
+        # move the rest of it at every send.
+        self.up = collections.deque()  # type: collections.deque[memoryview]
+        self.up_eof = False  # "E" seen: shut the write side down once self.up is sent
+        self.up_done = False
+        self.down_done = False
+        self.credit = window
+        self.sent = 0  # bytes sent to the target since the last "W"
+        self.connected = False
+        self.deadline = time.monotonic() + relay.timeout  # type: Optional[float]
+        self.last_error = "Connection refused"
+        self.mask = -1
+        self.addrs = []  # type: List[Any]
+
+    def start(self, host: bytes, port: int) -> None:
+        """Resolve (inline: the daemon sends addresses and names from /etc/hosts) and start connecting."""
+        try:
+            # A bytes host: a str one goes through the IDNA codec, whose first use costs 12 ms of imports.
+            self.addrs = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+        except OSError as e:
+            self.addrs = []
+            self.last_error = e.strerror or str(e)
+        self.next_address()
+
+    def next_address(self) -> None:
+        """Start connecting to the next address (non-blocking), or report the last failure."""
+        self.forget_socket()
+        while self.addrs:
+            family, kind, proto, _, addr = self.addrs.pop(0)
+            sock = socket.socket(family, kind, proto)
+            sock.setblocking(False)
+            err = sock.connect_ex(addr)
+            if err in (0, errno.EINPROGRESS):
+                self.sock = sock
+                self.relay.by_fd[sock.fileno()] = self
+                self.update()
+                return
+            sock.close()
+            self.last_error = os.strerror(err)
+        self.failed(self.last_error)
+
+    def failed(self, reason: str) -> None:
+        self.forget_socket()
+        self.relay.conns.pop(self.cid, None)
+        self.relay.emit(b"F", self.cid, reason.encode())
+
+    def forget_socket(self) -> None:
+        if self.sock is not None:
+            fd = self.sock.fileno()
+            if self.mask > 0:
+                self.relay.poll.unregister(fd)
+            del self.relay.by_fd[fd]
+            self.sock.close()
+            self.sock = None
+            self.mask = -1
+
+    def update(self) -> None:
+        """Poll for what this connection can do now; forget it once both directions are done."""
+        if self.sock is None:
+            return
+        if self.connected:
+            if self.up_eof and not self.up and not self.up_done:
+                self.up_done = True
+                try:
+                    self.sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+            if self.up_done and self.down_done:
+                self.close()
+                return
+            mask = (IN if self.credit > 0 and not self.down_done else 0) | (OUT if self.up else 0)
+        else:
+            mask = OUT
+        if mask != self.mask:
+            # A socket closed both ways reports POLLHUP on every poll: unregistered, not a busy loop.
+            fd = self.sock.fileno()
+            if mask:
+                if self.mask > 0:
+                    self.relay.poll.modify(fd, mask)
+                else:
+                    self.relay.poll.register(fd, mask)
+            elif self.mask > 0:
+                self.relay.poll.unregister(fd)
+            self.mask = mask
+
+    def ready(self, events: int) -> None:
+        assert self.sock is not None
+        if not self.connected:
+            err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self.last_error = os.strerror(err)
+                self.next_address()
+                return
+            self.connected = True
+            self.deadline = None
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.relay.emit(b"C", self.cid)
+            events = OUT  # the client's first bytes leave now (the socket is writable: it just connected)
+        if events & (OUT | ERR) and self.up:
+            try:
+                sent = self.sock.send(self.up[0])
+            except BlockingIOError:
+                sent = 0
+            except OSError as e:
+                self.broken("write: %s" % (e.strerror or e))
+                return
+            if sent == len(self.up[0]):
+                self.up.popleft()
+            else:
+                self.up[0] = self.up[0][sent:]
+            self.sent += sent
+        if events & (IN | ERR) and self.sock is not None and self.credit > 0 and not self.down_done:
+            try:
+                data = self.sock.recv(min(self.credit, BLOCK))
+            except BlockingIOError:
+                data = None
+            except OSError as e:
+                self.broken("read: %s" % (e.strerror or e))
+                return
+            if data:
+                self.credit -= len(data)
+                self.relay.emit(b"D", self.cid, data)
+            elif data is not None:
+                self.down_done = True
+                self.relay.emit(b"E", self.cid)
+        self.update()
+
+    def broken(self, reason: str) -> None:
+        self.close(abort=True)
+        self.relay.emit(b"X", self.cid, reason.encode())
+
+    def close(self, abort: bool = False) -> None:
+        if self.sock is not None and abort:
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, ABORT)
+            except OSError:
+                pass
+        self.forget_socket()
+        self.relay.conns.pop(self.cid, None)
+        if self.sent:  # nobody will read the credit back: drop it
+            self.sent = 0
+
+
+def main() -> None:
+    if sys.version_info < (3, 5):  # PEP 475: system calls retried on EINTR, which this relies on
+        sys.stderr.write("the helper's python3 is %d.%d; the python relay needs 3.5 or later\n" % sys.version_info[:2])
+        sys.exit(1)
+    relay = Relay(float(sys.argv[1]))
+    try:  # the resolver's first use (nsswitch, /etc/hosts) now, not in the first connection's set-up
+        socket.getaddrinfo(b"localhost", 0, 0, socket.SOCK_STREAM)
+    except OSError:
+        pass
+    os.write(2, b"R mux 1 %d\n" % UP_WINDOW)
+    relay.loop()
+
+
+if __name__ == "__main__":
+    main()

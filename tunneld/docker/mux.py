@@ -1,0 +1,405 @@
+"""The daemon's end of the multiplexed relay (helper/mux.py): many connections over one exec.
+
+- ``Channel`` owns one exec running helper/mux.py: the frames queued in one turn of the event loop
+  leave in one write (a TLS record and a message through dockerd and the shim each), from a loop
+  callback, not a writer task (a task wake-up per round trip was measurable); one reader task parses
+  the relay's frames and hands each connection its own; a heartbeat finds an exec that stopped
+  answering (a frozen relay, a Docker host that went away without a reset).
+- ``MuxStream`` is one client's connection on a channel, with the anyio byte-stream contract, and
+  with credit both ways: it sends only as many bytes as the relay has room for (its ``W`` frames),
+  and the relay sends only as many as this stream has granted. Its grant is renewed as the client
+  reads, so a client that never reads stops its own connection and no other: the reader never
+  waits on a client, and a connection never holds more than its window here.
+
+The frames are described in helper/mux.py. The channels of a helper are kept by
+tunneld/docker/transport.py, which also decides which channel carries a new connection.
+
+Why one module of this size: as in execs.py, one wire protocol seen from its two objects. A frame
+read by the channel changes one stream's state, and everything a stream sends leaves through its
+channel's writer.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine
+from importlib import resources
+from typing import Any, Protocol
+
+import anyio
+import anyio.abc
+
+from tunneld.config import Timeouts, format_host
+from tunneld.docker.api import ExecStream
+from tunneld.errors import TransportError
+
+logger = logging.getLogger(__name__)
+
+# The relay that runs in the helper (it runs under the helper's python3, not ours).
+RELAY_MUX = (resources.files("tunneld.docker.helper") / "mux.py").read_text()
+HEADER = struct.Struct(">cII")  # kind, connection id, payload length
+COUNT = struct.Struct(">I")
+DOWN_WINDOW = 4 * 1024 * 1024  # bytes the relay may send a connection before the client has read them
+MAX_FRAME = 256 * 1024  # upstream bytes per data frame
+OUT_HIGH_WATER = 2 * 1024 * 1024  # bytes written to the exec and not yet taken before senders wait
+PROTOCOL = "1"
+
+
+class ChannelOwner(Protocol):
+    """What a channel needs from the transport that runs it."""
+
+    timeouts: Timeouts
+
+    def spawn(self, func: Callable[..., Coroutine[Any, Any, None]], *args: object) -> None: ...
+
+
+class MuxStream(anyio.abc.ByteStream):
+    """One client's connection over a channel; the anyio byte-stream contract."""
+
+    def __init__(self, channel: Channel, cid: int, target: str) -> None:
+        self.channel = channel
+        self.cid = cid
+        self.target = target
+        self.settled = anyio.Event()  # connected, refused, or the channel died
+        self.ok = False
+        self.failure: str | None = None  # why it could not connect
+        self.seen = False  # the relay answered for it (so a retry elsewhere would connect twice)
+        self._down: deque[bytes] = deque()
+        self._down_ready = anyio.Event()
+        self._down_end: BaseException | None = None
+        self._granted = 0  # read by the client since the last grant
+        self.up_credit = channel.up_window
+        self._credit_ready = anyio.Event()
+        self.up_eof = False
+        self.down_done = False
+        self.discard = False  # the client is gone: drop what still arrives
+        self.broken: str | None = None
+        self.forgotten = False  # over on both sides: the id is free of traffic
+
+    # ---- the anyio contract
+
+    async def receive(self, max_bytes: int = 256 * 1024) -> bytes:
+        while not self._down:
+            if self.discard:
+                raise anyio.ClosedResourceError
+            if self._down_end is not None:
+                raise self._down_end
+            self._down_ready = anyio.Event()
+            await self._down_ready.wait()
+        # What piled up while the client was busy leaves in one write to it.
+        chunk = self._down.popleft()
+        if len(chunk) > max_bytes:
+            self._down.appendleft(chunk[max_bytes:])
+            chunk = chunk[:max_bytes]
+        elif self._down and len(chunk) + len(self._down[0]) <= max_bytes:
+            parts = [chunk]
+            size = len(chunk)
+            while self._down and size + len(self._down[0]) <= max_bytes:
+                parts.append(self._down.popleft())
+                size += len(parts[-1])
+            chunk = b"".join(parts)
+        self._grant(len(chunk))
+        return chunk
+
+    def _grant(self, size: int) -> None:
+        # Renewed once a quarter of the window was read: fewer frames, and the relay never runs dry
+        # while the client keeps up.
+        self._granted += size
+        if self._granted >= DOWN_WINDOW // 4 and not self.down_done:
+            self.channel.send_frame(b"W", self.cid, COUNT.pack(self._granted))
+            self._granted = 0
+
+    async def send(self, item: bytes) -> None:
+        view = memoryview(item)
+        while view:
+            if self.up_eof or self.discard:
+                raise anyio.ClosedResourceError
+            if self.broken is not None:
+                raise anyio.BrokenResourceError(self.broken)
+            if self.up_credit <= 0:
+                self._credit_ready = anyio.Event()
+                await self._credit_ready.wait()
+                continue
+            take = min(len(view), self.up_credit, MAX_FRAME)
+            self.up_credit -= take
+            self.channel.send_frame(b"D", self.cid, view[:take])  # no copy: joined once into the write
+            view = view[take:]
+            await self.channel.drain()
+
+    async def send_eof(self) -> None:
+        if self.up_eof or self.discard:
+            return
+        self.up_eof = True
+        if self.broken is None:
+            self.channel.send_frame(b"E", self.cid)
+        self._maybe_forget()
+
+    async def aclose(self) -> None:
+        if self.discard:
+            return
+        self.discard = True
+        self._down.clear()
+        self._down_ready.set()
+        self._credit_ready.set()
+        if self.forgotten or self.broken is not None:
+            self._maybe_forget()
+            return
+        if not self.up_eof:
+            # The far side sees FIN and usually closes soon; if it does not within timeouts.drain,
+            # it is reset ("K").
+            self.up_eof = True
+            self.channel.send_frame(b"E", self.cid)
+        if self.down_done:
+            self._maybe_forget()
+        else:
+            self.channel.owner.spawn(self._abort_later)
+
+    async def _abort_later(self) -> None:
+        await anyio.sleep(self.channel.owner.timeouts.drain)
+        if not self.forgotten:
+            logger.debug("[channel %d conn %d] %s still open %gs after the client left: resetting it",
+                         self.channel.number, self.cid, self.target, self.channel.owner.timeouts.drain)
+            self.channel.send_frame(b"K", self.cid)
+            self._forget()
+
+    # ---- frames from the channel's reader
+
+    def feed(self, data: bytes) -> None:
+        if self.discard:
+            self.channel.send_frame(b"W", self.cid, COUNT.pack(len(data)))  # let the far side drain
+            return
+        self._down.append(data)
+        self._down_ready.set()
+
+    def credit(self, size: int) -> None:
+        self.up_credit += size
+        self._credit_ready.set()
+
+    def connected(self) -> None:
+        self.seen = self.ok = True
+        self.settled.set()
+
+    def refused(self, reason: str) -> None:
+        self.seen = True
+        self.failure = reason
+        self.fail(reason)
+
+    def far_eof(self) -> None:
+        self.down_done = True
+        self._end(anyio.EndOfStream())
+        self._maybe_forget()
+
+    def fail(self, reason: str) -> None:
+        """A read or write failed at the relay, or the channel died: both directions are broken."""
+        self.broken = reason
+        self.down_done = True
+        self._end(anyio.BrokenResourceError(reason))
+        self._forget()
+        self.settled.set()
+
+    def _end(self, end: BaseException) -> None:
+        self._down_end = end
+        self._down_ready.set()
+        self._credit_ready.set()
+
+    def _maybe_forget(self) -> None:
+        if self.down_done and self.up_eof:
+            self._forget()
+
+    def _forget(self) -> None:
+        if not self.forgotten:
+            self.forgotten = True
+            self.channel.forget(self)
+
+
+class Channel:
+    """One exec of helper/mux.py carrying many connections."""
+
+    def __init__(self, owner: ChannelOwner, number: int) -> None:
+        self.owner = owner
+        self.number = number
+        self.stream: ExecStream | None = None
+        self.ready = anyio.Event()  # "R mux" seen, or the exec failed before it (then dead is set)
+        self.mode = "?"  # "mux", or what relay.sh said instead ("socat", "nc": no python3)
+        self.up_window = 0
+        self.dead: str | None = None
+        self.scope = anyio.CancelScope()
+        self.conns: dict[int, MuxStream] = {}
+        self.opened = 0
+        self._next_id = 0
+        self._line = b""
+        self._startup_output: list[str] = []
+        self._buf = bytearray()  # a frame header not yet whole
+        self._data_left = 0  # bytes of the current "D" frame still to come
+        self._data_conn: MuxStream | None = None
+        self.last_heard = time.monotonic()
+
+    # ---- connections
+
+    def open(self, host: str, port: int, first: bytes = b"") -> MuxStream:
+        """Ask the relay for host:port, with the client's ``first`` bytes right behind the request
+        (up to the relay's window): they reach the target one Docker round trip sooner."""
+        self._next_id += 1
+        conn = MuxStream(self, self._next_id, f"{format_host(host)}:{port}")
+        self.conns[conn.cid] = conn
+        self.opened += 1
+        self.send_frame(b"O", conn.cid, b"%s %d %d" % (host.encode(), port, DOWN_WINDOW))
+        if first:
+            take = first[:conn.up_credit]
+            conn.up_credit -= len(take)
+            self.send_frame(b"D", conn.cid, take)
+        if self.dead is not None:
+            conn.fail(self.dead)
+        return conn
+
+    def forget(self, conn: MuxStream) -> None:
+        self.conns.pop(conn.cid, None)
+
+    @property
+    def load(self) -> int:
+        return len(self.conns)
+
+    # ---- stdin: one writer task, so frames never interleave and the reader never blocks
+
+    def send_frame(self, kind: bytes, cid: int, payload: bytes | memoryview = b"") -> None:
+        """Queue a frame for the relay: what is queued in one turn of the loop leaves in one write."""
+        if self.dead is not None or self.stream is None:
+            return
+        self.stream.write_soon(HEADER.pack(kind, cid, len(payload)))
+        if payload:
+            self.stream.write_soon(payload)
+
+    async def drain(self) -> None:
+        """Wait while the Docker host has not taken OUT_HIGH_WATER of what we wrote (credit bounds each
+        connection; this bounds them all together)."""
+        assert self.stream is not None
+        if self.stream.buffered() > OUT_HIGH_WATER and self.dead is None:
+            try:
+                await self.stream.drain()
+            except TransportError as e:
+                self.kill(str(e))
+
+    async def heartbeat(self) -> None:
+        """Ping every few seconds; an exec that has not answered anything for a while is dead."""
+        interval = max(1.0, min(5.0, self.owner.timeouts.connect / 2))
+        while True:
+            await anyio.sleep(interval)
+            if time.monotonic() - self.last_heard > 3 * interval:
+                self.kill(f"the relay has not answered for {3 * interval:g}s")
+                return
+            self.send_frame(b"P", 0)
+
+    # ---- stdout and stderr
+
+    async def run(self) -> None:
+        """Read the exec's frames until it ends."""
+        assert self.stream is not None
+        try:
+            while True:
+                item = await self.stream.read()
+                if item is None:
+                    return
+                self.last_heard = time.monotonic()
+                kind, data = item
+                if kind == ExecStream.STDERR:
+                    self._stderr(data)
+                elif self.mode == "mux":
+                    self._frames(data)
+                elif not self.ready.is_set():
+                    self._startup_output.append(data.decode(errors="replace"))
+                else:
+                    self.protocol_error(f"{len(data)} bytes before the relay said what it is")
+                    return
+                if self.dead is not None:
+                    return
+        except TransportError as e:
+            self.kill(str(e))
+
+    def _stderr(self, data: bytes) -> None:
+        self._line += data
+        *lines, self._line = self._line.split(b"\n")
+        for raw in lines:
+            line = raw.decode(errors="replace").rstrip("\r")
+            if self.ready.is_set():
+                logger.warning("[channel %d] the relay says: %s", self.number, line)
+            elif line.startswith("R "):
+                words = line.split()
+                self.mode = words[1]
+                if self.mode == "mux":
+                    if words[2:3] != [PROTOCOL]:
+                        self.kill(f"the helper's relay speaks protocol {words[2:3]}, not {PROTOCOL}")
+                        return
+                    self.up_window = int(words[3])
+                self.ready.set()
+            else:
+                self._startup_output.append(line)
+
+    def _frames(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            if self._data_left:  # inside a "D" frame: hand its bytes on as they come
+                chunk, view = view[:self._data_left], view[self._data_left:]
+                self._data_left -= len(chunk)
+                if self._data_conn is not None:
+                    # Most reads lie wholly inside one "D" frame: hand the read on, not a copy of it.
+                    self._data_conn.feed(data if len(chunk) == len(data) else bytes(chunk))
+                continue
+            if len(self._buf) < HEADER.size:
+                need = HEADER.size - len(self._buf)
+                self._buf += view[:need]
+                view = view[need:]
+                if len(self._buf) < HEADER.size:
+                    return
+            kind, cid, size = HEADER.unpack(self._buf)
+            if kind == b"D":
+                self._buf.clear()
+                self._data_left = size
+                self._data_conn = self.conns.get(cid)
+                continue
+            if len(self._buf) + len(view) < HEADER.size + size:
+                self._buf += view
+                return
+            take = HEADER.size + size - len(self._buf)
+            payload = bytes(self._buf[HEADER.size:]) + bytes(view[:take])
+            view = view[take:]
+            self._buf.clear()
+            self._control(kind, cid, payload)
+
+    def _control(self, kind: bytes, cid: int, payload: bytes) -> None:
+        if kind == b"P":
+            return  # a pong: reading it was the point (last_heard)
+        conn = self.conns.get(cid)
+        if conn is None:
+            return  # for a connection already over here (reset after the client left)
+        if kind == b"W":
+            conn.credit(COUNT.unpack(payload)[0])
+        elif kind == b"C":
+            conn.connected()
+        elif kind == b"E":
+            conn.far_eof()
+        elif kind == b"F":
+            conn.refused(payload.decode(errors="replace"))
+        elif kind == b"X":
+            conn.fail(payload.decode(errors="replace"))
+        else:
+            self.protocol_error(f"unexpected frame {kind!r}")
+
+    def protocol_error(self, what: str) -> None:
+        logger.warning("[channel %d] relay protocol error (%s); dropping this exec", self.number, what)
+        self.kill(f"relay protocol error: {what}")
+
+    def kill(self, reason: str) -> None:
+        """Drop this exec and fail every connection on it (the relay ends when its stdin goes away)."""
+        if self.dead is None:
+            self.dead = reason
+        self.scope.cancel()
+        self.ready.set()
+        for conn in list(self.conns.values()):
+            conn.fail(f"the exec carrying this connection ended: {reason}")
+        self.conns.clear()
+
+    def startup_output(self) -> str:
+        return " ".join(s.strip() for s in self._startup_output if s.strip())[:300]
