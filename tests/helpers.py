@@ -35,6 +35,16 @@ class StateWatch:
         return time.monotonic() - started
 
 
+async def read_to_eof(stream: anyio.abc.ByteStream) -> bytes:
+    """Everything ``stream`` sends until its EOF."""
+    out = bytearray()
+    while True:
+        try:
+            out.extend(await stream.receive(1 << 20))
+        except anyio.EndOfStream:
+            return bytes(out)
+
+
 async def stream_echo(stream: anyio.abc.ByteStream, data: bytes) -> bytes:
     """On a stream a transport opened to an echo server: send ``data``, half-close, read to EOF,
     close; return what came back."""

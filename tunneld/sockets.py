@@ -11,6 +11,7 @@ import asyncio
 import errno
 import os
 import socket
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -18,6 +19,23 @@ import anyio
 import anyio.abc
 
 CHUNK = 256 * 1024
+
+
+def take(chunks: deque[bytes], max_bytes: int) -> bytes:
+    """What piled up in ``chunks`` (not empty), joined in one piece of at most ``max_bytes``: a stream
+    fed by another task hands its reader everything that arrived while it was busy, in one write."""
+    first = chunks.popleft()
+    if len(first) > max_bytes:
+        chunks.appendleft(first[max_bytes:])
+        return first[:max_bytes]
+    if not chunks or len(first) + len(chunks[0]) > max_bytes:
+        return first
+    parts = [first]
+    size = len(first)
+    while chunks and size + len(chunks[0]) <= max_bytes:
+        parts.append(chunks.popleft())
+        size += len(parts[-1])
+    return b"".join(parts)
 
 
 class RawSocketStream(anyio.abc.ByteStream):

@@ -22,6 +22,7 @@ import anyio.abc
 import anyio.lowlevel
 import pytest
 
+from tests.helpers import read_to_eof
 from tunneld.engine.relay import RelayBroken, Traffic
 from tunneld.engine.relay.generic import _relay_streams as relay_byte_streams
 from tunneld.engine.relay.protocols import _relay_sockets
@@ -87,15 +88,6 @@ async def relayed(path: str) -> AsyncIterator[Relayed]:
         yield r
         with anyio.fail_after(10):
             await r.finished.wait()
-
-
-async def read_to_eof(stream: anyio.abc.ByteStream) -> bytes:
-    out = bytearray()
-    while True:
-        try:
-            out.extend(await stream.receive(1 << 20))
-        except anyio.EndOfStream:
-            return bytes(out)
 
 
 async def test_client_half_close_then_reply(path: str) -> None:

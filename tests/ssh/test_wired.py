@@ -20,6 +20,7 @@ import anyio
 import anyio.abc
 import pytest
 
+from tests.helpers import read_to_eof
 from tests.lab.lab import LabInfo
 from tests.ssh.test_transport import TIMEOUTS, settings
 from tunneld.engine.relay import RelayBroken, Traffic, relay
@@ -77,15 +78,6 @@ async def relayed(lab: LabInfo, conn: SshConnection) -> AsyncIterator[Relayed]:
         yield r
         with anyio.fail_after(20):
             await r.finished.wait()
-
-
-async def read_to_eof(stream: anyio.abc.ByteStream) -> bytes:
-    out = bytearray()
-    while True:
-        try:
-            out.extend(await stream.receive(1 << 20))
-        except anyio.EndOfStream:
-            return bytes(out)
 
 
 async def test_client_half_close_then_reply(lab: LabInfo) -> None:

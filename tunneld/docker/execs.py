@@ -42,6 +42,7 @@ import anyio.abc
 from tunneld.config import Timeouts, format_host
 from tunneld.docker.api import ExecStream
 from tunneld.errors import TransportError
+from tunneld.sockets import take
 
 logger = logging.getLogger(__name__)
 
@@ -120,20 +121,11 @@ class DockerStream(anyio.abc.ByteStream):
                 raise self._down_end
             self._down_ready = anyio.Event()
             await self._down_ready.wait()
-        first = self._down.popleft()
-        if len(first) > max_bytes:
-            self._down.appendleft(first[max_bytes:])
-            first = first[:max_bytes]
-        parts = [first]
-        size = len(first)
-        while self._down and size + len(self._down[0]) <= max_bytes:
-            chunk = self._down.popleft()
-            parts.append(chunk)
-            size += len(chunk)
-        self._down_size -= size
+        chunk = take(self._down, max_bytes)
+        self._down_size -= len(chunk)
         if self._down_size < DOWN_HIGH_WATER:
             self._down_space.set()
-        return first if len(parts) == 1 else b"".join(parts)
+        return chunk
 
     async def send(self, item: bytes) -> None:
         if self.up_eof or self.discard:

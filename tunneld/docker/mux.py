@@ -35,6 +35,7 @@ import anyio.abc
 from tunneld.config import Timeouts, format_host
 from tunneld.docker.api import ExecStream
 from tunneld.errors import TransportError
+from tunneld.sockets import take
 
 logger = logging.getLogger(__name__)
 
@@ -89,18 +90,7 @@ class MuxStream(anyio.abc.ByteStream):
                 raise self._down_end
             self._down_ready = anyio.Event()
             await self._down_ready.wait()
-        # What piled up while the client was busy leaves in one write to it.
-        chunk = self._down.popleft()
-        if len(chunk) > max_bytes:
-            self._down.appendleft(chunk[max_bytes:])
-            chunk = chunk[:max_bytes]
-        elif self._down and len(chunk) + len(self._down[0]) <= max_bytes:
-            parts = [chunk]
-            size = len(chunk)
-            while self._down and size + len(self._down[0]) <= max_bytes:
-                parts.append(self._down.popleft())
-                size += len(parts[-1])
-            chunk = b"".join(parts)
+        chunk = take(self._down, max_bytes)  # what piled up while the client was busy: one write to it
         self._grant(len(chunk))
         return chunk
 
