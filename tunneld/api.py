@@ -265,6 +265,10 @@ class ForwardSet:
         handle = self._handles.get(forward.spec.name)
         if handle is not None:
             handle._state_changed()
+        self._changed_now()
+
+    def _changed_now(self) -> None:
+        """Wake ``wait_ready`` and ``changes()`` readers (a forward changed, or discovery added or removed one)."""
         self._changed.set()
         self._changed = anyio.Event()
 
@@ -323,7 +327,7 @@ async def _follow(config: Config, gen: Generation, fset: ForwardSet, scope: anyi
     """Run ``--auto``'s discovery for ``open_forwards``: add and remove its forwards in ``gen``,
     and tell ``fset.follow()`` readers. Started once the first look at the Docker host is applied."""
     # Only auto needs the Docker API client (aiodocker): a direct or ssh-only app never loads it.
-    from tunneld.docker.discovery import Found
+    from tunneld.docker.discovery import Found, held_ports
     from tunneld.docker.follower import Discovery
 
     static = {f.name for f in config.forwards}
@@ -342,11 +346,10 @@ async def _follow(config: Config, gen: Generation, fset: ForwardSet, scope: anyi
                 handle = fset._add(await gen.add(f.spec, retry_bind=config.auto.interval))
                 held[name] = f
                 fset._followed_event(ForwardEvent("added", name, f.spec.port, f.container, handle))
-        fset._changed.set()
-        fset._changed = anyio.Event()
+        fset._changed_now()
 
-    discovery = Discovery(config.transport.docker, config.auto, config.timeouts, apply,
-                          reserved=lambda: {f.port: f.name for f in config.forwards if f.port})
+    reserved = held_ports(config.forwards)
+    discovery = Discovery(config.transport.docker, config.auto, config.timeouts, apply, reserved=lambda: reserved)
     with scope:
         async with anyio.create_task_group() as tg:
             await tg.start(discovery.run)

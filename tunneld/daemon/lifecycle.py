@@ -296,10 +296,11 @@ class Daemon:
             self.discovery, self._auto_settled = None, False
             if config.auto.enabled:
                 # Only --auto needs the Docker API client (aiodocker): a --via direct daemon never loads it.
+                from tunneld.docker.discovery import held_ports
                 from tunneld.docker.follower import Discovery
 
                 discovery = Discovery(config.transport.docker, config.auto, config.timeouts, self._apply_discovered,
-                                      reserved=lambda: {f.port: f.name for f in self.config.forwards if f.port})
+                                      reserved=lambda: held_ports(self.config.forwards))
                 self.discovery = discovery
                 await self._start_service("auto", discovery.run)
             elif self._discovered:

@@ -446,22 +446,25 @@ class DockerClient:
 
     async def published_ports(self) -> list[PublishedPort]:
         """Every port a running container publishes on the Docker host (``docker ps`` PORTS)."""
-        return [p for c in await self.running_containers() for p in c.ports]
+        return [p for c in await self._listed() for p in c.ports]
 
     async def running_containers(self) -> list[RunningContainer]:
         """Every running container with its name, image, labels and published ports: one request
         (and an inspect of each container whose image tag has moved since it was created: the list
         shows such an image by its id, inspect by the name it was created from)."""
-        async with self._call("listing containers"):
-            found = await self.docker.containers.list(all="false")
-            rows = [dict(c._container) for c in found]
         out = []
-        for row in rows:
-            running = running_from_list(row)
+        for running in await self._listed():
             if running.image.startswith("sha256:"):
                 running = await self.running_container(running.id) or running
             out.append(running)
         return out
+
+    async def _listed(self) -> list[RunningContainer]:
+        """``docker ps``, as the list shows it (one request)."""
+        async with self._call("listing containers"):
+            found = await self.docker.containers.list(all="false")
+            rows = [dict(c._container) for c in found]
+        return [running_from_list(r) for r in rows]
 
     async def running_container(self, ref: str) -> RunningContainer | None:
         """``ref`` with the ports it publishes now, or None when it is gone or not running."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from tunneld.config import AutoSettings, ForwardSpec
@@ -120,11 +120,16 @@ def selected(c: Container, auto: AutoSettings) -> bool:
 _EVERY = AutoSettings()
 
 
+def held_ports(forwards: Iterable[ForwardSpec]) -> dict[int, str]:
+    """Port -> name of the config's own forwards that listen on a fixed port: never taken by --auto."""
+    return {f.port: f.name for f in forwards if f.port}
+
+
 def select(containers: Sequence[Container], *, auto: AutoSettings = _EVERY, bind: str | None = None,
-           reserved: Mapping[int, str] | Collection[int] = (), holders: Mapping[int, str] | None = None) -> Selection:
+           reserved: Mapping[int, str] | None = None, holders: Mapping[int, str] | None = None) -> Selection:
     """What to forward from these running containers.
 
-    ``reserved``: ports the config's own forwards hold (a mapping names them). ``holders``: port ->
+    ``reserved``: port -> name of the config's own forwards (``held_ports``). ``holders``: port ->
     container forwarded on it now, which keeps the port when another container wants it too.
     """
     bind = bind or auto.bind
@@ -136,10 +141,7 @@ def select(containers: Sequence[Container], *, auto: AutoSettings = _EVERY, bind
     if auto.mode == "all":
         candidates += _published(pool, bind)
     out = Selection()
-    taken: dict[int, str] = {}
-    for port in reserved:
-        name = reserved[port] if isinstance(reserved, Mapping) else ""
-        taken[port] = f"the config's forward {name}".rstrip()
+    taken = {port: f"the config's forward {name}" for port, name in (reserved or {}).items()}
     names: set[str] = set()
     for found in candidates:
         port = found.spec.port

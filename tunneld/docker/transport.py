@@ -313,22 +313,12 @@ class DockerTransport:
         hint = [self._hint[0], str(self._hint[1]), relay_key(*self._hint)] if self._hint else ["", "", ""]
         cmd = ["/bin/sh", "-c", RELAY_SCRIPT, "kci-tunneld-relay", str(math.ceil(self.timeouts.connect)), *hint,
                self._relay_python]
-        try:
-            cm, slot.stream = await self._open_exec(cmd)
-        except TransportError as e:
-            slot.kill(str(e))
+        cm = await self._open_relay(slot, cmd)
+        if cm is None:
             return
-        self.execs_started += 1
         self._slots.add(slot)
         try:
-            with slot.scope:
-                async with anyio.create_task_group() as io:
-                    io.start_soon(slot.writer)
-                    await slot.run()
-                    io.cancel_scope.cancel()
-            if slot.mode not in RELAY_MODES and slot.dead is None:
-                slot.kill(await self._why_no_relay(slot))
-            slot.kill("the exec ended")
+            await self._serve_relay(slot, slot.writer)
         finally:
             self._slots.discard(slot)
             if slot in self._idle:
@@ -340,6 +330,30 @@ class DockerTransport:
             logger.debug("[slot %d] closed: %s", slot.number, slot.dead)
             if not self._closing:
                 self._top_up()
+
+    async def _open_relay(self, relay: Slot | Channel,
+                          cmd: list[str]) -> AbstractAsyncContextManager[ExecStream] | None:
+        """Start the exec that runs ``relay``'s program (the exec's context, to leave once it ended),
+        or None when it could not be started (``relay`` is killed, saying why)."""
+        try:
+            cm, relay.stream = await self._open_exec(cmd)
+        except TransportError as e:
+            relay.kill(str(e))
+            return None
+        self.execs_started += 1
+        return cm
+
+    async def _serve_relay(self, relay: Slot | Channel, beside: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Read ``relay``'s exec until it ends, with ``beside`` (its writer, or its heartbeat) running
+        along; then ``relay`` is dead, saying why."""
+        with relay.scope:
+            async with anyio.create_task_group() as io:
+                io.start_soon(beside)
+                await relay.run()
+                io.cancel_scope.cancel()
+        if relay.mode not in RELAY_MODES and relay.dead is None:
+            relay.kill(await self._why_no_relay(relay))
+        relay.kill("the exec ended")
 
     async def _why_no_relay(self, slot: Slot | Channel) -> str:
         """The exec ended before the relay said it was ready: the helper went away, or its image lacks tools."""
@@ -473,21 +487,11 @@ class DockerTransport:
     async def _run_channel(self, channel: Channel) -> None:
         cmd = ["/bin/sh", "-c", RELAY_SCRIPT, "kci-tunneld-relay", str(math.ceil(self.timeouts.connect)), "", "", "",
                RELAY_MUX]
-        try:
-            cm, channel.stream = await self._open_exec(cmd)
-        except TransportError as e:
-            channel.kill(str(e))
+        cm = await self._open_relay(channel, cmd)
+        if cm is None:
             return
-        self.execs_started += 1
         try:
-            with channel.scope:
-                async with anyio.create_task_group() as io:
-                    io.start_soon(channel.heartbeat)
-                    await channel.run()
-                    io.cancel_scope.cancel()
-            if channel.mode not in RELAY_MODES and channel.dead is None:
-                channel.kill(await self._why_no_relay(channel))
-            channel.kill("the exec ended")
+            await self._serve_relay(channel, channel.heartbeat)
         finally:
             if channel.dead is None:  # cancelled with the transport: its connections end too
                 channel.kill("the docker transport closed")

@@ -13,12 +13,12 @@ numbers that chose them):
   socket -> pipe -> socket inside the kernel, driven by the loop's reader/writer callbacks; no bytes
   enter Python, so it needs about half the CPU per GiB of a Protocol relay, and wiring a connection
   costs no awaits;
-- plain TCP elsewhere (or plain sockets that are not TCP), in ``sockets.py``: asyncio Protocols with
+- plain TCP elsewhere (or plain sockets that are not TCP), in ``protocols.py``: asyncio Protocols with
   flow control wired crosswise (no task wake-up per chunk, about 4x the throughput of pumps over
   streams);
 - an upstream that relays to a socket itself (``relay_socket``: SSH TCP and unix-socket channels,
   tunneld/ssh/wired.py) gets the client's socket: callbacks both ways, no tasks;
-- everything else (Docker exec streams, SSH exec channels), in ``streams.py``: two pump tasks over
+- everything else (Docker exec streams, SSH exec channels), in ``generic.py``: two pump tasks over
   anyio byte streams.
 ``KCI_TUNNELD_RELAY=protocol|streams`` forces a slower path, for benchmarks and bug hunts.
 
