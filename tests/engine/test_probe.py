@@ -376,7 +376,7 @@ class BreakingTransport(DirectTransport):
 
     name = "breaking"
 
-    async def connect(self, host: str, port: int, first: bytes = b"") -> BreakingStream:  # type: ignore[override]
+    async def connect(self, host: str, port: int, first: bytes = b"", *, early: bool = False) -> BreakingStream:  # type: ignore[override]
         return BreakingStream()
 
 

@@ -34,7 +34,7 @@ class GatedTransport:
     ) -> None:
         return None
 
-    async def connect(self, host: str, port: int, first: bytes = b"") -> RawSocketStream:
+    async def connect(self, host: str, port: int, first: bytes = b"", *, early: bool = False) -> RawSocketStream:
         self.connects += 1
         await self.gate.wait()
         return await self.inner.connect(host, port, first)
@@ -71,7 +71,7 @@ class StreamOnlyTransport(DirectTransport):
 
     name = "stream-only"
 
-    async def connect(self, host: str, port: int, first: bytes = b"") -> OpaqueStream:  # type: ignore[override]
+    async def connect(self, host: str, port: int, first: bytes = b"", *, early: bool = False) -> OpaqueStream:  # type: ignore[override]
         return OpaqueStream(await super().connect(host, port, first))
 
 
@@ -86,7 +86,7 @@ class PipeliningTransport(StreamOnlyTransport):
         super().__init__(spec, timeouts)
         self.firsts: list[bytes] = []
 
-    async def connect(self, host: str, port: int, first: bytes = b"") -> OpaqueStream:  # type: ignore[override]
+    async def connect(self, host: str, port: int, first: bytes = b"", *, early: bool = False) -> OpaqueStream:  # type: ignore[override]
         self.firsts.append(first)
         return await super().connect(host, port, first)
 
@@ -103,7 +103,7 @@ class SwitchableTransport(DirectTransport):
         self.gate: anyio.Event | None = None
         self.connecting = anyio.Event()  # set (and replaced) as each connect() passes the health check
 
-    async def connect(self, host: str, port: int, first: bytes = b"") -> RawSocketStream:
+    async def connect(self, host: str, port: int, first: bytes = b"", *, early: bool = False) -> RawSocketStream:
         if self.health.state != TransportState.CONNECTED:
             what = f"{format_host(host)}:{port}"
             raise TransportError(f"could not connect to {what}: the transport is {self.health.state}")

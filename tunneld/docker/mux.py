@@ -10,6 +10,8 @@
   and the relay sends only as many as this stream has granted. Its grant is renewed as the client
   reads, so a client that never reads stops its own connection and no other: the reader never
   waits on a client, and a connection never holds more than its window here.
+- A stream the engine relays to a client's socket is wired to it instead (mux_wired.py): then its
+  ``sink`` gets the frames' events as calls, and nothing is queued here.
 
 The frames are described in helper/mux.py. The channels of a helper are kept by
 tunneld/docker/transport.py, which also decides which channel carries a new connection.
@@ -22,6 +24,7 @@ channel's writer.
 from __future__ import annotations
 
 import logging
+import socket
 import struct
 import time
 from collections import deque
@@ -34,6 +37,7 @@ import anyio.abc
 
 from tunneld.config import Timeouts, format_host
 from tunneld.docker.api import ExecStream
+from tunneld.engine.relay.common import Traffic
 from tunneld.errors import TransportError
 from tunneld.sockets import take
 
@@ -44,6 +48,7 @@ RELAY_MUX = (resources.files("tunneld.docker.helper") / "mux.py").read_text()
 HEADER = struct.Struct(">cII")  # kind, connection id, payload length
 COUNT = struct.Struct(">I")
 DOWN_WINDOW = 4 * 1024 * 1024  # bytes the relay may send a connection before the client has read them
+GRANT_AT = DOWN_WINDOW // 4  # read (or written to the client) since the last grant before the next
 MAX_FRAME = 256 * 1024  # upstream bytes per data frame
 OUT_HIGH_WATER = 2 * 1024 * 1024  # bytes written to the exec and not yet taken before senders wait
 PROTOCOL = "1"
@@ -54,16 +59,44 @@ class ChannelOwner(Protocol):
 
     timeouts: Timeouts
 
+    @property
+    def helper_label(self) -> str:
+        """"helper container NAME", for messages."""
+        ...
+
     def spawn(self, func: Callable[..., Coroutine[Any, Any, None]], *args: object) -> None: ...
+
+    async def reopen(self, host: str, port: int, first: bytes) -> MuxStream:
+        """Open host:port again on a live channel, not waiting for the relay's answer (a retry of a
+        stream whose exec died before the relay answered for it)."""
+        ...
+
+
+class MuxSink(Protocol):
+    """Who takes a stream's events as they come, instead of its queue (mux_wired.py's client socket)."""
+
+    def far_data(self, data: bytes) -> None: ...
+
+    def far_credit(self) -> None: ...
+
+    def far_connected(self) -> None: ...
+
+    def far_eof(self) -> None: ...
+
+    def far_failed(self, reason: str) -> None: ...
 
 
 class MuxStream(anyio.abc.ByteStream):
     """One client's connection over a channel; the anyio byte-stream contract."""
 
-    def __init__(self, channel: Channel, cid: int, target: str) -> None:
+    def __init__(self, channel: Channel, cid: int, host: str, port: int) -> None:
         self.channel = channel
         self.cid = cid
-        self.target = target
+        self.host = host
+        self.port = port
+        self.target = f"{format_host(host)}:{port}"
+        self.sink: MuxSink | None = None  # set once wired to a client's socket (mux_wired.py)
+        self.first = b""  # the client's bytes sent right behind the open
         self.settled = anyio.Event()  # connected, refused, or the channel died
         self.ok = False
         self.failure: str | None = None  # why it could not connect
@@ -98,8 +131,8 @@ class MuxStream(anyio.abc.ByteStream):
         # Renewed once a quarter of the window was read: fewer frames, and the relay never runs dry
         # while the client keeps up.
         self._granted += size
-        if self._granted >= DOWN_WINDOW // 4 and not self.down_done:
-            self.channel.send_frame(b"W", self.cid, COUNT.pack(self._granted))
+        if self._granted >= GRANT_AT:
+            self.grant(self._granted)
             self._granted = 0
 
     async def send(self, item: bytes) -> None:
@@ -113,19 +146,41 @@ class MuxStream(anyio.abc.ByteStream):
                 self._credit_ready = anyio.Event()
                 await self._credit_ready.wait()
                 continue
-            take = min(len(view), self.up_credit, MAX_FRAME)
-            self.up_credit -= take
-            self.channel.send_frame(b"D", self.cid, view[:take])  # no copy: joined once into the write
-            view = view[take:]
+            view = view[self.send_now(view):]
             await self.channel.drain()
 
+    def send_now(self, view: memoryview) -> int:
+        """Send as much of ``view`` as the credit allows, in one frame (no copy: joined once into the
+        write); returns how many bytes went."""
+        take = min(len(view), self.up_credit, MAX_FRAME)
+        if take > 0:
+            self.up_credit -= take
+            self.channel.send_frame(b"D", self.cid, view[:take] if take < len(view) else view)
+        return max(take, 0)
+
     async def send_eof(self) -> None:
+        self.eof_now()
+
+    def eof_now(self) -> None:
+        """The client's EOF, behind the bytes already sent."""
         if self.up_eof or self.discard:
             return
         self.up_eof = True
         if self.broken is None:
             self.channel.send_frame(b"E", self.cid)
         self._maybe_forget()
+
+    def abort_now(self) -> None:
+        """The client is gone with a reset: reset the far side's connection too, now."""
+        self.discard = True
+        if not self.forgotten and self.broken is None:
+            self.channel.send_frame(b"K", self.cid)
+        self._forget()
+
+    def grant(self, size: int) -> None:
+        """Let the relay send ``size`` more bytes (the client took them)."""
+        if not self.down_done and not self.forgotten:
+            self.channel.send_frame(b"W", self.cid, COUNT.pack(size))
 
     async def aclose(self) -> None:
         if self.discard:
@@ -158,6 +213,9 @@ class MuxStream(anyio.abc.ByteStream):
     # ---- frames from the channel's reader
 
     def feed(self, data: bytes) -> None:
+        if self.sink is not None:
+            self.sink.far_data(data)
+            return
         if self.discard:
             self.channel.send_frame(b"W", self.cid, COUNT.pack(len(data)))  # let the far side drain
             return
@@ -166,11 +224,15 @@ class MuxStream(anyio.abc.ByteStream):
 
     def credit(self, size: int) -> None:
         self.up_credit += size
+        if self.sink is not None:
+            self.sink.far_credit()
         self._credit_ready.set()
 
     def connected(self) -> None:
         self.seen = self.ok = True
         self.settled.set()
+        if self.sink is not None:
+            self.sink.far_connected()
 
     def refused(self, reason: str) -> None:
         self.seen = True
@@ -181,14 +243,39 @@ class MuxStream(anyio.abc.ByteStream):
         self.down_done = True
         self._end(anyio.EndOfStream())
         self._maybe_forget()
+        if self.sink is not None:
+            self.sink.far_eof()
 
     def fail(self, reason: str) -> None:
         """A read or write failed at the relay, or the channel died: both directions are broken."""
+        if self.broken is not None:
+            return
         self.broken = reason
         self.down_done = True
         self._end(anyio.BrokenResourceError(reason))
         self._forget()
         self.settled.set()
+        if self.sink is not None:
+            self.sink.far_failed(reason)
+
+    def take_queued(self) -> tuple[list[bytes], BaseException | None]:
+        """What arrived before a sink was set (bytes, then how the stream ended, if it did), once."""
+        queued, self._down = list(self._down), deque()
+        return queued, self._down_end
+
+    async def relay_socket(self, client: socket.socket, traffic: Traffic) -> None:
+        """The relay's fast path (tunneld/engine/relay/__init__.py): wire this stream to the client's
+        socket, both ways by callbacks; the stream is used up by it.
+
+        :raises RelayBroken: when either side failed; both are closed by then.
+        :raises TransportError: when the far side refused a stream opened early; the client got a
+            clean EOF.
+        """
+        from tunneld.docker.mux_wired import WiredMux  # one module per path, as the engine's relay
+
+        wired = WiredMux(self, traffic)
+        await wired.wire(client)
+        await wired.wait()
 
     def _end(self, end: BaseException) -> None:
         self._down_end = end
@@ -226,6 +313,7 @@ class Channel:
         self._data_left = 0  # bytes of the current "D" frame still to come
         self._data_conn: MuxStream | None = None
         self.last_heard = time.monotonic()
+        self._drain_waiters: list[Callable[[], None]] = []
 
     # ---- connections
 
@@ -233,14 +321,14 @@ class Channel:
         """Ask the relay for host:port, with the client's ``first`` bytes right behind the request
         (up to the relay's window): they reach the target one Docker round trip sooner."""
         self._next_id += 1
-        conn = MuxStream(self, self._next_id, f"{format_host(host)}:{port}")
+        conn = MuxStream(self, self._next_id, host, port)
         self.conns[conn.cid] = conn
         self.opened += 1
         self.send_frame(b"O", conn.cid, b"%s %d %d" % (host.encode(), port, DOWN_WINDOW))
         if first:
-            take = first[:conn.up_credit]
-            conn.up_credit -= len(take)
-            self.send_frame(b"D", conn.cid, take)
+            conn.first = first[:conn.up_credit]
+            conn.up_credit -= len(conn.first)
+            self.send_frame(b"D", conn.cid, conn.first)
         if self.dead is not None:
             conn.fail(self.dead)
         return conn
@@ -262,15 +350,34 @@ class Channel:
         if payload:
             self.stream.write_soon(payload)
 
-    async def drain(self) -> None:
-        """Wait while the Docker host has not taken OUT_HIGH_WATER of what we wrote (credit bounds each
+    def over_high_water(self) -> bool:
+        """The Docker host has not taken OUT_HIGH_WATER of what we wrote (credit bounds each
         connection; this bounds them all together)."""
+        return self.stream is not None and self.dead is None and self.stream.buffered() > OUT_HIGH_WATER
+
+    async def drain(self) -> None:
+        """Wait while ``over_high_water()``."""
         assert self.stream is not None
-        if self.stream.buffered() > OUT_HIGH_WATER and self.dead is None:
+        if self.over_high_water():
             try:
                 await self.stream.drain()
             except TransportError as e:
                 self.kill(str(e))
+
+    def when_drained(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once ``over_high_water()`` is over (or the channel died)."""
+        self._drain_waiters.append(callback)
+        if len(self._drain_waiters) == 1:
+            self.owner.spawn(self._wake_drained)
+
+    async def _wake_drained(self) -> None:
+        try:
+            while self.over_high_water():
+                await self.drain()
+        finally:
+            waiters, self._drain_waiters = self._drain_waiters, []
+            for callback in waiters:
+                callback()
 
     async def heartbeat(self) -> None:
         """Ping every few seconds; an exec that has not answered anything for a while is dead."""

@@ -208,6 +208,10 @@ class DockerTransport:
         if not self._starting and self._starts_over is not None:
             self._starts_over.set()
 
+    @property
+    def helper_label(self) -> str:
+        return f"helper container {self.settings.helper_name}"
+
     def spawn(self, func: Callable[..., Coroutine[Any, Any, None]], *args: object) -> None:
         """Run a helper task in the transport's task group (it ends with the transport)."""
         if self._tg is not None:
@@ -545,7 +549,17 @@ class DockerTransport:
             if self._channels:
                 await anyio.sleep(0.01)  # the live ones just died: their tasks are removing them
 
-    async def _connect_mux(self, host: str, port: int, first: bytes, target: str) -> MuxStream:
+    async def reopen(self, host: str, port: int, first: bytes) -> MuxStream:
+        """Open host:port on the live channel carrying the fewest connections; returns at once (the
+        relay's answer comes to the stream). ``first`` must fit in the relay's window (4 MiB; a
+        forward's first bytes are at most 64 KiB), as nothing more is sent before its answer."""
+        channel = await self._pick_channel()
+        self.connections += 1
+        return channel.open(host, port, first)
+
+    async def _connect_mux(self, host: str, port: int, first: bytes, target: str, early: bool) -> MuxStream:
+        if early:
+            return await self.reopen(host, port, first)
         conn: MuxStream | None = None
         try:
             for _ in range(3):
@@ -557,8 +571,7 @@ class DockerTransport:
                     await send_first(conn, first[channel.up_window:], f"could not connect to {target}")
                     return conn
                 if conn.failure is not None:
-                    raise TransportError(f"could not connect to {target} from helper container "
-                                         f"{self.settings.helper_name}: {conn.failure}")
+                    raise TransportError(f"could not connect to {target} from {self.helper_label}: {conn.failure}")
                 # The exec died before the relay answered: try again on another.
             raise TransportError(f"could not connect to {target}: relay execs keep failing "
                                  f"({conn.broken if conn else None})")
@@ -569,9 +582,11 @@ class DockerTransport:
 
     # ---------------------------------------------------------------- connections
 
-    async def connect(self, host: str, port: int, first: bytes = b"") -> DockerStream | MuxStream:
+    async def connect(self, host: str, port: int, first: bytes = b"", *,
+                      early: bool = False) -> DockerStream | MuxStream:
         """Open a stream to host:port as the helper container sees it, with ``first`` sent first;
-        returns once the relay reached it.
+        returns once the relay reached it, or with ``early`` on the mux at once (the stream's
+        ``relay_socket`` then handles a refusal or an exec lost before the relay answered).
 
         :raises TransportError: naming the target and the reason (refused, unreachable, no relay).
         """
@@ -584,7 +599,7 @@ class DockerTransport:
         try:
             with anyio.fail_after(self.timeouts.connect):
                 if self.mode == "mux":
-                    return await self._connect_mux(host, port, first, target)
+                    return await self._connect_mux(host, port, first, target, early)
                 for _ in range(3):
                     slot = await self._acquire(relay_key(host, port))
                     conn = slot.open(host, port, first[:FIRST_LIMIT])

@@ -281,13 +281,9 @@ class Forward:
                 return
             self.stats.traffic.up += len(first)
             try:
-                upstream = await self.transport.connect(self.spec.host, self.spec.host_port, first)
+                upstream = await self.transport.connect(self.spec.host, self.spec.host_port, first, early=True)
             except TransportError as e:
-                self.stats.errors += 1
-                self.last_error = str(e)
-                log.warning("closing client: %s", e)
-                if self.state == ForwardState.READY:
-                    self._kick.set()  # probe now, so the state says what clients see
+                self._unreachable(e, log)
                 await _refuse(client)
                 return
             except BaseException:
@@ -297,6 +293,8 @@ class Forward:
                 self._kick.set()  # reachable again, it seems: let a probe confirm it now
             try:
                 await relay(client, upstream, self.stats.traffic)
+            except TransportError as e:  # opened early, then refused: the relay closed the client cleanly
+                self._unreachable(e, log)
             except RelayBroken as e:
                 if e.by_client:  # the client reset or vanished: its business, not the forward's
                     log.debug("client broke off mid-stream: %s", e)
@@ -316,6 +314,14 @@ class Forward:
             if self.stats.active == 0:
                 self._drained.set()
                 self._drained = anyio.Event()
+
+    def _unreachable(self, e: TransportError, log: ContextLog) -> None:
+        """A client's connection could not reach the far side: count it, say why, and probe now."""
+        self.stats.errors += 1
+        self.last_error = str(e)
+        log.warning("closing client: %s", e)
+        if self.state == ForwardState.READY:
+            self._kick.set()  # probe now, so the state says what clients see
 
     async def _probe_loop(self) -> None:
         failures = 0

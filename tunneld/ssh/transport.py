@@ -74,7 +74,7 @@ class SshTransport:
                 await self._conn.aclose()
                 self._conn = None
 
-    async def connect(self, host: str, port: int, first: bytes = b"") -> ChannelStream:
+    async def connect(self, host: str, port: int, first: bytes = b"", *, early: bool = False) -> ChannelStream:
         """Open a channel to host:port as the SSH server sees it, then send ``first``.
 
         :raises TransportError: naming the target and the reason (refused, or the SSH connection is

@@ -78,8 +78,13 @@ class Transport(Protocol):
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool | None: ...
 
-    async def connect(self, host: str, port: int, first: bytes = b"") -> anyio.abc.ByteStream:
+    async def connect(self, host: str, port: int, first: bytes = b"", *, early: bool = False) -> anyio.abc.ByteStream:
         """Open a stream to host:port on the far side; ``first``: bytes to send on it first.
+
+        ``early``: the caller relays the stream with ``relay()``, which then learns whether the far
+        side answered, so a transport may return before it has (docker's mux: the client's bytes
+        leave at once, one round trip through Docker sooner); a refusal found there is raised by
+        ``relay()`` as TransportError. Transports that cannot do this ignore it.
 
         :raises TransportError: naming the target and the reason.
         """

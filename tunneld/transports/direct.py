@@ -29,7 +29,7 @@ class DirectTransport:
     ) -> None:
         return None
 
-    async def connect(self, host: str, port: int, first: bytes = b"") -> RawSocketStream:
+    async def connect(self, host: str, port: int, first: bytes = b"", *, early: bool = False) -> RawSocketStream:
         """Connect to host:port, then send ``first``.
 
         :raises TransportError: naming the target and the OS reason.

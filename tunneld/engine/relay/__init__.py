@@ -17,7 +17,8 @@ numbers that chose them):
   flow control wired crosswise (no task wake-up per chunk, about 4x the throughput of pumps over
   streams);
 - an upstream that relays to a socket itself (``relay_socket``: SSH TCP and unix-socket channels,
-  tunneld/ssh/wired.py) gets the client's socket: callbacks both ways, no tasks;
+  tunneld/ssh/wired.py; Docker mux streams, tunneld/docker/mux_wired.py) gets the client's socket:
+  callbacks both ways, no tasks;
 - everything else (Docker exec streams, SSH exec channels), in ``generic.py``: two pump tasks over
   anyio byte streams.
 ``KCI_TUNNELD_RELAY=protocol|streams`` forces a slower path, for benchmarks and bug hunts.
@@ -58,6 +59,8 @@ async def relay(client: anyio.abc.ByteStream, upstream: anyio.abc.ByteStream, tr
     """Relay until both directions saw EOF, then close both streams.
 
     :raises RelayBroken: when either side failed; both are closed by then.
+    :raises TransportError: from an upstream the transport opened early (``connect(early=True)``)
+        whose far side then refused; the client got a clean EOF.
     """
     path = os.environ.get(RELAY_ENV, "")
     wired = getattr(upstream, "relay_socket", None)
