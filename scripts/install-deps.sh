@@ -8,9 +8,10 @@ export DEBIAN_FRONTEND=noninteractive
 # docker.io: dockerd for the lab's "remote host"; docker-registry: the registry binary the lab
 # imports as registry:2; busybox-static + socat: the helper images; skopeo/curl: real clients;
 # openssh-*: the lab's sshd and the ssh -L baseline; iperf3: benchmarks; systemd: systemd-analyze;
-# python3.11: Debian's interpreter and stdlib, copied into the lab's python helper image.
+# python3.11: Debian's interpreter and stdlib, copied into the lab's python helper image;
+# debian-archive-keyring: checks the next release's packages the lab fetches socat 1.8 from (tests/lab/socat18.py).
 packages=(docker.io docker-registry busybox-static socat skopeo curl openssh-server openssh-client
-          iproute2 openssl iperf3 procps systemd python3.11)
+          iproute2 openssl iperf3 procps systemd python3.11 debian-archive-keyring)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

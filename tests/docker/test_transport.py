@@ -31,6 +31,7 @@ import pytest
 from tests.cli.runner import Cli
 from tests.docker.support import forget_image, push_lab_image, stop_container
 from tests.helpers import echo_roundtrip, parallel_echoes, running_forward, stream_echo
+from tests.lab.fixture import socat18_image
 from tests.lab.lab import LabInfo, docker
 from tests.oci import build_layout, roundtrip
 from tunneld.config import DockerSettings, Timeouts, TransportSpec
@@ -85,14 +86,22 @@ async def helper_state(s: DockerSettings) -> str | None:
 
 
 tls_param = pytest.mark.parametrize("tls", [False, True], ids=["unix", "tls"])
-# The relay the helper image gets: relay.sh with socat (alpine/socat); with python3, helper/mux.py (many
-# connections per exec, the default) or helper/relay.py (a pool of execs, one connection each: mux_execs = 0).
-relay_param = pytest.mark.parametrize("relay", ["socat", "python", "mux"])
-pool_relay_param = pytest.mark.parametrize("relay", ["socat", "python"])
+# The relay the helper image gets: relay.sh with socat (alpine/socat, as socat 1.7 and as socat 1.8:
+# their -d -d messages differ); with python3, helper/mux.py (many connections per exec, the default) or
+# helper/relay.py (a pool of execs, one connection each: mux_execs = 0).
+relay_param = pytest.mark.parametrize("relay", ["socat", "socat18", "python", "mux"])
+pool_relay_param = pytest.mark.parametrize("relay", ["socat", "socat18", "python"])
 
 
 def image(lab: LabInfo, relay: str) -> str:
+    if relay == "socat18":
+        return socat18_image(lab)
     return lab.python_image if relay in ("python", "mux") else lab.socat_image
+
+
+def mode(relay: str) -> str:
+    """The relay mode the transport reports for a relay of these tests."""
+    return "socat" if relay.startswith("socat") else relay
 
 
 # ---------------------------------------------------------------- choosing the Docker host (no lab)
@@ -332,7 +341,7 @@ async def test_echo_4mib_with_half_close(lab: LabInfo, tls: bool, relay: str) ->
             assert await echo_roundtrip(fwd.port, data) == data
             await parallel_echoes(fwd.port, data[: 256 * 1024])
             info = transport.info()
-            assert info["tls"] is tls and info["relay"] == relay and info["relay_primed"] is (relay == "socat")
+            assert (info["tls"], info["relay"], info["relay_primed"]) == (tls, mode(relay), mode(relay) == "socat")
 
 
 @tls_param
@@ -408,7 +417,7 @@ async def test_first_bytes_ride_with_the_request(lab: LabInfo, tls: bool, relay:
             # first exec asked for the mux relay and found no python3); an exec lost per refusal would
             # make it 6 or more.
             execs = transport.info()["execs_started"]
-            assert isinstance(execs, int) and execs <= 3 + (relay == "socat"), transport.info()
+            assert isinstance(execs, int) and execs <= 3 + (mode(relay) == "socat"), transport.info()
 
 
 # Inside the lab namespace: say something, half-close, then report what the client sent after that.
@@ -498,10 +507,49 @@ async def test_a_far_side_reset_is_a_broken_stream_not_an_end(lab: LabInfo, rela
         async with ns_server(lab, RESETTING_SERVER) as (port, _), docker_transport(s) as transport:
             stream = await transport.connect("127.0.0.1", port)
             got = b""
-            with pytest.raises(anyio.BrokenResourceError, match="reset"):
+            with pytest.raises(anyio.BrokenResourceError, match="reset") as broken:
                 while True:
                     got += await stream.receive()
             assert b"partial".startswith(got)
+            if mode(relay) == "socat":  # socat's reason without the call that failed, as 1.7 and 1.8 word it
+                assert str(broken.value) == "Connection reset by peer"
+            await stream.aclose()
+            assert await _echo(transport, lab, b"next") == b"next"
+
+
+@pytest.fixture(params=["socat", "socat18"])
+def fifoless_socat_image(lab: LabInfo, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A socat image (1.7 or 1.8) whose /tmp is a file: relay.sh can make no FIFO, so it starts socat
+    per connection and says how socat exited itself ("X STATUS"), right when it does."""
+    context = tmp_path / "fifoless"
+    context.mkdir()
+    (context / "Dockerfile").write_text(f"FROM {image(lab, request.param)}\n"
+                                        "RUN rm -rf /tmp && touch /tmp\n")
+    tag = build_image(lab, context, "kcilab/test-fifoless")
+    try:
+        yield tag
+    finally:
+        docker("rmi", "-f", tag, check=False)
+
+
+@pytest.mark.anyio
+async def test_socat_without_a_fifo_echoes_refuses_and_breaks_on_reset(lab: LabInfo, fifoless_socat_image: str) -> None:
+    """The relay's other socat path (a process per connection): half-close, a refusal and a reset come
+    out as with the primed one."""
+    data = os.urandom(1024 * 1024)
+    s = settings(lab, tls=True, pool_size=1, helper_image=fifoless_socat_image)
+    with anyio.fail_after(60):
+        async with ns_server(lab, RESETTING_SERVER) as (port, _), docker_transport(s) as transport:
+            assert (transport.info()["relay"], transport.info()["relay_primed"]) == ("socat", False)
+            assert await _echo(transport, lab, data) == data
+            with pytest.raises(TransportError, match=r"127\.0\.0\.1:1 from helper container kci-test-\w+: "
+                                                     r"Connection refused$"):
+                await transport.connect("127.0.0.1", 1)
+            stream = await transport.connect("127.0.0.1", port)
+            with pytest.raises(anyio.BrokenResourceError) as broken:
+                while True:
+                    await stream.receive()
+            assert str(broken.value) == "Connection reset by peer"
             await stream.aclose()
             assert await _echo(transport, lab, b"next") == b"next"
 
@@ -539,8 +587,8 @@ async def test_client_leaving_a_far_side_that_never_closes_frees_the_slot(lab: L
             assert await _echo(transport, lab, b"next") == b"next"
 
 
-@pytest.mark.parametrize("tls, relay", [(False, "socat"), (True, "socat"), (True, "python"), (True, "mux")],
-                         ids=["unix", "tls", "tls-python", "tls-mux"])
+@pytest.mark.parametrize("tls, relay", [(False, "socat"), (True, "socat"), (True, "socat18"), (True, "python"),
+                                        (True, "mux")], ids=["unix", "tls", "tls-socat18", "tls-python", "tls-mux"])
 @pytest.mark.anyio
 async def test_skopeo_push_and_pull_digests_identical(lab: LabInfo, tmp_path: Path, tls: bool, relay: str) -> None:
     layout = build_layout(tmp_path / "src", layer_sizes=(16 << 20, 10 << 20, 8 << 20))

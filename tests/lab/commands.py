@@ -35,13 +35,15 @@ def run(
     timeout: float = CLI_TIMEOUT,
     input: bytes | None = None,
     environ: dict[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
     """Run `argv` to completion and capture its output.
 
     :raises LabError: if it is missing, times out, or (with `check`) exits non-zero.
     """
     try:
-        proc = subprocess.run(list(argv), input=input, capture_output=True, timeout=timeout, env=environ or env())
+        proc = subprocess.run(list(argv), input=input, capture_output=True, timeout=timeout, env=environ or env(),
+                              cwd=cwd)
     except FileNotFoundError as exc:
         raise LabError(f"{argv[0]} not found: {exc}") from exc
     except subprocess.TimeoutExpired as exc:

@@ -20,7 +20,7 @@ import logging
 import subprocess
 import tempfile
 
-from . import images, procs
+from . import images, procs, socat18
 from .commands import docker, env, spawn, wait_for, write_if_changed
 from .layout import (
     CERT_DIR,
@@ -170,9 +170,14 @@ def ensure_images() -> str:
     """`up` step: the lab's images exist and match their recipes."""
     try:
         specs = [images.registry_spec(), images.socat_spec(), images.busybox_spec(), images.python_spec()]
+        # Only when the socat18 step got it; that step has said why not.
+        if socat18.version() is not None:
+            specs.append(images.socat18_spec())
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         raise LabError(f"cannot assemble image root filesystems: {exc}") from exc
     done = ", ".join(f"{s.name} {_import_image(s)}" for s in specs)
+    if socat18.version() is None:
+        done += f", {INFO.socat18_image} NOT BUILT (no socat 1.8)"
     # The python stand-in also answers to the default helper list's first name (a tag: no copy).
     docker("tag", INFO.python_image, INFO.python_default_image)
     return f"{done}, {INFO.python_default_image} tagged"

@@ -17,7 +17,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.lab import socat18
 from tests.lab.lab import LabError, LabInfo, down, up
+from tests.lab.probes import engine_json
 
 logger = logging.getLogger(__name__)
 
@@ -43,3 +45,15 @@ def lab() -> Iterator[LabInfo]:
     yield info
     if _flag("KCI_LAB_TEARDOWN"):
         down(progress=logger.info)
+
+
+def socat18_image(lab: LabInfo) -> str:
+    """The lab's socat 1.8 image; without it the calling test fails in CI and skips elsewhere, quoting
+    why `up` could not build it."""
+    if engine_json(f"/images/{lab.socat18_image}/json") is not None:
+        return lab.socat18_image
+    why = socat18.failure() or "the lab's `up` did not build it"
+    message = f"{lab.socat18_image} is not in the lab (socat 1.8 from Debian {socat18.SUITE}): {why}"
+    if lab_required():
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)

@@ -2,7 +2,8 @@
 
 No registry can be reached from this machine, so the images the tests need are built
 from Debian binaries that are already installed: the real distribution registry
-(`docker-registry`), socat with every library it links, and busybox-static.
+(`docker-registry`), socat with every library it links, and busybox-static; and one from
+packages of the next Debian release, unpacked, never installed (socat 1.8: socat18.py).
 
 An image is identified by a digest of its recipe (stored as a label). The image store
 survives `down`, so without the digest a changed recipe would silently keep the old image.
@@ -19,6 +20,8 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
+
+from . import socat18
 
 BUSYBOX = Path("/bin/busybox")
 SOCAT = Path("/usr/bin/socat")
@@ -147,6 +150,18 @@ def socat_spec() -> ImageSpec:
     return ImageSpec(
         name="alpine/socat:latest",
         files={"usr/bin/socat": SOCAT, "bin/busybox": BUSYBOX, **shared_libs(SOCAT)},
+        symlinks=_busybox_links(),
+        texts=dict(_ETC),
+        changes=(f"ENV {PATH_ENV}", 'ENTRYPOINT ["socat"]'),
+    )
+
+
+def socat18_spec() -> ImageSpec:
+    """`kcilab/socat18:latest`: alpine/socat's socat 1.8 (from the next Debian release, with that
+    release's libc and loader, unpacked by tests/lab/socat18.py), socat as ENTRYPOINT, busybox for sh."""
+    return ImageSpec(
+        name="kcilab/socat18:latest",
+        files={"bin/busybox": BUSYBOX, **socat18.runtime_files()},
         symlinks=_busybox_links(),
         texts=dict(_ETC),
         changes=(f"ENV {PATH_ENV}", 'ENTRYPOINT ["socat"]'),

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from . import images, keys, procs
+from . import images, keys, procs, socat18
 from .commands import docker, ip, locked, ns_argv, ns_exec, run, spawn, wait_for
 from .dockerd import (
     dockerd_pid,
@@ -44,6 +44,7 @@ from .dockerd import (
     stop_dockerd,
 )
 from .layout import (
+    CACHE_DIR,
     CERT_DIR,
     DATA_ROOT,
     DOCKER_SOCK,
@@ -262,6 +263,7 @@ def up(progress: Progress | None = None) -> LabInfo:
         ("network", _ensure_network),
         ("tls", _ensure_tls),
         ("dockerd", ensure_dockerd),
+        ("socat18", socat18.ensure),
         ("images", ensure_images),
         ("registry", ensure_registry),
         ("echo", _ensure_echo),
@@ -293,7 +295,8 @@ def restart_dockerd() -> int:
 
 
 def down(purge: bool = False, progress: Progress | None = None) -> None:
-    """Stop what the lab started and remove its namespace; `purge` also drops the image store.
+    """Stop what the lab started and remove its namespace; `purge` also drops the image store and the
+    downloads.
 
     :raises LabError: if not root.
     """
@@ -327,6 +330,7 @@ def down(purge: bool = False, progress: Progress | None = None) -> None:
             stale.unlink(missing_ok=True)
         if purge:
             shutil.rmtree(STATE_DIR, ignore_errors=True)
+            shutil.rmtree(CACHE_DIR, ignore_errors=True)
             for child in RUN_DIR.iterdir():
                 if child == LOCK_FILE:
                     continue
@@ -334,7 +338,7 @@ def down(purge: bool = False, progress: Progress | None = None) -> None:
                     shutil.rmtree(child, ignore_errors=True)
                 else:
                     child.unlink(missing_ok=True)
-            say(f"kcilab purged {STATE_DIR} and {RUN_DIR}")
+            say(f"kcilab purged {STATE_DIR}, {CACHE_DIR} and {RUN_DIR}")
 
 
 def status() -> list[tuple[str, bool, str]]:
@@ -349,8 +353,8 @@ def status() -> list[tuple[str, bool, str]]:
     detail = f"pid {pid}, unix {'ok' if unix else 'down'}, tls {'ok' if tls else 'down'}"
     rows.append(("dockerd", bool(pid and unix and tls), detail))
     if unix:
-        for name in (INFO.registry_image, INFO.socat_image, INFO.busybox_image, INFO.python_image,
-                     INFO.python_default_image):
+        for name in (INFO.registry_image, INFO.socat_image, INFO.socat18_image, INFO.busybox_image,
+                     INFO.python_image, INFO.python_default_image):
             present = engine_json(f"/images/{name}/json") is not None
             rows.append(("image", present, f"{name} {'present' if present else 'missing'}"))
         container = engine_json(f"/containers/{REGISTRY_CONTAINER}/json")
@@ -384,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("up", help="set up, reusing what runs (idempotent)")
     p_down = sub.add_parser("down", help="stop what the lab started and remove the namespace")
-    p_down.add_argument("--purge", action="store_true", help=f"also remove {STATE_DIR} and {RUN_DIR}")
+    p_down.add_argument("--purge", action="store_true", help=f"also remove {STATE_DIR}, {CACHE_DIR} and {RUN_DIR}")
     sub.add_parser("status", help="one line per component; exit 3 unless all are up")
     p_env = sub.add_parser("env", help="shell exports for docker clients (unix socket)")
     p_env.add_argument("--tls", action="store_true", help="tcp://IP:2376 with the client certs instead")

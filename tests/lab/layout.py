@@ -20,6 +20,9 @@ NS_EPHEMERAL = "20000 29999"
 RUN_DIR = Path("/run/kcilab")  # sockets, pids, logs, keys: nothing that must survive a reboot
 STATE_DIR = Path("/var/lib/kcilab")  # the image store: kept by `down`, removed by --purge
 LOCK_FILE = RUN_DIR / "lock"
+# Downloads `up` may reuse: socat 1.8 (tests/lab/socat18.py). Kept by `down`, removed by --purge.
+CACHE_DIR = Path("/var/cache/kcilab")
+SOCAT18_DIR = CACHE_DIR / "socat18"
 
 DATA_ROOT = STATE_DIR / "docker"
 EXEC_ROOT = RUN_DIR / "exec"  # dockerd's own containerd keeps its socket and state here
@@ -57,6 +60,7 @@ SERVICE_START_TIMEOUT = 30.0
 PROCESS_STOP_TIMEOUT = 10.0
 PROBE_TIMEOUT = 5.0
 CLI_TIMEOUT = 120.0
+DOWNLOAD_TIMEOUT = 300.0  # each apt-get call fetching socat 1.8's packages
 
 
 class LabError(RuntimeError):
@@ -87,7 +91,9 @@ class LabInfo:
     registry_addr: str  # host:port inside the namespace only: the gap to bridge
     registry_port: int
     registry_image: str
-    socat_image: str
+    socat_image: str  # socat 1.7 (this machine's), as alpine/socat:latest
+    socat18_image: str  # socat 1.8 from the next Debian release, with its own libc (tests/lab/socat18.py)
+    socat18_dir: Path  # where `up` keeps socat 1.8's packages, unpacked
     busybox_image: str
     python_image: str  # busybox and python3: the docker transport's python relays
     # The same image under the name that starts tunneld.config's DEFAULT_HELPER_IMAGES, so that a daemon
@@ -140,6 +146,8 @@ INFO = LabInfo(
     registry_port=REGISTRY_PORT,
     registry_image="registry:2",
     socat_image="alpine/socat:latest",
+    socat18_image="kcilab/socat18:latest",
+    socat18_dir=SOCAT18_DIR,
     busybox_image="kcilab/busybox:latest",
     python_image="kcilab/python:latest",
     python_default_image="python:3.13-alpine",

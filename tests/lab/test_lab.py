@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.lab import lab as labmod
+from tests.lab.fixture import socat18_image
 from tests.lab.lab import LabInfo
 
 # The first test also pays for bringing the lab up from scratch (session fixture set-up
@@ -124,6 +125,20 @@ def test_images_exist(lab: LabInfo) -> None:
     ]
 
 
+def _socat_version(image: str) -> str:
+    out = labmod.docker("run", "--rm", image, "-V", timeout=CALL_TIMEOUT).stdout
+    versions = [line.split()[2] for line in out.splitlines() if line.startswith("socat version ")]
+    assert len(versions) == 1, out
+    return versions[0]
+
+
+def test_the_two_socat_images_are_socat_1_7_and_1_8(lab: LabInfo) -> None:
+    # The shell relay is tested on both: an image that silently carried the other socat would hide the
+    # difference between their messages.
+    assert _socat_version(lab.socat_image).startswith("1.7."), lab.socat_image
+    assert _socat_version(socat18_image(lab)).startswith("1.8."), lab.socat18_image
+
+
 def test_busybox_image_has_nc_and_no_socat(lab: LabInfo) -> None:
     proc = labmod.docker(
         "run", "--rm", lab.busybox_image, "sh", "-c", "which nc; which socat || echo no-socat", timeout=CALL_TIMEOUT
@@ -193,6 +208,7 @@ def test_echo_service_is_only_inside_the_namespace(lab: LabInfo) -> None:
     [
         ("busybox", ["nc", "127.0.0.1", "7007"]),
         ("socat", ["STDIO", "TCP:localhost:7007"]),
+        ("socat18", ["STDIO", "TCP:localhost:7007"]),
     ],
 )
 def test_containers_relay_stdio_to_the_echo_service(lab: LabInfo, image: str, argv: list[str]) -> None:
@@ -200,7 +216,7 @@ def test_containers_relay_stdio_to_the_echo_service(lab: LabInfo, image: str, ar
     # container on the remote host sees. Both relays exit after stdin EOF (nc shuts
     # down its write side, the echo service half-closes, nc sees EOF and exits).
     payload = "".join(f"line {i}\n" for i in range(5000))
-    name = lab.busybox_image if image == "busybox" else lab.socat_image
+    name = {"busybox": lab.busybox_image, "socat": lab.socat_image}.get(image) or socat18_image(lab)
     proc = labmod.docker("run", "--rm", "-i", "--network", "host", name, *argv, input=payload, timeout=CALL_TIMEOUT)
     assert proc.stdout == payload
 

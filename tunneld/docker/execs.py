@@ -64,11 +64,26 @@ PYTHON_TOO_OLD = "the python relay needs 3.5 or later"  # what helper/relay.py s
 RELAY_MODES = ("mux", "python", "socat", "nc")
 
 
+# socat's -d -d notices, "socat[PID] LEVEL TEXT", as socat 1.7.4 (Debian 12) and 1.8.0 (alpine/socat,
+# Debian 13) print them for the relay's `socat STDIO TCP:HOST:PORT` (measured; docs/docker-transport.md):
+#   connected       N starting data transfer loop with FDs [0,1] and [5,5]                      both
+#   far side's EOF  N socket 2 (fd 5) is at EOF                                                 both
+#   exit            N exiting with status 0 / N exit(1)                                         both
+#   refused         1.7: E connect(5, AF=2 127.0.0.1:1, 16): Connection refused; exit(1)
+#                   1.8: W connect(...): Connection refused; E TCP:127.0.0.1:1: Connection refused; exit(1)
+#   reset           1.7: W read(5, ...): Connection reset by peer; N socket 2 to socket 1 is in error;
+#                        then EOF and exit status 0, so "in error" is what marks the stream broken
+#                   1.8: E read(5, ...): Connection reset by peer; exit(1), with no EOF notice
+# 1.8 says more on the way ("opening connection to", "successfully connected to"): ignored. What a
+# connection needs is read in `Slot._event`, the reason a person sees is made by `short_reason`.
 _SOCAT_RE = re.compile(r"socat\[(\d+)\] ([A-Z]) (.*)$")
 _SOCAT_EXIT_RE = re.compile(r"exiting with status (\d+)|exit\((\d+)\)")
 _SOCAT_EOF_RE = re.compile(r"socket 2 \(fd \d+\) is at EOF")
 _SOCAT_IN_ERROR_RE = re.compile(r"socket \d to socket \d is in error")
 _SOCAT_IO_RE = re.compile(r"(read|write|recv|send)\w*\(")
+# What precedes the reason in an error: the call that failed (1.7: "connect(5, AF=2 ...): ") or the
+# socat address whose opening failed (1.8: "TCP:127.0.0.1:1: ", "TCP:[::1]:1: ").
+_REASON_RE = re.compile(r"(?:\w+\([^)]*\)|[A-Z][A-Z0-9-]*:\S*): (.*)$")
 _PY_HEADER = struct.Struct(">cI")  # helper/relay.py's stdout frames: kind, length
 _SOCAT_PRIMED_RE = re.compile(r'N opening named pipe ".*-([0-9a-f]+)" for reading')
 
@@ -428,8 +443,8 @@ class Slot:
         conn.relay_status = status
         if status == 0 and not self.primed:
             conn.ok = True  # busybox nc exits 0 at the far side's EOF, maybe before "C"
-        elif conn.ok and status != 0:
-            conn.broken = conn.errors[-1] if conn.errors else f"the relay exited with status {status}"
+        elif conn.ok and status != 0:  # socat 1.8 after a reset, or its relay killed ("K")
+            conn.broken = short_reason(conn.errors[-1]) if conn.errors else f"the relay exited with status {status}"
         if conn.ok and self.primed and not conn.up_eof_written:
             # Frames still on their way may now block the relay's writer on a FIFO nobody reads:
             # this exec cannot be trusted with another connection.
@@ -505,8 +520,9 @@ def relay_key(host: str, port: int) -> str:
 
 
 def short_reason(reason: str) -> str:
-    """socat's "connect(5, AF=2 127.0.0.1:1, 16): Connection refused" -> "Connection refused" (and
-    the same for read(), write() and the like)."""
-    m = re.match(r"\w+\([^)]*\): (.*)$", reason)
+    """socat's error without what failed: "connect(5, AF=2 127.0.0.1:1, 16): Connection refused" (1.7)
+    and "TCP:127.0.0.1:1: Connection refused" (1.8) -> "Connection refused"; the same for read(),
+    write() and the like."""
+    m = _REASON_RE.match(reason)
     return m.group(1) if m else reason
 
