@@ -220,6 +220,43 @@ async def test_the_transport_found_through__resp_drops_a_stalled_exec_stream_at_
             await wait_closed(name, deadline=5, what=seam("Stream._resp.connection.transport.abort()", use))
 
 
+@tls_param
+async def test_pump_takes_over_the_parser_of_the_upgraded_connection(lab: LabInfo, container: str, tls: bool) -> None:
+    """``ExecStream.pump`` (the mux channel's reader) drains aiodocker's queue (``Stream._queue``), then
+    puts its own parser on aiohttp's connection protocol (``set_parser``), taking over the part of a
+    frame aiodocker's ``_ExecParser`` holds (``_buf``) and resuming reads aiodocker's queue paused
+    (``_reading_paused``); at the end it reads the protocol's ``exception()``. Frames queued before the
+    switch, split across reads and after it all arrive, in order, and the pump returns at the exec's end."""
+    use = "in ExecStream.pump, to take each frame from the connection's data_received"
+    with anyio.fail_after(30):
+        async with client_for(lab, tls=tls) as client:
+            script = "echo early; head -c 300000; echo late >&2"
+            async with client.exec_stream(container, ["sh", "-c", script]) as wrapped:
+                inner = wrapped._stream
+                assert isinstance(inner._queue, aiodocker.stream.FlowControlDataQueue), \
+                    seam("Stream._queue (aiodocker's queue of parsed frames)", use)
+                protocol = inner._resp.connection.protocol
+                assert isinstance(protocol._payload_parser, aiodocker.stream._ExecParser), \
+                    seam("ResponseHandler._payload_parser (aiodocker's _ExecParser once upgraded)", use)
+                assert isinstance(protocol._payload_parser._buf, bytearray), seam("_ExecParser._buf", use)
+                assert isinstance(protocol._reading_paused, bool), seam("ResponseHandler._reading_paused", use)
+                assert "payload" in inspect.signature(protocol.set_parser).parameters, \
+                    seam("ResponseHandler.set_parser(parser, payload)", use)
+                while not len(inner._queue):  # "early" queued by aiodocker before the switch
+                    await anyio.sleep(0.01)
+                got: dict[int, bytearray] = {1: bytearray(), 2: bytearray()}
+                payload = os.urandom(300000)
+
+                async def send() -> None:
+                    await wrapped.write(payload)
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(send)
+                    await wrapped.pump(lambda kind, data: got[kind].extend(data))
+                assert bytes(got[1]) == b"early\n" + payload, seam("the frames through pump", use)
+                assert bytes(got[2]) == b"late\n", seam("the frames through pump", use)
+
+
 # ---------------------------------------------------------------- Docker._query
 
 

@@ -81,6 +81,41 @@ class ExecStream:
             return None
         return int(msg.stream), bytes(msg.data)
 
+    async def pump(self, on_frame: Callable[[int, bytes], None]) -> None:
+        """Hand the stream's bytes to ``on_frame(STDOUT or STDERR, bytes)`` as they arrive, until the
+        stream ends; ``read()`` is not used again.
+
+        Called from the connection's own ``data_received``: no queue and no task wake-up per frame
+        (a round trip's share of the daemon's time, docs/performance.md). A frame of Docker's stream
+        may arrive in pieces, and each piece is handed on as it comes: the consumer (the mux
+        channel) frames its own stream. There is no backpressure: the consumer bounds what it is
+        sent (credit per connection).
+
+        :raises TransportError: when the connection to the Docker host broke.
+        """
+        stream = self._stream
+        queue = stream._queue  # aiodocker's: what its parser has queued so far, taken first
+        while len(queue):
+            msg = await self.read()
+            if msg is None:
+                return
+            on_frame(*msg)
+        protocol = stream._resp.connection.protocol
+        old = protocol._payload_parser  # aiodocker's _ExecParser: a frame it holds in part is ours too
+        ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        parser = _PushedFrames(on_frame, ended)
+        protocol.set_parser(parser, queue)
+        if old is not None and old._buf:
+            parser.feed_data(bytes(old._buf))
+        if queue.is_eof() or protocol.transport is None:
+            parser.feed_eof()
+        if protocol._reading_paused:  # aiodocker's queue paused it while it held too much
+            protocol.resume_reading()
+        await ended
+        error = protocol.exception()
+        if error is not None and not isinstance(error, aiohttp.ServerDisconnectedError):
+            raise TransportError(f"lost the exec stream to {self._describe}: {_reason(error)}")
+
     async def write(self, data: bytes) -> None:
         """Write to the process's stdin (waits while the Docker host's buffer is full).
 
@@ -130,6 +165,54 @@ class ExecStream:
             pass  # already broken: nothing left to close cleanly
         finally:
             _abort(self._transport)
+
+
+class _PushedFrames:
+    """A payload parser for aiohttp's connection: Docker's multiplexed stream (8-byte headers: kind,
+    0, 0, 0, length), each piece handed to ``on_frame`` as it arrives; ``ended`` is set at its end."""
+
+    HEADER = 8
+
+    def __init__(self, on_frame: Callable[[int, bytes], None], ended: asyncio.Future[None]) -> None:
+        self.on_frame = on_frame
+        self.ended = ended
+        self.head = b""  # a header not yet whole
+        self.kind = 0
+        self.left = 0  # bytes of the current frame still to come
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        if self.ended.done():
+            return False, b""
+        try:
+            self._feed(data)
+        except Exception as e:  # a bug in the consumer: end the pump with it, not aiohttp's connection
+            self.ended.set_exception(e)
+        return False, b""
+
+    def _feed(self, data: bytes) -> None:
+        at, end = 0, len(data)
+        while at < end:
+            if self.left:
+                take = min(self.left, end - at)
+                # Most reads lie wholly inside one frame: hand the read on, not a copy of it.
+                self.on_frame(self.kind, data if take == end else data[at:at + take])
+                self.left -= take
+                at += take
+                continue
+            need = self.HEADER - len(self.head)
+            self.head += data[at:at + need]
+            at += need
+            if len(self.head) < self.HEADER:
+                break
+            self.kind, self.left = self.head[0], int.from_bytes(self.head[4:8], "big")
+            self.head = b""
+
+    def feed_eof(self) -> None:
+        if not self.ended.done():
+            self.ended.set_result(None)
+
+    def set_exception(self, exc: BaseException, exc_cause: BaseException | None = None) -> None:
+        self.feed_eof()
 
 
 class DockerClient:

@@ -392,28 +392,25 @@ class Channel:
     # ---- stdout and stderr
 
     async def run(self) -> None:
-        """Read the exec's frames until it ends."""
+        """Take the exec's output, as it arrives, until it ends."""
         assert self.stream is not None
         try:
-            while True:
-                item = await self.stream.read()
-                if item is None:
-                    return
-                self.last_heard = time.monotonic()
-                kind, data = item
-                if kind == ExecStream.STDERR:
-                    self._stderr(data)
-                elif self.mode == "mux":
-                    self._frames(data)
-                elif not self.ready.is_set():
-                    self._startup_output.append(data.decode(errors="replace"))
-                else:
-                    self.protocol_error(f"{len(data)} bytes before the relay said what it is")
-                    return
-                if self.dead is not None:
-                    return
+            await self.stream.pump(self._output)
         except TransportError as e:
             self.kill(str(e))
+
+    def _output(self, kind: int, data: bytes) -> None:
+        if self.dead is not None:
+            return
+        self.last_heard = time.monotonic()
+        if kind == ExecStream.STDERR:
+            self._stderr(data)
+        elif self.mode == "mux":
+            self._frames(data)
+        elif not self.ready.is_set():
+            self._startup_output.append(data.decode(errors="replace"))
+        else:
+            self.protocol_error(f"{len(data)} bytes before the relay said what it is")
 
     def _stderr(self, data: bytes) -> None:
         self._line += data
