@@ -81,9 +81,9 @@ class ExecStream:
             return None
         return int(msg.stream), bytes(msg.data)
 
-    async def pump(self, on_frame: Callable[[int, bytes], None]) -> None:
-        """Hand the stream's bytes to ``on_frame(STDOUT or STDERR, bytes)`` as they arrive, until the
-        stream ends; ``read()`` is not used again.
+    async def pump(self, on_frame: Callable[[int, bytes | memoryview], None]) -> None:
+        """Hand the stream's bytes to ``on_frame(STDOUT or STDERR, bytes or a view of them)`` as they
+        arrive, until the stream ends; ``read()`` is not used again.
 
         Called from the connection's own ``data_received``: no queue and no task wake-up per frame
         (a round trip's share of the daemon's time, docs/performance.md). A frame of Docker's stream
@@ -173,7 +173,7 @@ class _PushedFrames:
 
     HEADER = 8
 
-    def __init__(self, on_frame: Callable[[int, bytes], None], ended: asyncio.Future[None]) -> None:
+    def __init__(self, on_frame: Callable[[int, bytes | memoryview], None], ended: asyncio.Future[None]) -> None:
         self.on_frame = on_frame
         self.ended = ended
         self.head = b""  # a header not yet whole
@@ -191,11 +191,12 @@ class _PushedFrames:
 
     def _feed(self, data: bytes) -> None:
         at, end = 0, len(data)
+        view = memoryview(data)
         while at < end:
             if self.left:
                 take = min(self.left, end - at)
-                # Most reads lie wholly inside one frame: hand the read on, not a copy of it.
-                self.on_frame(self.kind, data if take == end else data[at:at + take])
+                # The read itself, or a view of it: never a copy (it is bytes: nothing writes to it).
+                self.on_frame(self.kind, data if take == end else view[at:at + take])
                 self.left -= take
                 at += take
                 continue

@@ -75,7 +75,7 @@ class ChannelOwner(Protocol):
 class MuxSink(Protocol):
     """Who takes a stream's events as they come, instead of its queue (mux_wired.py's client socket)."""
 
-    def far_data(self, data: bytes) -> None: ...
+    def far_data(self, data: bytes | memoryview) -> None: ...
 
     def far_credit(self) -> None: ...
 
@@ -84,6 +84,17 @@ class MuxSink(Protocol):
     def far_eof(self) -> None: ...
 
     def far_failed(self, reason: str) -> None: ...
+
+
+class _NoWaiter:
+    """Where a stream's wake-up Event is until someone waits: a wired stream never does, and making
+    two anyio Events per connection was a measurable share of its set-up."""
+
+    def set(self) -> None:
+        pass
+
+
+NO_WAITER = _NoWaiter()
 
 
 class MuxStream(anyio.abc.ByteStream):
@@ -102,11 +113,11 @@ class MuxStream(anyio.abc.ByteStream):
         self.failure: str | None = None  # why it could not connect
         self.seen = False  # the relay answered for it (so a retry elsewhere would connect twice)
         self._down: deque[bytes] = deque()
-        self._down_ready = anyio.Event()
+        self._down_ready: anyio.Event | _NoWaiter = NO_WAITER  # an Event while receive() waits
         self._down_end: BaseException | None = None
         self._granted = 0  # read by the client since the last grant
         self.up_credit = channel.up_window
-        self._credit_ready = anyio.Event()
+        self._credit_ready: anyio.Event | _NoWaiter = NO_WAITER  # an Event while send() waits
         self.up_eof = False
         self.down_done = False
         self.discard = False  # the client is gone: drop what still arrives
@@ -212,14 +223,14 @@ class MuxStream(anyio.abc.ByteStream):
 
     # ---- frames from the channel's reader
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
         if self.sink is not None:
             self.sink.far_data(data)
             return
         if self.discard:
             self.channel.send_frame(b"W", self.cid, COUNT.pack(len(data)))  # let the far side drain
             return
-        self._down.append(data)
+        self._down.append(data if isinstance(data, bytes) else bytes(data))
         self._down_ready.set()
 
     def credit(self, size: int) -> None:
@@ -399,7 +410,7 @@ class Channel:
         except TransportError as e:
             self.kill(str(e))
 
-    def _output(self, kind: int, data: bytes) -> None:
+    def _output(self, kind: int, data: bytes | memoryview) -> None:
         if self.dead is not None:
             return
         self.last_heard = time.monotonic()
@@ -408,11 +419,11 @@ class Channel:
         elif self.mode == "mux":
             self._frames(data)
         elif not self.ready.is_set():
-            self._startup_output.append(data.decode(errors="replace"))
+            self._startup_output.append(bytes(data).decode(errors="replace"))
         else:
             self.protocol_error(f"{len(data)} bytes before the relay said what it is")
 
-    def _stderr(self, data: bytes) -> None:
+    def _stderr(self, data: bytes | memoryview) -> None:
         self._line += data
         *lines, self._line = self._line.split(b"\n")
         for raw in lines:
@@ -431,15 +442,15 @@ class Channel:
             else:
                 self._startup_output.append(line)
 
-    def _frames(self, data: bytes) -> None:
+    def _frames(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
         while view:
             if self._data_left:  # inside a "D" frame: hand its bytes on as they come
                 chunk, view = view[:self._data_left], view[self._data_left:]
                 self._data_left -= len(chunk)
                 if self._data_conn is not None:
-                    # Most reads lie wholly inside one "D" frame: hand the read on, not a copy of it.
-                    self._data_conn.feed(data if len(chunk) == len(data) else bytes(chunk))
+                    # Most reads lie wholly inside one "D" frame: hand the read on, or a view of it.
+                    self._data_conn.feed(data if len(chunk) == len(data) else chunk)
                 continue
             if len(self._buf) < HEADER.size:
                 need = HEADER.size - len(self._buf)

@@ -100,7 +100,7 @@ class WiredMux(asyncio.Protocol):
 
     # ------------------------------------------------------------ the stream (its MuxSink)
 
-    def far_data(self, data: bytes) -> None:
+    def far_data(self, data: bytes | memoryview) -> None:
         self.traffic.down += len(data)
         if self.transport is not None and not self.finished:
             self.transport.write(data)

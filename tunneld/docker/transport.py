@@ -539,12 +539,16 @@ class DockerTransport:
             self._channel_lost = anyio.Event()
             await self._channel_lost.wait()
 
+    def _live_channel(self) -> Channel | None:
+        """The live channel carrying the fewest connections, if any."""
+        live = [c for c in self._channels if c.dead is None]
+        return min(live, key=lambda c: (c.load, c.opened)) if live else None
+
     async def _pick_channel(self) -> Channel:
         """The live channel carrying the fewest connections (waits while none is live)."""
         while True:
-            live = [c for c in self._channels if c.dead is None]
-            if live:
-                return min(live, key=lambda c: (c.load, c.opened))
+            if (channel := self._live_channel()) is not None:
+                return channel
             await self._channel_ready.wait()
             if self._channels:
                 await anyio.sleep(0.01)  # the live ones just died: their tasks are removing them
@@ -595,6 +599,9 @@ class DockerTransport:
             raise TransportError(f"could not connect to {target}: not a valid host name or address")
         if self._tg is None or self._closing:
             raise TransportError(f"could not connect to {target}: the docker transport is not running")
+        if early and self.mode == "mux" and (channel := self._live_channel()) is not None:
+            self.connections += 1
+            return channel.open(host, port, first)  # nothing to wait for: no deadline to set up
         conn: DockerStream | None = None
         try:
             with anyio.fail_after(self.timeouts.connect):

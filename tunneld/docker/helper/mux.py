@@ -81,24 +81,30 @@ class Relay:
         data = os.read(0, BLOCK)
         if not data:
             sys.exit(0)  # the daemon closed the exec
-        self.inbuf += data
-        buf = self.inbuf
+        if self.inbuf:  # a frame began in the last read: join the two (rare with whole frames)
+            self.inbuf += data
+            data = bytes(self.inbuf)
+            del self.inbuf[:]
+        # The frames are views of what was read (bytes: nothing else writes to it), not copies: a
+        # data frame's bytes go to its socket from here.
+        view = memoryview(data)
+        end = len(data)
         at = 0
-        while len(buf) - at >= 9:
-            kind, cid, size = HEADER.unpack_from(buf, at)
-            if len(buf) - at - 9 < size:
+        while end - at >= 9:
+            kind, cid, size = HEADER.unpack_from(data, at)
+            if end - at - 9 < size:
                 break
-            payload = bytes(buf[at + 9:at + 9 + size])
+            self.frame(kind, cid, view[at + 9:at + 9 + size])
             at += 9 + size
-            self.frame(kind, cid, payload)
-        del buf[:at]
+        if at < end:
+            self.inbuf += view[at:]
 
-    def frame(self, kind: bytes, cid: int, payload: bytes) -> None:
+    def frame(self, kind: bytes, cid: int, payload: memoryview) -> None:
         if kind == b"P":
-            self.emit(b"P", cid, payload)
+            self.emit(b"P", cid, bytes(payload))
             return
         if kind == b"O":
-            host, port, window = payload.split()
+            host, port, window = bytes(payload).split()
             conn = Conn(self, cid, int(window))
             self.conns[cid] = conn
             conn.start(host, int(port))
@@ -110,14 +116,14 @@ class Relay:
             return  # for a connection already over: nothing to do
         conn = known
         if kind == b"D":
-            conn.up.append(memoryview(payload))
+            conn.up.append(payload)
             if conn.connected and len(conn.up) == 1:
                 conn.ready(OUT)  # a round trip's request leaves now, not after one more poll
                 return
         elif kind == b"E":
             conn.up_eof = True
         elif kind == b"W":
-            conn.credit += COUNT.unpack(payload)[0]
+            conn.credit += COUNT.unpack_from(payload)[0]
         elif kind == b"K":
             conn.close(abort=True)
         else:
