@@ -105,7 +105,10 @@ async def test_a_client_that_never_reads_does_not_stall_the_others(lab: LabInfo)
             with pytest.raises(anyio.EndOfStream):
                 while True:
                     got += await stuck.receive()
-            assert len(got) == sent[0] and all(got[i:i + len(chunk)] == chunk for i in range(0, len(got), len(chunk)))
+            # The send that waited was cancelled with part of its chunk gone (credit comes back in
+            # whatever amounts the relay wrote): that part is echoed too.
+            assert sent[0] <= len(got) < sent[0] + len(chunk)
+            assert all(got[i:i + len(chunk)] == chunk[:len(got) - i] for i in range(0, len(got), len(chunk)))
             await stuck.aclose()
 
 

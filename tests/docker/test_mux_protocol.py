@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -111,6 +112,37 @@ def test_echo_with_half_close_both_ways() -> None:
         r.send(b"E", 1)
         _, before = r.until(b"E", 1)
         assert data_of(before, 1) == b"early bytes, sent before the relay has connected and after"
+
+
+def test_frames_cut_anywhere_by_the_reads_arrive_whole() -> None:
+    """Docker hands the relay its stdin in pieces of any size: every frame here is written cut at
+    each byte in turn (a header, a control frame's payload, a data frame's bytes), and the target
+    still gets every byte once, in order, with the EOF after them."""
+    got: list[bytes] = []
+
+    def collect(conn: socket.socket) -> None:
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+        got.append(data)
+
+    pieces = [bytes([i % 251]) * (i * 37 % 700 + 1) for i in range(40)]
+    with server(collect) as port, relay() as r:
+        stream = HEADER.pack(b"O", 1, len(b"127.0.0.1 %d 1048576" % port)) + b"127.0.0.1 %d 1048576" % port
+        stream += b"".join(HEADER.pack(b"D", 1, len(p)) + p for p in pieces)
+        stream += HEADER.pack(b"P", 9, 4) + b"ping" + HEADER.pack(b"E", 1, 0)
+        at, step = 0, 1
+        while at < len(stream):  # cuts of 1, 2, ... 13 bytes, then again
+            r.stdin.write(stream[at:at + step])
+            r.stdin.flush()
+            at += step
+            step = step % 13 + 1
+        pong, _ = r.until(b"P", 9)
+        assert pong == b"ping"
+        deadline = time.monotonic() + 10
+        while not got and time.monotonic() < deadline:  # the target's EOF: every byte went
+            time.sleep(0.01)
+    assert got == [b"".join(pieces)]
 
 
 def test_the_far_side_gets_no_more_than_the_credit() -> None:

@@ -57,7 +57,10 @@ class Relay:
         self.conns = {}  # type: Dict[int, Conn]
         self.by_fd = {}  # type: Dict[int, Conn]
         self.out = []  # type: List[bytes]
-        self.inbuf = bytearray()
+        self.inbuf = bytearray()  # a header, or a control frame, not yet whole
+        self.need = 9  # its size: a header's, or a header's and its payload's
+        self.data_left = 0  # bytes of the current data frame still to come
+        self.data_conn = None  # type: Optional[Conn]
         self.poll = select.poll()
         self.poll.register(0, IN)
 
@@ -81,49 +84,58 @@ class Relay:
         data = os.read(0, BLOCK)
         if not data:
             sys.exit(0)  # the daemon closed the exec
-        if self.inbuf:  # a frame began in the last read: join the two (rare with whole frames)
-            self.inbuf += data
-            data = bytes(self.inbuf)
-            del self.inbuf[:]
-        # The frames are views of what was read (bytes: nothing else writes to it), not copies: a
-        # data frame's bytes go to its socket from here.
+        # A data frame's bytes go to its connection as views of what was read (bytes: nothing else
+        # writes to it), piece by piece as they come, never copied; only a header, or a control frame
+        # cut by the end of a read, is kept until the rest arrives.
         view = memoryview(data)
-        end = len(data)
-        at = 0
-        while end - at >= 9:
-            kind, cid, size = HEADER.unpack_from(data, at)
-            if end - at - 9 < size:
-                break
-            self.frame(kind, cid, view[at + 9:at + 9 + size])
-            at += 9 + size
-        if at < end:
-            self.inbuf += view[at:]
+        at, end = 0, len(data)
+        while at < end:
+            if self.data_left:
+                take = min(self.data_left, end - at)
+                self.data_left -= take
+                if self.data_conn is not None:
+                    self.data_conn.take(view[at:at + take])
+                at += take
+                continue
+            # A header, or a control frame's header and payload.
+            take = min(self.need - len(self.inbuf), end - at)
+            self.inbuf += view[at:at + take]
+            at += take
+            if len(self.inbuf) < self.need:
+                return
+            kind, cid, size = HEADER.unpack_from(self.inbuf)
+            if kind == b"D":
+                del self.inbuf[:]
+                self.data_left = size
+                self.data_conn = self.conns.get(cid)  # None: over here already, its bytes go nowhere
+            elif self.need == 9 and size:
+                self.need += size  # its payload is still to come
+            else:
+                payload = bytes(self.inbuf[9:])
+                del self.inbuf[:]
+                self.need = 9
+                self.frame(kind, cid, payload)
 
-    def frame(self, kind: bytes, cid: int, payload: memoryview) -> None:
+    def frame(self, kind: bytes, cid: int, payload: bytes) -> None:
         if kind == b"P":
-            self.emit(b"P", cid, bytes(payload))
+            self.emit(b"P", cid, payload)
             return
         if kind == b"O":
-            host, port, window = bytes(payload).split()
+            host, port, window = payload.split()
             conn = Conn(self, cid, int(window))
             self.conns[cid] = conn
             conn.start(host, int(port))
             return
         known = self.conns.get(cid)
         if known is None:
-            if kind not in b"DEKW":
+            if kind not in b"EKW":
                 sys.exit(2)  # not our protocol
             return  # for a connection already over: nothing to do
         conn = known
-        if kind == b"D":
-            conn.up.append(payload)
-            if conn.connected and len(conn.up) == 1:
-                conn.ready(OUT)  # a round trip's request leaves now, not after one more poll
-                return
-        elif kind == b"E":
+        if kind == b"E":
             conn.up_eof = True
         elif kind == b"W":
-            conn.credit += COUNT.unpack_from(payload)[0]
+            conn.credit += COUNT.unpack(payload)[0]
         elif kind == b"K":
             conn.close(abort=True)
         else:
@@ -181,6 +193,16 @@ class Conn:
         self.last_error = "Connection refused"
         self.mask = -1
         self.addrs = []  # type: List[Any]
+
+    def take(self, data: memoryview) -> None:
+        """Some of the client's bytes (all or part of a data frame)."""
+        if self.sock is None:
+            return  # broken or closed on the way: the rest of its frame goes nowhere
+        self.up.append(data)
+        if self.connected and len(self.up) == 1:
+            self.ready(OUT)  # a round trip's request leaves now, not after one more poll
+        else:
+            self.update()
 
     def start(self, host: bytes, port: int) -> None:
         """Resolve (inline: the daemon sends addresses and names from /etc/hosts) and start connecting."""
