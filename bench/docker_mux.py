@@ -25,7 +25,11 @@ Measured (the goals of the issue that asked for the mux, each a ratio within the
   the jujitsu's;
 - throughput: iperf3, 1 stream, each direction, against one bare exec stream moving bytes into
   ``cat`` and out of ``dd`` through kci-tunneld's own Docker client (bench/exec_ceiling.py);
-  goal: at least 0.85x the bare exec, each direction.
+  goal: at least 0.85x the bare exec, each direction;
+- skopeo: push then pull of a 48 MiB, 3-layer image of random bytes through each kci-tunneld row,
+  against the same run inside the lab namespace (the limit); goal: at most 2x the limit's time. The
+  jujitsu is left out of this one: an exec per connection takes minutes (bench/docker_vs_jujitsu.py
+  times it).
 
 Rates: the best round; latencies: the median of every sample. A benchmark, not a test.
 """
@@ -50,11 +54,21 @@ import anyio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.docker_vs_jujitsu import SETTLE, bursts, environment, iperf, jujitsu, sequential, tunneld  # noqa: E402
+from bench.docker_vs_jujitsu import (  # noqa: E402
+    SETTLE,
+    bursts,
+    environment,
+    iperf,
+    jujitsu,
+    sequential,
+    skopeo_roundtrip,
+    tunneld,
+)
 from bench.exec_ceiling import exec_rates  # noqa: E402
 from bench.proxies import targets  # noqa: E402
 from tests.lab.lab import LabInfo, docker  # noqa: E402
 from tests.lab.lab import info as lab_info  # noqa: E402
+from tests.oci import build_layout  # noqa: E402
 from tunneld.config import DockerSettings  # noqa: E402
 
 
@@ -70,6 +84,7 @@ class Row:
     rtt: list[float] = field(default_factory=list)
     up: float = 0.0
     down: float = 0.0
+    skopeo: float = float("inf")
     failures: list[str] = field(default_factory=list)
 
 
@@ -141,6 +156,14 @@ def measure(rows: list[Row], limit: Row, bare: Row, lab: LabInfo, args: argparse
         def down(row: Row) -> None:
             row.down = max(row.down, iperf(row.ports["iperf"], args.seconds, reverse=True))
 
+        def skopeo(row: Row) -> None:
+            if row is limit:
+                took = skopeo_roundtrip(args.layout, lab.registry_addr, ["nsenter", f"--net={lab.netns_path}"],
+                                        args.workdir)
+            else:
+                took = skopeo_roundtrip(args.layout, f"127.0.0.1:{row.ports['registry']}", [], args.workdir)
+            row.skopeo = min(row.skopeo, took)
+
         wanted = args.metrics.split(",")
         if "setup" in wanted:
             each("set-up, 1 client", setup1)
@@ -152,9 +175,18 @@ def measure(rows: list[Row], limit: Row, bare: Row, lab: LabInfo, args: argparse
         if "throughput" in wanted:
             each("throughput up (and the bare exec both ways)", up, (bare,))
             each("throughput down", down)
+        if "skopeo" in wanted:
+            kts = [row for row in rows if row is not rows[0]]  # not the jujitsu: see the docstring
+            order = [*kts, limit]
+            for row in order[::-1] if r % 2 else order:
+                print(f"# round {r + 1}/{args.rounds}, {row.name}: skopeo push+pull", file=sys.stderr, flush=True)
+                try:
+                    skopeo(row)
+                except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                    row.failures.append(f"round {r + 1}, skopeo: {e}")
 
 
-def table(rows: list[Row], limit: Row, bare: Row) -> str:
+def table(rows: list[Row], limit: Row, bare: Row, args_mib: int = 48) -> str:
     jj = rows[0]
     def med(samples: list[float]) -> float:
         return statistics.median(samples) if samples else float("nan")
@@ -179,6 +211,9 @@ def table(rows: list[Row], limit: Row, bare: Row) -> str:
         f">= 0.85x the bare exec's {bare.up:.0f}")
     add("throughput 1 stream down (MB/s)", lambda r: f"{r.down:.0f} ({r.down / (bare.down or 1):.2f}x)",
         f">= 0.85x the bare exec's {bare.down:.0f}")
+    if limit.skopeo < float("inf"):
+        add(f"skopeo push+pull {args_mib} MiB (s)", lambda r: "not run" if r is jj else (
+            f"{r.skopeo:.2f} ({r.skopeo / limit.skopeo:.2f}x)"), f"<= 2x the {limit.skopeo:.2f} s inside the namespace")
     return "\n".join(lines)
 
 
@@ -192,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rtt-count", type=int, default=2000)
     p.add_argument("--seconds", type=float, default=4.0, help="per HTTP and throughput run")
     p.add_argument("--ceiling-mib", type=int, default=512, help="bytes per bare-exec transfer")
-    p.add_argument("--metrics", default="setup,http,rtt,throughput", help="which (default all)")
+    p.add_argument("--metrics", default="setup,http,rtt,throughput,skopeo", help="which (default all)")
+    p.add_argument("--skopeo-mib", type=int, default=48, help="image size for the skopeo round trip")
     args = p.parse_args(argv)
     lab = lab_info()
     before = environment()
@@ -210,8 +246,11 @@ def main(argv: list[str] | None = None) -> int:
             ports, _ = stack.enter_context(tunneld(lab, wanted, d, "tls", lab.python_image, f"mux_execs = {n}\n"))
             rows.append(Row(label, ports))
         limit, bare = Row("inside the namespace"), Row("bare exec")
+        size = args.skopeo_mib << 20
+        args.workdir = work
+        args.layout = build_layout(work / "image", layer_sizes=(size // 2, size // 3, size - size // 2 - size // 3))
         measure(rows, limit, bare, lab, args)
-    print(table(rows, limit, bare))
+    print(table(rows, limit, bare, args.skopeo_mib))
     print()
     for row in rows:
         for f in row.failures:
