@@ -18,7 +18,7 @@ import pytest
 from tests.docker.support import forget_image, push_lab_image
 from tests.docker.test_transport import docker_transport, settings
 from tests.helpers import echo_roundtrip, running_forward
-from tests.lab.lab import LabInfo
+from tests.lab.lab import LabInfo, docker
 from tunneld.cli.status import _status_header
 from tunneld.config import DEFAULT_HELPER_IMAGES
 from tunneld.errors import TransportError
@@ -111,3 +111,32 @@ async def test_the_first_image_that_pulls_is_used_when_the_host_has_none(
     assert info["helper_image"] == ref
     assert info["helper_image_why"].startswith(f"pulled: none of the list was on the Docker host; {first}: ")
     assert any(m.startswith(f"docker: pulled {ref}") for m in pulls(caplog)), pulls(caplog)
+
+
+async def test_a_helper_remade_without_python3_falls_back_to_the_shell_relay(
+        lab: LabInfo, caplog: pytest.LogCaptureFixture) -> None:
+    """The mux runs in the first image of the list; the helper container is removed and that image
+    is gone from the host (and cannot be pulled): the helper is remade from the next image, which has
+    no python3, and the connections go over the shell relay's pool of execs from then on."""
+    caplog.set_level(logging.INFO, logger="tunneld.docker")
+    gone = f"{lab.registry_addr}/kcit/python-gone-{uuid.uuid4().hex[:8]}:1"  # a tag here only: no pull
+    docker("tag", lab.python_image, gone)
+    s = settings(lab, tls=False, helper_images=(gone, lab.socat_image))
+    try:
+        with anyio.fail_after(90):
+            async with docker_transport(s) as transport, running_forward(transport, lab.echo_port) as fwd:
+                assert await echo_roundtrip(fwd.port, b"over the mux") == b"over the mux"
+                assert (transport.info()["helper_image"], transport.info()["relay"]) == (gone, "mux")
+                await anyio.to_thread.run_sync(lambda: docker("rm", "-f", s.helper_name))
+                await anyio.to_thread.run_sync(lambda: docker("rmi", gone))
+                while True:  # connections fail while the helper is remade, then work again
+                    with anyio.move_on_after(5):
+                        if await echo_roundtrip(fwd.port, b"over the shell relay") == b"over the shell relay":
+                            break
+                    await anyio.sleep(0.1)
+                info = transport.info()
+    finally:
+        docker("rmi", gone, check=False)
+    assert (info["helper_image"], info["relay"]) == (lab.socat_image, "socat")
+    assert f"docker: helper image {lab.socat_image} cannot run the mux relay; using the pool of relay execs" \
+        in caplog.messages
