@@ -50,6 +50,7 @@ COUNT = struct.Struct(">I")
 DOWN_WINDOW = 4 * 1024 * 1024  # bytes the relay may send a connection before the client has read them
 GRANT_AT = DOWN_WINDOW // 4  # read (or written to the client) since the last grant before the next
 MAX_FRAME = 256 * 1024  # upstream bytes per data frame
+SMALL_FRAME = 2048  # a payload up to this size is joined to its header at once (one piece to write, not two)
 OUT_HIGH_WATER = 2 * 1024 * 1024  # bytes written to the exec and not yet taken before senders wait
 PROTOCOL = "1"
 
@@ -160,7 +161,7 @@ class MuxStream(anyio.abc.ByteStream):
             view = view[self.send_now(view):]
             await self.channel.drain()
 
-    def send_now(self, view: memoryview) -> int:
+    def send_now(self, view: bytes | memoryview) -> int:
         """Send as much of ``view`` as the credit allows, in one frame (no copy: joined once into the
         write); returns how many bytes went."""
         take = min(len(view), self.up_credit, MAX_FRAME)
@@ -357,8 +358,10 @@ class Channel:
         """Queue a frame for the relay: what is queued in one turn of the loop leaves in one write."""
         if self.dead is not None or self.stream is None:
             return
-        self.stream.write_soon(HEADER.pack(kind, cid, len(payload)))
-        if payload:
+        if len(payload) <= SMALL_FRAME:
+            self.stream.write_soon(HEADER.pack(kind, cid, len(payload)) + payload)
+        else:
+            self.stream.write_soon(HEADER.pack(kind, cid, len(payload)))
             self.stream.write_soon(payload)
 
     def over_high_water(self) -> bool:

@@ -31,7 +31,7 @@ from collections import deque
 
 import anyio
 
-from tunneld.docker.mux import GRANT_AT, MuxStream
+from tunneld.docker.mux import GRANT_AT, MAX_FRAME, MuxStream
 from tunneld.engine.relay.common import WRITE_HIGH_WATER, WRITE_LOW_WATER, RelayBroken, Traffic, linger_zero
 from tunneld.errors import TransportError
 
@@ -72,6 +72,12 @@ class WiredMux(asyncio.Protocol):
         self.traffic.up += len(data)
         if self.finished or self.refusal is not None:
             return  # a refused client's bytes go nowhere; a finished relay takes none
+        stream = self.stream
+        if not self.pending and not self.hold and self.unanswered is None and len(data) <= stream.up_credit \
+                and len(data) <= MAX_FRAME and stream.broken is None:
+            stream.send_now(data)  # the common case, in one frame: no queue
+            self._mind_the_exec()
+            return
         self.pending.append(memoryview(data))
         self._push()
 
@@ -168,9 +174,13 @@ class WiredMux(asyncio.Protocol):
         if self.client_eof and not self.pending:
             stream.eof_now()
             self._finish_if_done()
-        if not self.hold & 2 and stream.channel.over_high_water():
+        self._mind_the_exec()
+
+    def _mind_the_exec(self) -> None:
+        """Pause the client's reads while the exec has more than its high-water mark to take."""
+        if not self.hold & 2 and self.stream.channel.over_high_water():
             self._hold(2, True)
-            stream.channel.when_drained(lambda: self._hold(2, False))
+            self.stream.channel.when_drained(lambda: self._hold(2, False))
 
     def _hold(self, reason: int, on: bool) -> None:
         before = self.hold

@@ -198,11 +198,21 @@ class Conn:
         """Some of the client's bytes (all or part of a data frame)."""
         if self.sock is None:
             return  # broken or closed on the way: the rest of its frame goes nowhere
+        if self.connected and not self.up:
+            # A round trip's request leaves now, not after one more poll; most leave whole.
+            try:
+                sent = self.sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as e:
+                self.broken("write: %s" % (e.strerror or e))
+                return
+            self.sent += sent
+            if sent == len(data):
+                return
+            data = data[sent:]
         self.up.append(data)
-        if self.connected and len(self.up) == 1:
-            self.ready(OUT)  # a round trip's request leaves now, not after one more poll
-        else:
-            self.update()
+        self.update()
 
     def start(self, host: bytes, port: int) -> None:
         """Resolve (inline: the daemon sends addresses and names from /etc/hosts) and start connecting."""
