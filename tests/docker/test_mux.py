@@ -10,7 +10,11 @@ tests/docker/test_transport.py run on the mux too (``relay="mux"``).
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import anyio
 import pytest
@@ -22,6 +26,7 @@ from tunneld.config import DockerSettings, Timeouts
 from tunneld.docker.mux import DOWN_WINDOW, MuxStream
 from tunneld.docker.transport import DockerTransport
 from tunneld.errors import TransportError
+from tunneld.labels import ROLE_HELPER, ROLE_LABEL
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -213,3 +218,57 @@ async def test_a_killed_helper_container_is_recovered(lab: LabInfo) -> None:
             async def kill_helper() -> None:
                 await anyio.to_thread.run_sync(lambda: docker("kill", s.helper_name))
             await _recovers(transport, lab, kill_helper)
+
+
+# Inside the lab namespace: a DNS server that takes every query and never answers.
+SILENT_DNS = """
+import socket, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("127.0.0.1", 53))
+print("ready", flush=True)
+while True:
+    s.recvfrom(512)
+"""
+
+
+@pytest.mark.anyio
+async def test_a_slow_name_lookup_does_not_stall_the_others(lab: LabInfo, tmp_path: Path) -> None:
+    """The helper's resolver asks a DNS server that never answers (3 s per lookup): a connection to a
+    name waits for it on its own, while byte-exact echoes on the same exec go on; a name from the
+    helper's /etc/hosts still connects (it is looked up off the relay's loop too)."""
+    s = _one_exec(lab)
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 127.0.0.1\noptions timeout:3 attempts:1\n")
+    argv = ["nsenter", f"--net={lab.netns_path}", sys.executable, "-c", SILENT_DNS]
+    async with await anyio.open_process(argv, stdin=subprocess.DEVNULL) as dns:
+        assert dns.stdout is not None
+        assert (await dns.stdout.receive()).startswith(b"ready")
+        try:
+            # The helper, made here with that resolver (the transport takes a helper of its role as it is).
+            docker("run", "-d", "--name", s.helper_name, "--net=host", "--label", f"{ROLE_LABEL}={ROLE_HELPER}",
+                   "-v", f"{resolv}:/etc/resolv.conf:ro", "--add-host", "echo.kci-test:127.0.0.1",
+                   "--entrypoint", "sleep", lab.python_image, "600")
+            with anyio.fail_after(60):
+                async with docker_transport(s) as transport:
+                    await _echoes_go_on(transport, lab, count=2)  # the exec is up
+                    failed: list[float] = []
+
+                    async def slow() -> None:
+                        started = time.monotonic()
+                        with pytest.raises(TransportError, match=r"slow\.kci-test:80 from helper container"):
+                            await transport.connect("slow.kci-test", 80)
+                        failed.append(time.monotonic() - started)
+
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(slow)
+                        await anyio.sleep(0.2)  # its lookup has started
+                        started = time.monotonic()
+                        await _echoes_go_on(transport, lab)
+                        took = time.monotonic() - started
+                        assert not failed, "the lookup ended before the others' echoes: not a slow one"
+                        assert took < 2.5, f"the echoes waited {took:.1f}s on another connection's lookup"
+                    assert failed[0] >= 2.5  # it really waited for the silent DNS server
+                    named = await transport.connect("echo.kci-test", lab.echo_port)
+                    assert await stream_echo(named, b"by name") == b"by name"
+        finally:
+            dns.kill()

@@ -63,6 +63,13 @@ class Relay:
         self.data_conn = None  # type: Optional[Conn]
         self.poll = select.poll()
         self.poll.register(0, IN)
+        # Names are resolved in threads (a DNS lookup may take seconds; this exec's other connections
+        # must not wait on it): each puts its answer here and writes a byte to wake the loop.
+        self.resolved = collections.deque()  # type: collections.deque[Any]
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        self.poll.register(self.wake_r, IN)
 
     def emit(self, kind: bytes, cid: int, payload: bytes = b"") -> None:
         self.out.append(HEADER.pack(kind, cid, len(payload)))
@@ -116,6 +123,30 @@ class Relay:
                 self.need = 9
                 self.frame(kind, cid, payload)
 
+    def resolve_later(self, conn: "Conn", host: bytes, port: int) -> None:
+        import threading  # only when a name is asked for: its import costs the relay's start
+
+        def run() -> None:
+            self.resolved.append((conn, resolve(host, port)))
+            try:
+                os.write(self.wake_w, b"r")
+            except BlockingIOError:
+                pass  # the pipe is full of wake-ups already: the loop will come
+
+        thread = threading.Thread(target=run)
+        thread.daemon = True
+        thread.start()
+
+    def take_resolved(self) -> None:
+        try:
+            os.read(self.wake_r, 4096)
+        except BlockingIOError:
+            pass
+        while self.resolved:
+            conn, answer = self.resolved.popleft()  # type: Conn, Any
+            if self.conns.get(conn.cid) is conn and not conn.closed:  # not timed out or reset meanwhile
+                conn.resolved(*answer)
+
     def frame(self, kind: bytes, cid: int, payload: bytes) -> None:
         if kind == b"P":
             self.emit(b"P", cid, payload)
@@ -160,6 +191,8 @@ class Relay:
                         self.read_stdin()
                     elif ready:
                         sys.exit(0)  # hung up without a byte to read: the daemon closed the exec
+                elif fd == self.wake_r:
+                    self.take_resolved()
                 elif owner is not None and owner.sock is not None and owner.sock.fileno() == fd:
                     owner.ready(ready)
             now = time.monotonic()
@@ -172,6 +205,27 @@ class Relay:
                     self.emit(b"W", conn.cid, COUNT.pack(conn.sent))
                     conn.sent = 0
             self.flush()
+
+
+def literal(host: bytes) -> bool:
+    """Whether ``host`` is an IPv4 or IPv6 address (nothing to look up)."""
+    text = host.decode("latin-1")
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, text)
+            return True
+        except (OSError, ValueError):
+            pass
+    return False
+
+
+def resolve(host: bytes, port: int) -> "Any":
+    """``getaddrinfo``'s addresses for host:port, and why there are none (or None)."""
+    try:
+        # A bytes host: a str one goes through the IDNA codec, whose first use costs 12 ms of imports.
+        return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM), None
+    except OSError as e:
+        return [], e.strerror or str(e)
 
 
 class Conn:
@@ -193,12 +247,13 @@ class Conn:
         self.last_error = "Connection refused"
         self.mask = -1
         self.addrs = []  # type: List[Any]
+        self.closed = False  # failed, broken or closed: it takes no more bytes
 
     def take(self, data: memoryview) -> None:
         """Some of the client's bytes (all or part of a data frame)."""
-        if self.sock is None:
+        if self.closed:
             return  # broken or closed on the way: the rest of its frame goes nowhere
-        if self.connected and not self.up:
+        if self.connected and not self.up and self.sock is not None:
             # A round trip's request leaves now, not after one more poll; most leave whole.
             try:
                 sent = self.sock.send(data)
@@ -215,13 +270,17 @@ class Conn:
         self.update()
 
     def start(self, host: bytes, port: int) -> None:
-        """Resolve (inline: the daemon sends addresses and names from /etc/hosts) and start connecting."""
-        try:
-            # A bytes host: a str one goes through the IDNA codec, whose first use costs 12 ms of imports.
-            self.addrs = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
-        except OSError as e:
-            self.addrs = []
-            self.last_error = e.strerror or str(e)
+        """Resolve and start connecting: an address (what the daemon sends, nearly always) or
+        ``localhost`` at once, any other name in a thread, as it may need DNS."""
+        if host == b"localhost" or literal(host):
+            self.resolved(*resolve(host, port))
+        else:
+            self.relay.resolve_later(self, host, port)
+
+    def resolved(self, addrs: "List[Any]", error: "Optional[str]") -> None:
+        self.addrs = addrs
+        if error is not None:
+            self.last_error = error
         self.next_address()
 
     def next_address(self) -> None:
@@ -242,6 +301,7 @@ class Conn:
         self.failed(self.last_error)
 
     def failed(self, reason: str) -> None:
+        self.closed = True
         self.forget_socket()
         self.relay.conns.pop(self.cid, None)
         self.relay.emit(b"F", self.cid, reason.encode())
@@ -332,6 +392,7 @@ class Conn:
         self.relay.emit(b"X", self.cid, reason.encode())
 
     def close(self, abort: bool = False) -> None:
+        self.closed = True
         if self.sock is not None and abort:
             try:
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, ABORT)
