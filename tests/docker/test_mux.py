@@ -233,9 +233,10 @@ while True:
 
 @pytest.mark.anyio
 async def test_a_slow_name_lookup_does_not_stall_the_others(lab: LabInfo, tmp_path: Path) -> None:
-    """The helper's resolver asks a DNS server that never answers (3 s per lookup): a connection to a
-    name waits for it on its own, while byte-exact echoes on the same exec go on; a name from the
-    helper's /etc/hosts still connects (it is looked up off the relay's loop too)."""
+    """The helper's resolver asks a DNS server that never answers (3 s per lookup): connections to a
+    name wait for it on their own (sharing one lookup), while byte-exact echoes on the same exec go
+    on; names from the helper's /etc/hosts still connect (looked up off the relay's loop too), more
+    of them at once than the relay runs lookups at once, each of them by several connections."""
     s = _one_exec(lab)
     resolv = tmp_path / "resolv.conf"
     resolv.write_text("nameserver 127.0.0.1\noptions timeout:3 attempts:1\n")
@@ -245,9 +246,10 @@ async def test_a_slow_name_lookup_does_not_stall_the_others(lab: LabInfo, tmp_pa
         assert (await dns.stdout.receive()).startswith(b"ready")
         try:
             # The helper, made here with that resolver (the transport takes a helper of its role as it is).
+            names = [f"echo{i}.kci-test" for i in range(12)]  # more than the relay's LOOKUPS at once
+            hosts = [arg for name in names for arg in ("--add-host", f"{name}:127.0.0.1")]
             docker("run", "-d", "--name", s.helper_name, "--net=host", "--label", f"{ROLE_LABEL}={ROLE_HELPER}",
-                   "-v", f"{resolv}:/etc/resolv.conf:ro", "--add-host", "echo.kci-test:127.0.0.1",
-                   "--entrypoint", "sleep", lab.python_image, "600")
+                   "-v", f"{resolv}:/etc/resolv.conf:ro", *hosts, "--entrypoint", "sleep", lab.python_image, "600")
             with anyio.fail_after(60):
                 async with docker_transport(s) as transport:
                     await _echoes_go_on(transport, lab, count=2)  # the exec is up
@@ -260,15 +262,23 @@ async def test_a_slow_name_lookup_does_not_stall_the_others(lab: LabInfo, tmp_pa
                         failed.append(time.monotonic() - started)
 
                     async with anyio.create_task_group() as tg:
-                        tg.start_soon(slow)
+                        for _ in range(3):
+                            tg.start_soon(slow)
                         await anyio.sleep(0.2)  # its lookup has started
                         started = time.monotonic()
                         await _echoes_go_on(transport, lab)
                         took = time.monotonic() - started
                         assert not failed, "the lookup ended before the others' echoes: not a slow one"
                         assert took < 2.5, f"the echoes waited {took:.1f}s on another connection's lookup"
-                    assert failed[0] >= 2.5  # it really waited for the silent DNS server
-                    named = await transport.connect("echo.kci-test", lab.echo_port)
-                    assert await stream_echo(named, b"by name") == b"by name"
+                    assert len(failed) == 3 and min(failed) >= 2.5  # they really waited for the silent DNS server
+
+                    async def by_name(name: str, n: int) -> None:
+                        payload = f"{name} #{n}".encode()
+                        assert await stream_echo(await transport.connect(name, lab.echo_port), payload) == payload
+
+                    async with anyio.create_task_group() as tg:
+                        for name in names:
+                            for n in range(3):
+                                tg.start_soon(by_name, name, n)
         finally:
             dns.kill()

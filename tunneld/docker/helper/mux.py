@@ -45,6 +45,7 @@ HEADER = struct.Struct(">cII")
 COUNT = struct.Struct(">I")
 BLOCK = 256 * 1024
 UP_WINDOW = 4 * 1024 * 1024  # the client's bytes we hold per connection for a slow target
+LOOKUPS = 8  # name lookups running at once (threads); more wait their turn
 ABORT = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 IN, OUT, ERR = select.POLLIN, select.POLLOUT, select.POLLERR | select.POLLHUP
 
@@ -66,6 +67,8 @@ class Relay:
         # Names are resolved in threads (a DNS lookup may take seconds; this exec's other connections
         # must not wait on it): each puts its answer here and writes a byte to wake the loop.
         self.resolved = collections.deque()  # type: collections.deque[Any]
+        self.lookups = {}  # type: Dict[Any, List[Conn]]  # (host, port): the connections waiting for it
+        self.lookups_waiting = collections.deque()  # type: collections.deque[Any]  # beyond LOOKUPS
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
@@ -124,10 +127,23 @@ class Relay:
                 self.frame(kind, cid, payload)
 
     def resolve_later(self, conn: "Conn", host: bytes, port: int) -> None:
+        """Look host:port up in a thread; connections asking for a name already being looked up
+        share that lookup, and at most LOOKUPS run at once (the rest wait their turn)."""
+        key = (host, port)
+        if key in self.lookups:
+            self.lookups[key].append(conn)
+            return
+        self.lookups[key] = [conn]
+        if len(self.lookups) - len(self.lookups_waiting) > LOOKUPS:
+            self.lookups_waiting.append(key)
+        else:
+            self.start_lookup(key)
+
+    def start_lookup(self, key: "Any") -> None:
         import threading  # only when a name is asked for: its import costs the relay's start
 
         def run() -> None:
-            self.resolved.append((conn, resolve(host, port)))
+            self.resolved.append((key, resolve(*key)))
             try:
                 os.write(self.wake_w, b"r")
             except BlockingIOError:
@@ -143,9 +159,12 @@ class Relay:
         except BlockingIOError:
             pass
         while self.resolved:
-            conn, answer = self.resolved.popleft()  # type: Conn, Any
-            if self.conns.get(conn.cid) is conn and not conn.closed:  # not timed out or reset meanwhile
-                conn.resolved(*answer)
+            key, answer = self.resolved.popleft()
+            for conn in self.lookups.pop(key, []):
+                if self.conns.get(conn.cid) is conn and not conn.closed:  # not timed out or reset meanwhile
+                    conn.resolved(*answer)
+            if self.lookups_waiting:
+                self.start_lookup(self.lookups_waiting.popleft())
 
     def frame(self, kind: bytes, cid: int, payload: bytes) -> None:
         if kind == b"P":
@@ -278,7 +297,7 @@ class Conn:
             self.relay.resolve_later(self, host, port)
 
     def resolved(self, addrs: "List[Any]", error: "Optional[str]") -> None:
-        self.addrs = addrs
+        self.addrs = list(addrs)  # its own: connections sharing a lookup each try every address
         if error is not None:
             self.last_error = error
         self.next_address()
