@@ -26,26 +26,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections import deque
 
 import anyio
 
 from tunneld.docker.mux import GRANT_AT, MAX_FRAME, MuxStream
-from tunneld.engine.relay.common import WRITE_HIGH_WATER, WRITE_LOW_WATER, RelayBroken, Traffic, linger_zero
+from tunneld.engine.relay.common import Traffic, WiredClient
 from tunneld.errors import TransportError
 
 RETRIES = 2  # opens again after the exec died before the relay answered (connect tries 3 in all)
 REFUSE_LINGER = 1.0  # how long a refused client may keep sending before the socket closes
 
 
-class WiredMux(asyncio.Protocol):
+class WiredMux(WiredClient):
     """The client's socket (this Protocol) and one mux stream, each writing to the other."""
 
     def __init__(self, stream: MuxStream, traffic: Traffic) -> None:
+        super().__init__()
         self.stream = stream
         self.traffic = traffic
-        self.transport: asyncio.Transport | None = None
         self.pending: deque[memoryview] = deque()  # the client's bytes waiting for credit
         # What the client sent before the relay answered, to open the connection again with elsewhere.
         self.unanswered: list[memoryview] | None = None if stream.seen else [memoryview(stream.first)]
@@ -55,17 +54,15 @@ class WiredMux(asyncio.Protocol):
         self.client_paused = False  # the client socket's buffer is full: no grants
         self.owed = 0  # bytes written to the client and not yet granted back to the relay
         self.hold = 0  # reasons to keep the client's reads paused: bit 1 credit, 2 drain, 4 reopening
-        self.finished = False
         self.refusal: str | None = None
-        self.error: BaseException | None = None
-        self.by_client = False
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def drop_far(self) -> None:
+        self.stream.abort_now()
 
     # ------------------------------------------------------------ the client's socket
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio.Transport subclasses
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)  # type: ignore[attr-defined]
+        super().connection_made(transport)
         self._attach(self.stream)
 
     def data_received(self, data: bytes) -> None:
@@ -95,14 +92,6 @@ class WiredMux(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.client_paused = False
         self._grant_owed(0)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if exc is not None:
-            self.fail(exc, by_client=True)
-        elif not self.finished:  # closed under us, e.g. by the loop at shutdown
-            self.fail(ConnectionResetError("the client socket closed"), by_client=True)
-        if not self.done.done():
-            self.done.set_result(None)
 
     # ------------------------------------------------------------ the stream (its MuxSink)
 
@@ -242,40 +231,13 @@ class WiredMux(asyncio.Protocol):
         if self.client_eof and self.far_done and not self.pending and not self.finished:
             self._close()
 
-    def fail(self, error: BaseException, *, by_client: bool) -> None:
-        """One side failed: reset the client socket and the far side's connection, remember whose fault."""
-        if self.error is None and not self.finished:
-            self.error, self.by_client = error, by_client
-        self.finished = True
-        self.stream.abort_now()
-        if self.transport is not None:
-            linger_zero(self.transport.get_extra_info("socket"))  # a failed relay must not look like a finished one
-            self.transport.abort()
-
-    async def wire(self, client: socket.socket) -> None:
-        """Take over ``client``: from now on its bytes go to the stream."""
-        try:
-            await asyncio.get_running_loop().connect_accepted_socket(lambda: self, sock=client)
-        except BaseException:
-            self.finished = True
-            self.stream.abort_now()
-            linger_zero(client)
-            client.close()
-            raise
-
     async def wait(self) -> None:
         """Relay until both directions are done (or one failed).
 
         :raises RelayBroken: when either side failed; both are closed by then.
         :raises TransportError: when the far side refused the connection (the client got a clean EOF).
         """
-        try:
-            await self.done
-        except BaseException:  # cancelled: both ends go, the client's with a reset
-            self.fail(anyio.get_cancelled_exc_class()(), by_client=False)
-            raise
-        if self.error is not None:
-            raise RelayBroken(self.error, by_client=self.by_client) from self.error
+        await super().wait()
         if self.refusal is not None:
             owner = self.stream.channel.owner
             raise TransportError(f"could not connect to {self.stream.target} from {owner.helper_label}: {self.refusal}")

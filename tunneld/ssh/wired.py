@@ -20,15 +20,13 @@ What the channel received before the relay started (early bytes, an EOF) is hand
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import socket
 from collections.abc import Callable
 from typing import Any
 
 import anyio
 
-from tunneld.engine.relay.common import WRITE_HIGH_WATER, WRITE_LOW_WATER, RelayBroken, Traffic, linger_zero
+from tunneld.engine.relay.common import Traffic, WiredClient
 
 # OpenSSH's maximum packet for forwarded channels: what the far side accepts per channel packet. Another
 # server's limit stays correct (asyncssh cuts further), only a little slower.
@@ -50,30 +48,25 @@ def write_in_pieces(chan: Any, data: bytes) -> None:
         chan.write(view[start:start + SEND_PIECE])
 
 
-class Wired(asyncio.Protocol):
+class Wired(WiredClient):
     """The client's socket (this Protocol) and one SSH channel (``chan``), each writing to the other."""
 
     def __init__(self, chan: Any, cork: Callable[[], contextlib.AbstractContextManager[None]], traffic: Traffic,
                  what: str) -> None:
+        super().__init__()
         self.chan = chan
         self.cork = cork
         self.traffic = traffic
         self.what = what
-        self.transport: asyncio.Transport | None = None
         self.client_eof = False  # the client shut down its sending side (or the socket closed)
         self.chan_eof = False  # the far side's EOF (or the channel closed) was passed to the client
         self.chan_gone = False  # the channel closed: nothing more can be sent on it
         self.client_paused = False  # the client socket's write buffer is full: channel reads paused
-        self.finished = False
-        self.error: BaseException | None = None
-        self.by_client = False
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def drop_far(self) -> None:
+        self.chan.close()
 
     # ------------------------------------------------------------ the client's socket
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio.Transport subclasses
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
         self.traffic.up += len(data)
@@ -101,14 +94,6 @@ class Wired(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.client_paused = False
         self.chan.resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if exc is not None:
-            self.fail(exc, by_client=True)
-        elif not self.finished:  # closed under us, e.g. by the loop at shutdown
-            self.fail(ConnectionResetError("the client socket closed"), by_client=True)
-        if not self.done.done():
-            self.done.set_result(None)
 
     # ------------------------------------------------------------ the channel (called by its session)
 
@@ -149,40 +134,6 @@ class Wired(asyncio.Protocol):
             self.chan.close()  # flushes what is queued (and our EOF), then CLOSE
             if self.transport is not None:
                 self.transport.close()  # flushes, then connection_lost(None) sets done
-
-    def fail(self, error: BaseException, *, by_client: bool) -> None:
-        """One side failed: reset the client socket, close the channel, remember whose fault it was."""
-        if self.error is None and not self.finished:
-            self.error, self.by_client = error, by_client
-        self.finished = True
-        self.chan.close()
-        if self.transport is not None:
-            linger_zero(self.transport.get_extra_info("socket"))  # a failed relay must not look like a finished one
-            self.transport.abort()
-
-    async def wire(self, client: socket.socket) -> None:
-        """Take over ``client``: from now on its bytes go to the channel."""
-        try:
-            await asyncio.get_running_loop().connect_accepted_socket(lambda: self, sock=client)
-        except BaseException:
-            self.finished = True
-            self.chan.close()
-            linger_zero(client)
-            client.close()
-            raise
-
-    async def wait(self) -> None:
-        """Relay until both directions are done (or one failed).
-
-        :raises RelayBroken: when either side failed; both are closed by then.
-        """
-        try:
-            await self.done
-        except BaseException:  # cancelled: both ends go, the client's with a reset
-            self.fail(anyio.get_cancelled_exc_class()(), by_client=False)
-            raise
-        if self.error is not None:
-            raise RelayBroken(self.error, by_client=self.by_client) from self.error
 
 
 __all__ = ["SEND_PIECE", "Wired", "write_in_pieces"]

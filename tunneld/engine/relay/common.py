@@ -11,6 +11,7 @@ and ``RelayBroken``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import struct
@@ -51,3 +52,72 @@ def linger_zero(sock: socket.socket | None) -> None:
     if sock is not None and sock.fileno() != -1:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+class WiredClient(asyncio.Protocol):
+    """The client's socket wired to a far side that is not a socket and writes to it by callbacks (an
+    SSH channel, tunneld/ssh/wired.py; a Docker mux stream, tunneld/docker/mux_wired.py).
+
+    What those paths share: taking the socket over (``wire``), its write buffer limits, the end of
+    the relay (a failed one resets the client's socket and drops the far side, remembering whose
+    fault it was), and waiting for that end (``wait``). A subclass handles the bytes and EOFs, calls
+    ``fail`` or closes ``transport`` when it is over, and says how its far side is dropped
+    (``drop_far``).
+    """
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.finished = False
+        self.error: BaseException | None = None
+        self.by_client = False
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def drop_far(self) -> None:
+        """Close (or reset) the far side at once: the relay failed, or never started."""
+        raise NotImplementedError
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio.Transport subclasses
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)  # type: ignore[attr-defined]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            self.fail(exc, by_client=True)
+        elif not self.finished:  # closed under us, e.g. by the loop at shutdown
+            self.fail(ConnectionResetError("the client socket closed"), by_client=True)
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def fail(self, error: BaseException, *, by_client: bool) -> None:
+        """One side failed: reset the client socket, drop the far side, remember whose fault it was."""
+        if self.error is None and not self.finished:
+            self.error, self.by_client = error, by_client
+        self.finished = True
+        self.drop_far()
+        if self.transport is not None:
+            linger_zero(self.transport.get_extra_info("socket"))  # a failed relay must not look like a finished one
+            self.transport.abort()
+
+    async def wire(self, client: socket.socket) -> None:
+        """Take over ``client``: from now on its bytes go to the far side."""
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: self, sock=client)
+        except BaseException:
+            self.finished = True
+            self.drop_far()
+            linger_zero(client)
+            client.close()
+            raise
+
+    async def wait(self) -> None:
+        """Relay until both directions are done (or one failed).
+
+        :raises RelayBroken: when either side failed; both are closed by then.
+        """
+        try:
+            await self.done
+        except BaseException:  # cancelled: both ends go, the client's with a reset
+            self.fail(anyio.get_cancelled_exc_class()(), by_client=False)
+            raise
+        if self.error is not None:
+            raise RelayBroken(self.error, by_client=self.by_client) from self.error
