@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio
+import anyio.abc
 import pytest
 
 from tests.docker.test_transport import RESETTING_SERVER, TIMEOUTS, docker_transport, ns_server, settings
@@ -59,8 +60,9 @@ async def _echoes_go_on(transport: DockerTransport, lab: LabInfo, *, count: int 
     assert all(results[i] == payloads[i] for i in range(count))
 
 
-async def _send_until_blocked(stream: MuxStream, chunk: bytes, blocked: anyio.Event) -> int:
-    """Send until a send has waited for credit for a while; the bytes sent (the rest never leaves)."""
+async def _send_until_blocked(stream: anyio.abc.ByteStream, chunk: bytes, blocked: anyio.Event) -> int:
+    """Send until a send has waited for a while (for credit, or for room anywhere on the way); the
+    bytes sent whole (the rest never leaves)."""
     sent = 0
     while True:
         with anyio.move_on_after(1.0):

@@ -18,7 +18,7 @@ import struct
 import anyio
 import pytest
 
-from tests.docker.test_mux import _helper_sh, _one_exec
+from tests.docker.test_mux import _helper_sh, _one_exec, _send_until_blocked
 from tests.docker.test_transport import TIMEOUTS, docker_transport, ns_server
 from tests.helpers import echo_roundtrip, parallel_echoes, read_to_eof, running_forward
 from tests.lab.lab import LabInfo
@@ -100,13 +100,8 @@ async def test_a_client_that_never_reads_stalls_only_itself(lab: LabInfo) -> Non
         async with docker_transport(_one_exec(lab)) as transport, \
                 running_forward(transport, lab.echo_port, timeouts=TIMEOUTS) as fwd:
             async with await anyio.connect_tcp("127.0.0.1", fwd.port) as stuck:
-                sent = 0
-                while True:
-                    with anyio.move_on_after(1.0):
-                        await stuck.send(chunk)
-                        sent += len(chunk)
-                        continue
-                    break  # blocked for a second: everything between us and the echo server is full
+                # Blocked for a second: everything between us and the echo server is full.
+                sent = await _send_until_blocked(stuck, chunk, anyio.Event())
                 assert sent > DOWN_WINDOW
                 (stream,) = transport._channels[0].conns.values()
                 assert isinstance(stream.sink, WiredMux)  # the wired path, not the generic pumps

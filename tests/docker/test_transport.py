@@ -289,28 +289,32 @@ exec /usr/bin/python3 -S -c "$v" "$3" "$4"
 """
 
 
-def build_image(lab: LabInfo, context: Path, name: str) -> str:
-    """``docker build`` on the lab's dockerd (FROM a lab image: nothing is pulled); the new tag."""
+@contextlib.contextmanager
+def built_image(lab: LabInfo, context: Path, name: str, dockerfile: str, files: dict[str, str] | None = None
+                ) -> Iterator[str]:
+    """``docker build`` on the lab's dockerd from ``dockerfile`` and ``files`` written into ``context``
+    (FROM a lab image: nothing is pulled); the new tag, removed afterwards."""
+    context.mkdir()
+    for file, text in (files or {}).items():
+        (context / file).write_text(text)
+    (context / "Dockerfile").write_text(dockerfile)
     tag = f"{name}:{uuid.uuid4().hex[:8]}"
     build = subprocess.run(["docker", "build", "-q", "-t", tag, str(context)], capture_output=True, text=True,
                            timeout=120, env={**os.environ, **lab.docker_env(False), "DOCKER_BUILDKIT": "0"})
     assert build.returncode == 0, build.stderr
-    return tag
+    try:
+        yield tag
+    finally:
+        docker("rmi", "-f", tag, check=False)
 
 
 @pytest.fixture
 def old_python3_image(lab: LabInfo, tmp_path: Path) -> Iterator[str]:
     """The lab's python image with that python3 first in PATH, built (offline) on the lab's dockerd."""
-    context = tmp_path / "old-python3"
-    context.mkdir()
-    (context / "python3").write_text(OLD_PYTHON3)
-    (context / "Dockerfile").write_text(f"FROM {lab.python_image}\nCOPY python3 /usr/local/bin/python3\n"
-                                        "RUN chmod 755 /usr/local/bin/python3\n")
-    tag = build_image(lab, context, "kcilab/test-old-python3")
-    try:
+    with built_image(lab, tmp_path / "old-python3", "kcilab/test-old-python3",
+                     f"FROM {lab.python_image}\nCOPY python3 /usr/local/bin/python3\n"
+                     "RUN chmod 755 /usr/local/bin/python3\n", {"python3": OLD_PYTHON3}) as tag:
         yield tag
-    finally:
-        docker("rmi", "-f", tag, check=False)
 
 
 @pytest.mark.anyio
@@ -521,15 +525,9 @@ async def test_a_far_side_reset_is_a_broken_stream_not_an_end(lab: LabInfo, rela
 def fifoless_socat_image(lab: LabInfo, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
     """A socat image (1.7 or 1.8) whose /tmp is a file: relay.sh can make no FIFO, so it starts socat
     per connection and says how socat exited itself ("X STATUS"), right when it does."""
-    context = tmp_path / "fifoless"
-    context.mkdir()
-    (context / "Dockerfile").write_text(f"FROM {image(lab, request.param)}\n"
-                                        "RUN rm -rf /tmp && touch /tmp\n")
-    tag = build_image(lab, context, "kcilab/test-fifoless")
-    try:
+    with built_image(lab, tmp_path / "fifoless", "kcilab/test-fifoless",
+                     f"FROM {image(lab, request.param)}\nRUN rm -rf /tmp && touch /tmp\n") as tag:
         yield tag
-    finally:
-        docker("rmi", "-f", tag, check=False)
 
 
 @pytest.mark.anyio
