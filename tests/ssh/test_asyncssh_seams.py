@@ -1,4 +1,4 @@
-"""asyncssh's behaviour and private parts that tunneld/ssh/wire.py and tunneld/ssh/chacha.py rely on,
+"""asyncssh's behaviour and private parts that tunneld/ssh/wire.py and tunneld/ssh/ciphers.py rely on,
 pinned against the lab's real sshd.
 
 The SSH transport's speed-ups live at the adapter's seam (a subclass of asyncssh's client connection,
@@ -20,12 +20,13 @@ import asyncssh
 import asyncssh.logging
 import pytest
 from asyncssh.crypto.chacha import ChachaCipher
-from asyncssh.encryption import ChachaEncryption
+from asyncssh.crypto.cipher import GCMCipher
+from asyncssh.encryption import ChachaEncryption, GCMEncryption
 
 from tests.helpers import stream_echo
 from tests.lab.lab import LabInfo
 from tests.ssh.test_transport import TIMEOUTS, settings
-from tunneld.ssh.chacha import FastChachaCipher
+from tunneld.ssh.ciphers import FastChachaCipher, FastGCMCipher
 from tunneld.ssh.client import SshConnection, open_connection
 from tunneld.ssh.wire import FastConnection
 
@@ -36,9 +37,10 @@ GCM = "aes128-gcm@openssh.com"
 
 
 def cipher_config(tmp_path: Path, lab: LabInfo, cipher: str) -> str:
-    """An ssh config that pins ``cipher`` for the lab's host (the transport honours Ciphers)."""
+    """An ssh config that pins ``cipher`` (the transport honours Ciphers), for the lab's host at whatever
+    address it is reached."""
     path = tmp_path / f"ssh_config.{cipher}"
-    path.write_text(f"Host {lab.ssh_host}\n    Ciphers {cipher}\n")
+    path.write_text(f"Host *\n    Ciphers {cipher}\n")
     return str(path)
 
 
@@ -164,11 +166,70 @@ def test_fast_chacha_matches_asyncssh_byte_for_byte(size: int) -> None:
         bad = bytes([tag[0] ^ 1]) + tag[1:]
         assert ours.verify_and_decrypt(packet[:4], packet[4:], nonce, bad) is None
         assert theirs.verify_and_decrypt(packet[:4], packet[4:], nonce, bad) is None
+        # The lanes' methods (tunneld/ssh/wire.py): the same bytes, from and to views of one buffer.
+        wire = memoryview(b"".join(ours.seal(seq, header, data)))
+        assert wire == packet + tag
+        assert ours.length(seq, wire[:4]) == int.from_bytes(header, "big")
+        assert ours.open(seq, wire[:4], wire[4:]) == data
+        assert ours.open(seq, wire[:4], memoryview(packet[4:] + bad)) is None
 
 
-async def test_speed_ups_survive_a_rekey(lab: LabInfo, tmp_path: Path) -> None:
+@pytest.mark.parametrize("size", [0, 1, 60, 4096, 32768, 131072])
+@pytest.mark.parametrize("invocation", [0, 2**64 - 2])
+def test_fast_gcm_matches_asyncssh_byte_for_byte(size: int, invocation: int) -> None:
+    """One AESGCM per key, the nonce counter kept as an int (and wrapping at 2**64 as asyncssh's), the
+    packet sealed and opened whole: the same bytes as asyncssh's GCMCipher, packet after packet."""
+    key, iv = os.urandom(16), os.urandom(4) + invocation.to_bytes(8, "big")
+    theirs = GCMCipher("aes128-gcm", key, iv)
+    ours, lane, reader = FastGCMCipher(key, iv), FastGCMCipher(key, iv), FastGCMCipher(key, iv)
+    for seq in range(4):
+        header, data = (4 + size).to_bytes(4, "big"), os.urandom(size)
+        sealed = theirs.encrypt_and_sign(header, data)
+        assert ours.encrypt_and_sign(header, data) == sealed
+        wire = memoryview(b"".join(lane.seal(seq, header, data)))
+        assert wire == b"".join(sealed)
+        assert reader.length(seq, wire[:4]) == 4 + size
+        bad = bytes(wire[4:-1]) + bytes([wire[-1] ^ 1])
+        assert reader.open(seq, wire[:4], bad) is None  # a bad tag still uses up its nonce, as asyncssh's
+        reader.rewind()  # the lane hands such a packet to asyncssh, which opens it again with the same nonce
+        assert reader.open(seq, wire[:4], wire[4:]) == data
+    assert theirs._iv == ours._fixed + ours._invocation.to_bytes(8, "big")
+
+
+async def test_gcm_cipher_is_replaced_in_place(lab: LabInfo, tmp_path: Path) -> None:
+    """wire._lane_cipher needs GCMEncryption to keep its GCMCipher in ``_cipher``, which keeps its key in
+    ``_key`` and its next nonce in ``_iv``: our cipher goes on from there, whenever it takes over."""
+    async with connected(lab, tmp_path, GCM) as conn:
+        data = os.urandom(256 * 1024)
+        assert await stream_echo(await conn.open_tcp("127.0.0.1", lab.echo_port), data) == data
+        fast = conn._conn
+        for enc in (fast._send_encryption, fast._recv_encryption):
+            assert type(enc) is GCMEncryption
+            assert type(enc._cipher) is FastGCMCipher
+
+
+@pytest.mark.parametrize("cipher", [CHACHA, GCM])
+async def test_the_send_lane_keeps_asyncssh_s_sequence_and_rekey_count(lab: LabInfo, tmp_path: Path,
+                                                                      cipher: str) -> None:
+    """Packets the lane seals advance asyncssh's send sequence number and rekey byte count, which its own
+    packets (and its decision to rekey) go on from; sshd would disconnect on a wrong sequence number."""
+    async with connected(lab, tmp_path, cipher) as conn:
+        fast = conn._conn
+        assert isinstance(fast, FastConnection)
+        stream = await conn.open_tcp("127.0.0.1", lab.echo_port)
+        seq, sent, counted = fast._send_seq, fast.lane_sent, fast._rekey_bytes_sent
+        await stream.send(b"q" * 100_000)  # 4 packets of at most 32 KiB, sealed by the lane
+        assert fast.lane_sent - sent == fast._send_seq - seq == 4
+        assert fast._rekey_bytes_sent - counted > 100_000
+        fast.send_packet(asyncssh.constants.MSG_GLOBAL_REQUEST, asyncssh.packet.String("nothing@kci"),
+                         asyncssh.packet.Boolean(False))  # asyncssh's kind of packet, between the lane's
+        assert await stream_echo(stream, b"r" * 100_000) == b"q" * 100_000 + b"r" * 100_000
+
+
+@pytest.mark.parametrize("cipher", [CHACHA, GCM])
+async def test_speed_ups_survive_a_rekey(lab: LabInfo, tmp_path: Path, cipher: str) -> None:
     """New keys mean new encryption objects: both directions are upgraded again, data keeps flowing."""
-    async with connected(lab, tmp_path, CHACHA) as conn:
+    async with connected(lab, tmp_path, cipher) as conn:
         fast = conn._conn
         assert isinstance(fast, FastConnection)
         before = fast._send_encryption
@@ -182,5 +243,6 @@ async def test_speed_ups_survive_a_rekey(lab: LabInfo, tmp_path: Path) -> None:
             assert await stream_echo(stream, b"") == data
             assert await stream_echo(await conn.open_tcp("127.0.0.1", lab.echo_port), data) == data
         assert fast._send_encryption is not before
-        assert type(fast._send_encryption._cipher) is FastChachaCipher
-        assert type(fast._recv_encryption._cipher) is FastChachaCipher
+        kind = FastChachaCipher if cipher == CHACHA else FastGCMCipher
+        assert type(fast._send_encryption._cipher) is kind
+        assert type(fast._recv_encryption._cipher) is kind

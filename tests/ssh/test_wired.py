@@ -4,28 +4,35 @@ client <-> [client socket | wired relay | SSH channel] <-> sshd <-> server, wher
 listener on this side of the lab's veth (``host_ip``), so sshd's direct-tcpip connection to it
 crosses the namespace boundary and the test holds both ends. The relay contract as
 tests/engine/test_relay_paths.py states it for the socket paths: half-close both ways, backpressure
-both ways, a client's reset, cancellation; plus what only SSH has: the connection dying under a channel.
+both ways, a client's reset, cancellation; plus what only SSH has: the connection dying under a channel,
+a key exchange in the middle of a stream, a corrupted packet. Each runs with both ciphers the lanes of
+tunneld/ssh/wire.py seal and open (chacha20-poly1305 and AES-GCM), which carry the wired path's data.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import anyio
 import anyio.abc
 import pytest
 
-from tests.helpers import read_to_eof
+from tests.helpers import read_to_eof, stream_echo
 from tests.lab.lab import LabInfo
+from tests.ssh.test_asyncssh_seams import CHACHA, GCM, cipher_config
 from tests.ssh.test_transport import TIMEOUTS, settings
 from tunneld.engine.relay import RelayBroken, Traffic, relay
 from tunneld.sockets import RawSocketStream
 from tunneld.ssh.client import ChannelStream, SshConnection, open_connection
+from tunneld.ssh.wire import FastConnection
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(90)]
 
@@ -41,10 +48,18 @@ class Relayed:
     scope: anyio.CancelScope
 
 
+@pytest.fixture(params=[CHACHA, GCM])
+def cipher(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @asynccontextmanager
-async def ssh_connection(lab: LabInfo) -> AsyncIterator[SshConnection]:
-    conn = await open_connection(settings(lab), TIMEOUTS)
+async def ssh_connection(lab: LabInfo, cipher: str, **changes: object) -> AsyncIterator[SshConnection]:
+    with tempfile.TemporaryDirectory() as d:
+        conn = await open_connection(settings(lab, config_file=cipher_config(Path(d), lab, cipher), **changes),
+                                     TIMEOUTS)
     try:
+        assert conn.describe()["cipher"] == cipher
         yield conn
     finally:
         await conn.aclose()
@@ -80,9 +95,9 @@ async def relayed(lab: LabInfo, conn: SshConnection) -> AsyncIterator[Relayed]:
             await r.finished.wait()
 
 
-async def test_client_half_close_then_reply(lab: LabInfo) -> None:
+async def test_client_half_close_then_reply(lab: LabInfo, cipher: str) -> None:
     request, reply = os.urandom(1 << 20), os.urandom(4 << 20)
-    async with ssh_connection(lab) as conn, relayed(lab, conn) as r:
+    async with ssh_connection(lab, cipher) as conn, relayed(lab, conn) as r:
         with anyio.fail_after(30):
             await r.client.send(request)
             await r.client.send_eof()
@@ -96,9 +111,9 @@ async def test_client_half_close_then_reply(lab: LabInfo) -> None:
     assert r.client_sock.fileno() == -1  # closed once both directions were done
 
 
-async def test_server_half_close_first(lab: LabInfo) -> None:
+async def test_server_half_close_first(lab: LabInfo, cipher: str) -> None:
     banner, request = os.urandom(100_000), os.urandom(2 << 20)
-    async with ssh_connection(lab) as conn, relayed(lab, conn) as r:
+    async with ssh_connection(lab, cipher) as conn, relayed(lab, conn) as r:
         with anyio.fail_after(30):
             await r.server.send(banner)
             await r.server.send_eof()
@@ -112,9 +127,9 @@ async def test_server_half_close_first(lab: LabInfo) -> None:
 
 
 @pytest.mark.parametrize("direction", ["up", "down"])
-async def test_backpressure_bounds_what_the_relay_takes(lab: LabInfo, direction: str) -> None:
+async def test_backpressure_bounds_what_the_relay_takes(lab: LabInfo, direction: str, cipher: str) -> None:
     data = os.urandom(1 << 20) * 48
-    async with ssh_connection(lab) as conn, relayed(lab, conn) as r:
+    async with ssh_connection(lab, cipher) as conn, relayed(lab, conn) as r:
         writer, reader = (r.client, r.server) if direction == "up" else (r.server, r.client)
 
         async def write() -> None:
@@ -144,8 +159,8 @@ async def test_backpressure_bounds_what_the_relay_takes(lab: LabInfo, direction:
     assert not r.error
 
 
-async def test_client_reset_closes_the_channel_and_blames_the_client(lab: LabInfo) -> None:
-    async with ssh_connection(lab) as conn, relayed(lab, conn) as r:
+async def test_client_reset_closes_the_channel_and_blames_the_client(lab: LabInfo, cipher: str) -> None:
+    async with ssh_connection(lab, cipher) as conn, relayed(lab, conn) as r:
         await r.client.send(b"ping")
         with anyio.fail_after(10):
             assert await r.server.receive() == b"ping"
@@ -163,8 +178,8 @@ async def test_client_reset_closes_the_channel_and_blames_the_client(lab: LabInf
     assert r.client_sock.fileno() == -1
 
 
-async def test_connection_lost_resets_the_client(lab: LabInfo) -> None:
-    async with ssh_connection(lab) as conn, relayed(lab, conn) as r:
+async def test_connection_lost_resets_the_client(lab: LabInfo, cipher: str) -> None:
+    async with ssh_connection(lab, cipher) as conn, relayed(lab, conn) as r:
         await r.server.send(b"pong")
         with anyio.fail_after(10):
             assert await r.client.receive() == b"pong"
@@ -180,8 +195,8 @@ async def test_connection_lost_resets_the_client(lab: LabInfo) -> None:
     assert r.error and isinstance(r.error[0], RelayBroken) and not r.error[0].by_client, r.error
 
 
-async def test_cancelled_relay_resets_the_client_and_closes_the_channel(lab: LabInfo) -> None:
-    async with ssh_connection(lab) as conn, relayed(lab, conn) as r:
+async def test_cancelled_relay_resets_the_client_and_closes_the_channel(lab: LabInfo, cipher: str) -> None:
+    async with ssh_connection(lab, cipher) as conn, relayed(lab, conn) as r:
         await r.client.send(b"ping")
         with anyio.fail_after(10):
             assert await r.server.receive() == b"ping"
@@ -196,3 +211,124 @@ async def test_cancelled_relay_resets_the_client_and_closes_the_channel(lab: Lab
                     await r.server.receive()
         assert not conn.closed
     assert r.client_sock.fileno() == -1
+
+
+async def _both_ways(r: Relayed, up: bytes, down: bytes) -> tuple[bytes, bytes]:
+    """Send ``up`` from the client and ``down`` from the server at once, each then half-closing; what
+    each end read to EOF. A round trip first: from then on the channel is wired to the client socket
+    (what arrives before that waits in the channel's stream, and reaches the client from there)."""
+    got: dict[str, bytes] = {}
+    await r.client.send(b"ping")
+    assert await r.server.receive() == b"ping"
+    await r.server.send(b"pong")
+    assert await r.client.receive() == b"pong"
+
+    async def send(stream: anyio.abc.SocketStream, data: bytes) -> None:
+        await stream.send(data)
+        await stream.send_eof()
+
+    async def read(name: str, stream: anyio.abc.SocketStream) -> None:
+        got[name] = await read_to_eof(stream)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(send, r.client, up)
+        tg.start_soon(send, r.server, down)
+        tg.start_soon(read, "server", r.server)
+        tg.start_soon(read, "client", r.client)
+    return got["server"], got["client"]
+
+
+async def test_the_lanes_carry_the_wired_path(lab: LabInfo, cipher: str) -> None:
+    """The client's bytes go out sealed by the send lane, the far side's come in opened by the receive
+    lane; 12 MiB down is more than our 8 MiB window, so the lane's window updates are needed too."""
+    up, down = os.urandom(12 << 20), os.urandom(12 << 20)
+    async with ssh_connection(lab, cipher) as conn, relayed(lab, conn) as r:
+        fast = conn._conn
+        assert isinstance(fast, FastConnection)
+        sent, received = fast.lane_sent, fast.lane_received
+        with anyio.fail_after(60):
+            assert await _both_ways(r, up, down) == (up, down)
+            await r.finished.wait()
+        assert fast.lane_sent - sent >= len(up) // (32 * 1024)  # sshd's maximum packet: 32 KiB
+        assert fast.lane_received - received > 0
+    assert not r.error
+    assert (r.traffic.up, r.traffic.down) == (len(up) + 4, len(down) + 4)  # and the ping, the pong
+
+
+async def test_a_key_exchange_in_the_middle_of_the_stream(lab: LabInfo, cipher: str) -> None:
+    """Keys change while data flows both ways: the lanes step aside while asyncssh holds packets back,
+    take up the new keys' ciphers after it, and not a byte is lost, doubled or reordered."""
+    up, down = os.urandom(16 << 20), os.urandom(16 << 20)
+    async with ssh_connection(lab, cipher) as conn, relayed(lab, conn) as r:
+        fast = conn._conn
+        assert isinstance(fast, FastConnection)
+        before = fast._send_encryption
+        limit = fast._rekey_bytes
+        fast._rekey_bytes = fast._rekey_bytes_sent + (4 << 20)  # a key exchange after 4 MiB more
+
+        with anyio.fail_after(60):
+            assert await _both_ways(r, up, down) == (up, down)
+            await r.finished.wait()
+        fast._rekey_bytes = limit
+        assert fast._send_encryption is not before  # the keys did change
+        sent = fast.lane_sent
+        data = os.urandom(1 << 20)
+        assert await stream_echo(await conn.open_tcp("127.0.0.1", lab.echo_port), data) == data
+        assert fast.lane_sent > sent  # and the lane seals with the new ones
+    assert not r.error
+
+
+async def test_a_corrupted_packet_ends_the_connection_not_the_daemon(lab: LabInfo, cipher: str,
+                                                                    tmp_path: Path) -> None:
+    """A data packet whose tag does not match (one bit flipped on the way) is handed to asyncssh, which
+    disconnects with its MAC error; the wired client is reset, and nothing corrupt reaches it.
+
+    The bit is the last of what sshd wrote at once, which ends a packet: its tag. (Should TCP cut
+    sshd's write elsewhere and the bit land in a chacha20 length, asyncssh disconnects for the length.)
+    """
+    flip = anyio.Event()
+    upstream = await anyio.connect_tcp(lab.ssh_host, lab.ssh_port)
+
+    async def pipe(src: anyio.abc.SocketStream, dst: anyio.abc.SocketStream, corrupt: bool) -> None:
+        with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError,
+                                               anyio.ClosedResourceError):
+            while True:
+                data = await src.receive()
+                if corrupt and flip.is_set() and len(data) > 100:
+                    data = data[:-1] + bytes([data[-1] ^ 0x10])
+                    corrupt = False
+                await dst.send(data)
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    # The host key is the lab's; only the address it is reached at differs.
+    key = Path(lab.ssh_known_hosts).read_text().split(None, 1)[1]
+    known = tmp_path / "known_hosts"
+    known.write_text(f"[127.0.0.1]:{port} {key}")
+
+    async def serve(client: anyio.abc.SocketStream) -> None:
+        async with client, upstream, anyio.create_task_group() as tg:
+            tg.start_soon(pipe, client, upstream, False)
+            await pipe(upstream, client, True)
+            tg.cancel_scope.cancel()
+
+    async with listener, anyio.create_task_group() as proxy:
+        proxy.start_soon(listener.serve, serve)
+        async with ssh_connection(lab, cipher, host="127.0.0.1", port=port, known_hosts=str(known)) as conn, \
+                relayed(lab, conn) as r:
+            await r.server.send(b"fine")
+            with anyio.fail_after(10):
+                assert await r.client.receive() == b"fine"
+            flip.set()
+            sent = os.urandom(200_000)
+            await r.server.send(sent)
+            got = bytearray()
+            with anyio.fail_after(10):
+                with pytest.raises(anyio.BrokenResourceError):  # a reset, not a clean end
+                    while True:
+                        got += await r.client.receive()
+                await r.finished.wait()
+            assert len(got) < len(sent) and sent.startswith(got)  # what came before the bad packet, intact
+            assert conn.closed
+        proxy.cancel_scope.cancel()
+    assert r.error and ("MAC" in str(r.error[0]) or "packet size" in str(r.error[0])), r.error

@@ -36,8 +36,8 @@ from tunneld.config import SshSettings, Timeouts, format_host
 from tunneld.engine.relay.common import Traffic
 from tunneld.errors import TransportError
 from tunneld.ssh.target import SshError, SshTarget, auth_error, host_key_error, make_plan
-from tunneld.ssh.wire import FastConnection, adopt
-from tunneld.ssh.wired import Wired, write_in_pieces
+from tunneld.ssh.wire import FastConnection, adopt, write_in_pieces
+from tunneld.ssh.wired import Wired
 
 # Flow control per channel (bench/ssh_vs_openssh.py measured these against asyncssh's defaults of a
 # 2 MiB window and 32 KiB packets). The window is what the server may send before we acknowledge;
@@ -126,9 +126,10 @@ class SshConnection:
         self._client = client
         self.target = target
         self.open_timeout = open_timeout  # how long a channel open may take (timeouts.connect)
-        # Channel writes go out as one system call however many packets they make (tunneld/ssh/wire.py).
-        self._cork: Callable[[], contextlib.AbstractContextManager[None]] = (
-            client.fast.corked if client.fast is not None else contextlib.nullcontext)
+        # Channel writes go out as one system call however many packets they make, sealed by the send
+        # lane where it applies (tunneld/ssh/wire.py).
+        self._write: Callable[[Any, bytes], None] = (
+            client.fast.write_channel if client.fast is not None else write_in_pieces)
 
     @property
     def closed(self) -> bool:
@@ -211,7 +212,7 @@ class SshConnection:
         except (OSError, asyncssh.Error) as e:
             raise TransportError(f"{prefix}: the SSH connection is gone ({e})") from None
         assert isinstance(session, _PipeSession)
-        return ChannelStream(chan, session, what, self._cork, wirable=wirable)
+        return ChannelStream(chan, session, what, self._write, wirable=wirable)
 
 
 def _decode(value: object) -> object:
@@ -320,10 +321,10 @@ class ChannelStream(anyio.abc.ByteStream):
     """
 
     def __init__(self, chan: Any, session: _PipeSession, what: str,
-                 cork: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext, *,
+                 write: Callable[[Any, bytes], None] = write_in_pieces, *,
                  wirable: bool = False) -> None:
         self._chan = chan
-        self._cork = cork
+        self._write = write
         self._s = session
         self._what = what
         self._closed = False
@@ -341,7 +342,7 @@ class ChannelStream(anyio.abc.ByteStream):
         :raises RelayBroken: when either side failed; both are closed by then.
         """
         self._closed = True
-        wired = Wired(self._chan, self._cork, traffic, self._what)
+        wired = Wired(self._chan, self._write, traffic, self._what)
         await wired.wire(client)
         self._s.hand_over(wired)
         await wired.wait()
@@ -391,8 +392,7 @@ class ChannelStream(anyio.abc.ByteStream):
         if s.lost:
             raise anyio.BrokenResourceError(f"{self._what}: {s.error or 'channel closed'}")
         try:
-            with self._cork():
-                write_in_pieces(self._chan, item)
+            self._write(self._chan, item)
         except OSError as e:
             raise anyio.BrokenResourceError(f"{self._what}: {e}") from e
         while s.write_paused and not s.lost and not self._closed:

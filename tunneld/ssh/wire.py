@@ -12,9 +12,17 @@ connection asyncssh built (``adopt``; asyncssh's ``connect`` has no hook for its
 - no ``SSH_MSG_IGNORE`` unless the cipher in use for sending is a CBC one;
 - ``corked()``: packets sent inside the block go out in one ``writelines()`` at its end (a
   256 KiB relay chunk is 8 channel packets of 32 KiB: one system call, not 8);
-- chacha20-poly1305 with two cipher contexts per packet, not three (tunneld/ssh/chacha.py);
-- received bytes parsed in pieces of about one packet (``_recv_data``): asyncssh copies what is
-  left of its input buffer after every packet;
+- chacha20-poly1305 with two cipher contexts per packet, not three, and AES-GCM with one ``AESGCM``
+  per key, not one per packet (tunneld/ssh/ciphers.py);
+- **the lanes**, once keys are exchanged and the user is authenticated, for those two ciphers:
+  - *send*: a packet is padded, sealed and queued here in one join (asyncssh joins, copies and splits
+    it five times over and logs it), and ``write_channel`` sends a client's bytes on a direct-tcpip
+    channel as data packets straight from the peer's window, without asyncssh's send buffer;
+  - *receive*: data packets for a channel wired to a client socket (tunneld/ssh/wired.py) are opened
+    from views of the input buffer and handed to the client, window accounting as asyncssh's; any
+    other packet (and any data packet the lane is not sure of) goes to asyncssh, one at a time, in order;
+- received bytes otherwise parsed in pieces of about one packet (``_recv_data``): asyncssh copies what
+  is left of its input buffer after every packet;
 - no formatting of a log line per packet that asyncssh's debug level (below 3) then drops: the
   connection's own packets and its TCP channels' (``create_tcp_channel``).
 
@@ -22,22 +30,38 @@ tests/ssh/test_asyncssh_seams.py pins the asyncssh behaviour this relies on, so 
 changes it fails loudly there. The upstream changes (docs/ssh-transport.md) would be: one
 condition in ``SSHConnection.send_packet`` (the IGNORE only for CBC ciphers), a vectored write of
 the packets one channel write or one received batch produces, parsing the input buffer by offset,
-one cipher context per chacha20 key, and the debug-level check before ``_log_packet`` formats anything.
+one cipher context per chacha20 key, one AESGCM per AES-GCM key, and the debug-level check before
+``_log_packet`` formats anything. The lanes have no single upstream change: they are what a packet layer
+in C would be, written against asyncssh's state (sequence numbers, windows, channel states) and checked
+against it by the same tests.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import time
 from typing import Any
 
 import asyncssh
 import asyncssh.logging
 from asyncssh.crypto.chacha import ChachaCipher
-from asyncssh.encryption import ChachaEncryption
+from asyncssh.crypto.cipher import GCMCipher
+from asyncssh.encryption import ChachaEncryption, GCMEncryption
 
-from tunneld.ssh.chacha import FastChachaCipher
+from tunneld.ssh.ciphers import TAG, FastChachaCipher, FastGCMCipher, LaneCipher
 
 _MSG_IGNORE = 2
+_MSG_USERAUTH_LAST = 79
+_MSG_CHANNEL_WINDOW_ADJUST = 93
+_MSG_CHANNEL_DATA = 94
+_SEQ_MASK = 0xFFFFFFFF
+_CLOSING = frozenset({"close_pending", "closed"})
+_PADLEN = [bytes((n,)) for n in range(256)]
+_POOL = 4096  # random padding drawn from the kernel this many bytes at a time (asyncssh: one call per packet)
+# OpenSSH's maximum packet for forwarded channels: what the far side accepts per channel packet. Another
+# server's limit stays correct (asyncssh cuts further), only a little slower.
+SEND_PIECE = 32 * 1024
 _FEED = 34 * 1024  # one 32 KiB channel packet (OpenSSH's) and its header, padding and MAC
 _MSG_KEX_LAST = 49  # packets above this (auth, connection protocol) get asyncssh's IGNORE
 
@@ -52,23 +76,44 @@ class FastConnection(asyncssh.SSHClientConnection):
     _kci_inner: bool  # inside send_packet of a packet that asyncssh precedes with an IGNORE
     _kci_cork: list[bytes] | None  # packets held until the end of ``corked()``
     _kci_corker: _Cork
-    _kci_send_enc: object  # the send encryption the two fields below were worked out for
+    _kci_send_enc: object  # the send encryption the fields below were worked out for
     _kci_cbc: bool
+    _kci_send_lane: LaneCipher | None  # the send cipher, when the lane can seal packets with it
     _kci_recv_enc: object
+    _kci_recv_lane: LaneCipher | None
+    _kci_pool: bytes  # random bytes for padding, used from _kci_pool_at on
+    _kci_pool_at: int
+    lane_sent: int  # packets the send lane sealed, and data packets the receive lane handed over
+    lane_received: int
 
-    def send_packet(self, pkttype: int, *args: bytes, handler: Any = None) -> None:
+    def _kci_keys(self) -> None:
+        """Upgrade the ciphers of new keys (at the start, and after every key exchange) in place."""
         enc = self._send_encryption
-        if enc is not self._kci_send_enc:  # new keys: a new cipher (object) for sending
+        if enc is not self._kci_send_enc:
             self._kci_send_enc = enc
             self._kci_cbc = _is_cbc(self)
-            _faster_chacha(enc)
-        # The receiving side is upgraded here too: uvloop calls the data_received it bound when the
-        # connection was made, before ``adopt``, so an override there would never run. We send within
-        # a packet or two of any key change (new keys, window updates, the relay's own data).
+            self._kci_send_lane = _lane_cipher(enc)
         enc = self._recv_encryption
         if enc is not self._kci_recv_enc:
             self._kci_recv_enc = enc
-            _faster_chacha(enc)
+            self._kci_recv_lane = _lane_cipher(enc)
+
+    def _kci_lane_open(self) -> bool:
+        """May packets skip asyncssh's send_packet? Not before keys and authentication, not while keys
+        are being exchanged (asyncssh holds packets back then), not when a rekey is due (asyncssh starts
+        it), not with compression, not when packets are logged."""
+        return (self._kci_send_lane is not None and self._kex_complete and self._auth_complete
+                and not self._compressor and self._rekey_bytes_sent < self._rekey_bytes
+                and (not self._rekey_seconds or time.monotonic() < self._rekey_time)
+                and self._transport is not None and not _packets_logged())
+
+    def send_packet(self, pkttype: int, *args: bytes, handler: Any = None) -> None:
+        # Keys are checked here and in _recv_data: uvloop calls the data_received it bound when the
+        # connection was made, before ``adopt``, so an override there would never run.
+        self._kci_keys()
+        if pkttype > _MSG_KEX_LAST and self._kci_lane_open():
+            self._kci_seal(_PADLEN[pkttype] + b"".join(args))
+            return
         if pkttype == _MSG_IGNORE and self._kci_inner and not self._kci_cbc:
             return  # the IGNORE asyncssh inserts before every packet: nothing to hide for this cipher
         outer = self._kci_inner
@@ -79,23 +124,166 @@ class FastConnection(asyncssh.SSHClientConnection):
             self._kci_inner = outer
 
     def _recv_data(self) -> None:
+        # Corked: what the packets received make us send (the channel data a window update lets out,
+        # window updates, replies) leaves in one write.
+        with self.corked():
+            while self._inpbuf and self._transport is not None:
+                nxt = self._kci_lane_receive()
+                if nxt == _WAIT:
+                    return
+                if nxt == _NOT_LANE:
+                    self._kci_feed()
+                    return
+                # The next packet (nxt bytes) is for asyncssh: it parses exactly that one.
+                rest = self._inpbuf[nxt:]
+                self._inpbuf = self._inpbuf[:nxt]
+                super()._recv_data()
+                self._inpbuf += rest
+
+    def _kci_feed(self) -> None:
         # asyncssh parses packets off the front of its input buffer and copies what is left after
         # each one (twice: after the header and after the packet), so a 256 KiB read of 32 KiB
         # packets cost about seven copies of every byte. Fed in pieces of about one packet, the
         # copies stay small: the same as the kernel handing over smaller reads, which TCP may do anyway.
-        # Corked: what the packets received make us send (the channel data a window update lets out,
-        # replies) leaves in one write.
-        with self.corked():
-            data = self._inpbuf
-            if len(data) <= _FEED:
-                super()._recv_data()
+        data = self._inpbuf
+        if len(data) <= _FEED:
+            super()._recv_data()
+            return
+        self._inpbuf = b""
+        for start in range(0, len(data), _FEED):
+            if self._transport is None:  # closed while parsing (an error, a disconnect): stop, as asyncssh does
                 return
-            self._inpbuf = b""
-            for start in range(0, len(data), _FEED):
-                if self._transport is None:  # closed while parsing (an error, a disconnect): stop, as asyncssh does
+            self._inpbuf += data[start:start + _FEED]
+            super()._recv_data()
+
+    def _kci_lane_receive(self) -> int:
+        """Take the data packets at the front of the input buffer that the lane can hand over.
+
+        Returns _WAIT when the next packet is not all here yet, _NOT_LANE when the lane does not apply
+        now (asyncssh takes everything), or the size of the next packet, which is for asyncssh.
+        """
+        self._kci_keys()
+        lane = self._kci_recv_lane
+        if lane is None or not self._auth_complete or self._recv_handler != self._recv_pkthdr:
+            return _NOT_LANE
+        self._reset_keepalive_timer()  # as asyncssh's _recv_data does for every batch received
+        buf = self._inpbuf
+        view = memoryview(buf)
+        end = len(buf)
+        at = 0
+        seq = self._recv_seq
+        try:
+            while True:
+                if end - at < 4:
+                    return _WAIT
+                header = view[at:at + 4]
+                size = lane.length(seq, header)
+                if size > self._max_recv_pktlen:
+                    return _NOT_LANE  # asyncssh says so and disconnects
+                stop = at + 4 + size + TAG
+                if stop > end:
+                    return _WAIT
+                body = lane.open(seq, header, view[at + 4:stop])
+                if body is None or not self._kci_channel_data(body):
+                    lane.rewind()  # a bad tag is asyncssh's to report, like any packet it handles
+                    return stop - at
+                at = stop
+                seq = self._recv_seq = (seq + 1) & _SEQ_MASK
+                self.lane_received += 1
+                if self._transport is None:  # the client's handling closed the connection
+                    return _WAIT
+        except asyncssh.DisconnectError as exc:
+            self._send_disconnect(exc.code, exc.reason, exc.lang)
+            self._force_close(exc)
+            return _WAIT
+        except Exception:  # as asyncssh's _recv_data: a bug in a handler ends the connection, not the loop
+            self.internal_error()
+            return _WAIT
+        finally:
+            if at:
+                self._inpbuf = buf[at:]
+
+    def _kci_channel_data(self, body: bytes) -> bool:
+        """Hand one CHANNEL_DATA packet's bytes to the client socket its channel is wired to, doing
+        what asyncssh's ``_process_data`` would. False: not such a packet, or one asyncssh must see."""
+        if body[1] != _MSG_CHANNEL_DATA:
+            return False
+        chan = self._channels.get(int.from_bytes(body[2:6], "big"))
+        if type(chan) is not _TCPChannel:
+            return False
+        size = int.from_bytes(body[6:10], "big")
+        if (10 + size != len(body) - body[0] or size > chan._recv_window or chan._recv_state != "open"
+                or chan._recv_paused or chan._recv_buf or chan._send_state in _CLOSING or chan._encoding):
+            return False
+        sink = getattr(chan._session, "sink", None)
+        if sink is None:  # not wired to a client socket: the stream path takes it
+            return False
+        self._auth_final = True
+        if not size:
+            return True
+        window = chan._recv_window - size
+        if window < chan._init_recv_window / 2:  # as asyncssh's _deliver_data: back to the full window
+            chan.send_packet(_MSG_CHANNEL_WINDOW_ADJUST, (chan._init_recv_window - window).to_bytes(4, "big"))
+            window = chan._init_recv_window
+        chan._recv_window = window
+        sink.channel_data(memoryview(body)[10:10 + size])
+        return True
+
+    # ------------------------------------------------------------ the send lane
+
+    def write_channel(self, chan: Any, data: bytes) -> None:
+        """``chan.write(data)``: while the peer's window allows, as data packets sealed here; the rest
+        is queued by asyncssh as usual (which pauses the writer at its high-water mark). One write.
+
+        :raises OSError: as ``chan.write``, when the channel is not open for sending.
+        """
+        with self._kci_corker:
+            if (type(chan) is _TCPChannel and chan._send_state == "open" and not chan._send_buf
+                    and chan._send_window and self._kci_lane_open()):
+                assert chan._send_chan is not None  # open: the peer told us its number
+                head = _PADLEN[_MSG_CHANNEL_DATA] + chan._send_chan.to_bytes(4, "big")
+                view = memoryview(data)
+                end = len(data)
+                at = 0
+                window = chan._send_window
+                piece = chan._send_pktsize
+                while at < end and window:
+                    take = min(end - at, piece, window)
+                    self._kci_seal(head + take.to_bytes(4, "big"), view[at:at + take])
+                    at += take
+                    window -= take
+                chan._send_window = window
+                if at == end:
                     return
-                self._inpbuf += data[start:start + _FEED]
-                super()._recv_data()
+                data = view[at:]  # type: ignore[assignment]
+            write_in_pieces(chan, data)
+
+    def _kci_seal(self, payload: bytes, data: bytes | memoryview = b"") -> None:
+        """Pad, seal and send (or cork) one packet, as asyncssh's send_packet does after the key exchange."""
+        size = len(payload) + len(data)
+        blocksize = self._send_blocksize
+        padlen = -(self._send_enchdrlen + size) % blocksize
+        if padlen < 4:
+            padlen += blocksize
+        length = 1 + size + padlen
+        at = self._kci_pool_at
+        if at + padlen > _POOL:
+            self._kci_pool = os.urandom(_POOL)
+            at = 0
+        self._kci_pool_at = at + padlen
+        body = b"".join((_PADLEN[padlen], payload, data, self._kci_pool[at:at + padlen]))
+        seq = self._send_seq
+        assert self._kci_send_lane is not None
+        pieces = self._kci_send_lane.seal(seq, length.to_bytes(4, "big"), body)
+        self._send_seq = (seq + 1) & _SEQ_MASK
+        self._rekey_bytes_sent += length
+        self.lane_sent += 1
+        cork = self._kci_cork
+        if cork is not None:
+            cork.extend(pieces)
+        elif self._transport is not None:
+            with contextlib.suppress(ConnectionError):
+                self._transport.writelines(pieces)
 
     def log_sent_packet(self, pkttype: int, pktid: int | None, packet: Any, note: str = "") -> None:
         if _packets_logged():
@@ -177,11 +365,40 @@ def _packets_logged() -> bool:
     return asyncssh.logging.logger._debug_level >= 3
 
 
-def _faster_chacha(enc: object) -> None:
+_WAIT = -1  # _kci_lane_receive: the next packet is not all here yet
+_NOT_LANE = 0  # _kci_lane_receive: asyncssh takes everything
+
+
+def write_in_pieces(chan: Any, data: bytes | memoryview) -> None:
+    """``chan.write(data)``, handed over in packet-sized pieces.
+
+    asyncssh cuts what it sends into packets by slicing its send buffer and deleting the front,
+    which copies the rest each time (about 3.5 extra copies of a 256 KiB read); pieces of one packet
+    each are sent whole.
+    """
+    if len(data) <= SEND_PIECE:
+        chan.write(data)
+        return
+    view = memoryview(data)
+    for start in range(0, len(data), SEND_PIECE):
+        chan.write(view[start:start + SEND_PIECE])
+
+
+def _lane_cipher(enc: object) -> LaneCipher | None:
+    """Put our cipher in asyncssh's encryption object in place of its own; None for other ciphers."""
     if type(enc) is ChachaEncryption:
-        cipher = enc._cipher
-        if type(cipher) is ChachaCipher:
-            enc._cipher = FastChachaCipher(cipher._key, cipher._adkey)  # type: ignore[assignment]
+        chacha = enc._cipher
+        if type(chacha) is ChachaCipher:
+            fast_chacha = FastChachaCipher(chacha._key, chacha._adkey)
+            enc._cipher = fast_chacha  # type: ignore[assignment]
+            return fast_chacha
+    elif type(enc) is GCMEncryption:
+        gcm = enc._cipher
+        if type(gcm) is GCMCipher:  # its IV is where its last packet left it: we go on from there
+            fast_gcm = FastGCMCipher(gcm._key, gcm._iv)
+            enc._cipher = fast_gcm  # type: ignore[assignment]
+            return fast_gcm
+    return None
 
 
 def _is_cbc(conn: asyncssh.SSHClientConnection) -> bool:
@@ -203,8 +420,12 @@ def adopt(conn: asyncssh.SSHClientConnection) -> FastConnection | None:
     fast._kci_cork = None
     fast._kci_corker = _Cork(fast)
     fast._kci_send_enc = fast._kci_recv_enc = None
+    fast._kci_send_lane = fast._kci_recv_lane = None
     fast._kci_cbc = False
+    fast._kci_pool = b""
+    fast._kci_pool_at = _POOL
+    fast.lane_sent = fast.lane_received = 0
     return fast
 
 
-__all__ = ["FastConnection", "adopt"]
+__all__ = ["SEND_PIECE", "FastConnection", "adopt", "write_in_pieces"]

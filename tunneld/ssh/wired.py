@@ -6,8 +6,8 @@ loop (two ``epoll_ctl`` calls). For a 64-byte round trip through an SSH channel 
 daemon's own CPU (docs/performance.md, "## SSH"). Here the client socket is an asyncio Protocol and
 the channel's session callbacks feed it directly, as asyncssh's own forwarder does:
 
-- bytes: client ``data_received`` -> ``chan.write`` (corked: one system call per chunk); channel
-  data -> ``transport.write`` on the client socket, no intermediate buffer;
+- bytes: client ``data_received`` -> ``write(chan, data)`` (tunneld/ssh/wire.py's send lane: one
+  system call per chunk); channel data -> ``transport.write`` on the client socket, no intermediate buffer;
 - backpressure, crosswise: the client socket's ``pause_writing`` pauses reads on the channel (and
   so its window updates); the channel's ``pause_writing`` (send buffer over its high-water mark)
   pauses reads on the client socket;
@@ -28,34 +28,14 @@ import anyio
 
 from tunneld.engine.relay.common import Traffic, WiredClient
 
-# OpenSSH's maximum packet for forwarded channels: what the far side accepts per channel packet. Another
-# server's limit stays correct (asyncssh cuts further), only a little slower.
-SEND_PIECE = 32 * 1024
-
-
-def write_in_pieces(chan: Any, data: bytes) -> None:
-    """``chan.write(data)``, handed over in packet-sized pieces.
-
-    asyncssh cuts what it sends into packets by slicing its send buffer and deleting the front,
-    which copies the rest each time (about 3.5 extra copies of a 256 KiB read); pieces of one packet
-    each are sent whole.
-    """
-    if len(data) <= SEND_PIECE:
-        chan.write(data)
-        return
-    view = memoryview(data)
-    for start in range(0, len(data), SEND_PIECE):
-        chan.write(view[start:start + SEND_PIECE])
-
 
 class Wired(WiredClient):
     """The client's socket (this Protocol) and one SSH channel (``chan``), each writing to the other."""
 
-    def __init__(self, chan: Any, cork: Callable[[], contextlib.AbstractContextManager[None]], traffic: Traffic,
-                 what: str) -> None:
+    def __init__(self, chan: Any, write: Callable[[Any, bytes], None], traffic: Traffic, what: str) -> None:
         super().__init__()
         self.chan = chan
-        self.cork = cork
+        self.write = write  # chan.write, as tunneld/ssh/wire.py sends it
         self.traffic = traffic
         self.what = what
         self.client_eof = False  # the client shut down its sending side (or the socket closed)
@@ -74,8 +54,7 @@ class Wired(WiredClient):
             self.fail(anyio.BrokenResourceError(f"{self.what}: channel closed"), by_client=False)
             return
         try:
-            with self.cork():
-                write_in_pieces(self.chan, data)
+            self.write(self.chan, data)
         except OSError as e:
             self.fail(e, by_client=False)
 
@@ -97,7 +76,7 @@ class Wired(WiredClient):
 
     # ------------------------------------------------------------ the channel (called by its session)
 
-    def channel_data(self, data: bytes) -> None:
+    def channel_data(self, data: bytes | memoryview) -> None:
         self.traffic.down += len(data)
         if self.transport is not None and not self.finished:
             self.transport.write(data)
@@ -136,4 +115,4 @@ class Wired(WiredClient):
                 self.transport.close()  # flushes, then connection_lost(None) sets done
 
 
-__all__ = ["SEND_PIECE", "Wired", "write_in_pieces"]
+__all__ = ["Wired"]
