@@ -1,4 +1,6 @@
-"""The SSH path of the relay (tunneld/ssh/wired.py), driven directly through the lab's real sshd.
+"""The SSH paths of the relay, driven directly through the lab's real sshd: asyncssh's channel wired
+to the client socket (tunneld/ssh/wired.py, "stream") and our own channel, opened early
+(tunneld/ssh/channel.py, "channel": what a forward uses).
 
 client <-> [client socket | wired relay | SSH channel] <-> sshd <-> server, where the server is a
 listener on this side of the lab's veth (``host_ip``), so sshd's direct-tcpip connection to it
@@ -30,7 +32,9 @@ from tests.lab.lab import LabInfo
 from tests.ssh.test_asyncssh_seams import CHACHA, GCM, cipher_config
 from tests.ssh.test_transport import TIMEOUTS, settings
 from tunneld.engine.relay import RelayBroken, Traffic, relay
+from tunneld.errors import TransportError
 from tunneld.sockets import RawSocketStream
+from tunneld.ssh.channel import EarlyTcp
 from tunneld.ssh.client import ChannelStream, SshConnection, open_connection
 from tunneld.ssh.wire import FastConnection
 
@@ -65,39 +69,52 @@ async def ssh_connection(lab: LabInfo, cipher: str, **changes: object) -> AsyncI
         await conn.aclose()
 
 
+@pytest.fixture(params=["stream", "channel"])
+def path(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @asynccontextmanager
-async def relayed(lab: LabInfo, conn: SshConnection) -> AsyncIterator[Relayed]:
-    listener = (await anyio.create_tcp_listener(local_host=lab.host_ip, local_port=0)).listeners[0]
-    port = listener.extra(anyio.abc.SocketAttribute.local_port)
-    async with listener:
-        upstream = await conn.open_tcp(lab.host_ip, port)
-        assert isinstance(upstream, ChannelStream) and upstream.relay_socket is not None
-        with anyio.fail_after(10):
-            server = await listener.accept()  # sshd connected to us: the channel is open end to end
+async def relayed(lab: LabInfo, conn: SshConnection, path: str) -> AsyncIterator[Relayed]:
+    """A client socket relayed to a server on this side of the veth, through ``conn``: asyncssh's channel
+    opened first ("stream"), or ours, opened by the relay itself ("channel")."""
     with socket.create_server(("127.0.0.1", 0)) as front:
         client = await anyio.connect_tcp("127.0.0.1", front.getsockname()[1])
         client_sock, _ = front.accept()
-    r = Relayed(client, server, client_sock, Traffic(), [], anyio.Event(), anyio.CancelScope())
+    r = Relayed(client, None, client_sock, Traffic(), [], anyio.Event(), anyio.CancelScope())  # type: ignore[arg-type]
+    listener = (await anyio.create_tcp_listener(local_host=lab.host_ip, local_port=0)).listeners[0]
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    upstream: anyio.abc.ByteStream
+    if path == "stream":
+        upstream = await conn.open_tcp(lab.host_ip, port)
+        assert isinstance(upstream, ChannelStream) and upstream.relay_socket is not None
+    else:
+        upstream = EarlyTcp(conn, lab.host_ip, port, lambda: None)
+        assert upstream.relay_socket is not None
 
     async def run() -> None:
         try:
             with r.scope:
                 await relay(RawSocketStream(client_sock), upstream, r.traffic)
-        except RelayBroken as e:
+        except (RelayBroken, TransportError) as e:
             r.error.append(e)
         finally:
             r.finished.set()
 
-    async with client, server, anyio.create_task_group() as tg:
+    async with client, anyio.create_task_group() as tg:
         tg.start_soon(run)
-        yield r
-        with anyio.fail_after(20):
-            await r.finished.wait()
+        async with listener:
+            with anyio.fail_after(10):
+                r.server = await listener.accept()  # sshd connected to us: the channel is open end to end
+        async with r.server:
+            yield r
+            with anyio.fail_after(20):
+                await r.finished.wait()
 
 
-async def test_client_half_close_then_reply(lab: LabInfo, cipher: str) -> None:
+async def test_client_half_close_then_reply(lab: LabInfo, cipher: str, path: str) -> None:
     request, reply = os.urandom(1 << 20), os.urandom(4 << 20)
-    async with ssh_connection(lab, cipher) as conn, relayed(lab, conn) as r:
+    async with ssh_connection(lab, cipher) as conn, relayed(lab, conn, path) as r:
         with anyio.fail_after(30):
             await r.client.send(request)
             await r.client.send_eof()
@@ -111,9 +128,9 @@ async def test_client_half_close_then_reply(lab: LabInfo, cipher: str) -> None:
     assert r.client_sock.fileno() == -1  # closed once both directions were done
 
 
-async def test_server_half_close_first(lab: LabInfo, cipher: str) -> None:
+async def test_server_half_close_first(lab: LabInfo, cipher: str, path: str) -> None:
     banner, request = os.urandom(100_000), os.urandom(2 << 20)
-    async with ssh_connection(lab, cipher) as conn, relayed(lab, conn) as r:
+    async with ssh_connection(lab, cipher) as conn, relayed(lab, conn, path) as r:
         with anyio.fail_after(30):
             await r.server.send(banner)
             await r.server.send_eof()
@@ -127,9 +144,9 @@ async def test_server_half_close_first(lab: LabInfo, cipher: str) -> None:
 
 
 @pytest.mark.parametrize("direction", ["up", "down"])
-async def test_backpressure_bounds_what_the_relay_takes(lab: LabInfo, direction: str, cipher: str) -> None:
+async def test_backpressure_bounds_what_the_relay_takes(lab: LabInfo, direction: str, cipher: str, path: str) -> None:
     data = os.urandom(1 << 20) * 48
-    async with ssh_connection(lab, cipher) as conn, relayed(lab, conn) as r:
+    async with ssh_connection(lab, cipher) as conn, relayed(lab, conn, path) as r:
         writer, reader = (r.client, r.server) if direction == "up" else (r.server, r.client)
 
         async def write() -> None:
@@ -159,8 +176,8 @@ async def test_backpressure_bounds_what_the_relay_takes(lab: LabInfo, direction:
     assert not r.error
 
 
-async def test_client_reset_closes_the_channel_and_blames_the_client(lab: LabInfo, cipher: str) -> None:
-    async with ssh_connection(lab, cipher) as conn, relayed(lab, conn) as r:
+async def test_client_reset_closes_the_channel_and_blames_the_client(lab: LabInfo, cipher: str, path: str) -> None:
+    async with ssh_connection(lab, cipher) as conn, relayed(lab, conn, path) as r:
         await r.client.send(b"ping")
         with anyio.fail_after(10):
             assert await r.server.receive() == b"ping"
@@ -178,8 +195,8 @@ async def test_client_reset_closes_the_channel_and_blames_the_client(lab: LabInf
     assert r.client_sock.fileno() == -1
 
 
-async def test_connection_lost_resets_the_client(lab: LabInfo, cipher: str) -> None:
-    async with ssh_connection(lab, cipher) as conn, relayed(lab, conn) as r:
+async def test_connection_lost_resets_the_client(lab: LabInfo, cipher: str, path: str) -> None:
+    async with ssh_connection(lab, cipher) as conn, relayed(lab, conn, path) as r:
         await r.server.send(b"pong")
         with anyio.fail_after(10):
             assert await r.client.receive() == b"pong"
@@ -195,8 +212,8 @@ async def test_connection_lost_resets_the_client(lab: LabInfo, cipher: str) -> N
     assert r.error and isinstance(r.error[0], RelayBroken) and not r.error[0].by_client, r.error
 
 
-async def test_cancelled_relay_resets_the_client_and_closes_the_channel(lab: LabInfo, cipher: str) -> None:
-    async with ssh_connection(lab, cipher) as conn, relayed(lab, conn) as r:
+async def test_cancelled_relay_resets_the_client_and_closes_the_channel(lab: LabInfo, cipher: str, path: str) -> None:
+    async with ssh_connection(lab, cipher) as conn, relayed(lab, conn, path) as r:
         await r.client.send(b"ping")
         with anyio.fail_after(10):
             assert await r.server.receive() == b"ping"
@@ -238,11 +255,11 @@ async def _both_ways(r: Relayed, up: bytes, down: bytes) -> tuple[bytes, bytes]:
     return got["server"], got["client"]
 
 
-async def test_the_lanes_carry_the_wired_path(lab: LabInfo, cipher: str) -> None:
+async def test_the_lanes_carry_the_wired_path(lab: LabInfo, cipher: str, path: str) -> None:
     """The client's bytes go out sealed by the send lane, the far side's come in opened by the receive
     lane; 12 MiB down is more than our 8 MiB window, so the lane's window updates are needed too."""
     up, down = os.urandom(12 << 20), os.urandom(12 << 20)
-    async with ssh_connection(lab, cipher) as conn, relayed(lab, conn) as r:
+    async with ssh_connection(lab, cipher) as conn, relayed(lab, conn, path) as r:
         fast = conn._conn
         assert isinstance(fast, FastConnection)
         sent, received = fast.lane_sent, fast.lane_received
@@ -255,11 +272,11 @@ async def test_the_lanes_carry_the_wired_path(lab: LabInfo, cipher: str) -> None
     assert (r.traffic.up, r.traffic.down) == (len(up) + 4, len(down) + 4)  # and the ping, the pong
 
 
-async def test_a_key_exchange_in_the_middle_of_the_stream(lab: LabInfo, cipher: str) -> None:
+async def test_a_key_exchange_in_the_middle_of_the_stream(lab: LabInfo, cipher: str, path: str) -> None:
     """Keys change while data flows both ways: the lanes step aside while asyncssh holds packets back,
     take up the new keys' ciphers after it, and not a byte is lost, doubled or reordered."""
     up, down = os.urandom(16 << 20), os.urandom(16 << 20)
-    async with ssh_connection(lab, cipher) as conn, relayed(lab, conn) as r:
+    async with ssh_connection(lab, cipher) as conn, relayed(lab, conn, path) as r:
         fast = conn._conn
         assert isinstance(fast, FastConnection)
         before = fast._send_encryption
@@ -278,7 +295,7 @@ async def test_a_key_exchange_in_the_middle_of_the_stream(lab: LabInfo, cipher: 
     assert not r.error
 
 
-async def test_a_corrupted_packet_ends_the_connection_not_the_daemon(lab: LabInfo, cipher: str,
+async def test_a_corrupted_packet_ends_the_connection_not_the_daemon(lab: LabInfo, cipher: str, path: str,
                                                                     tmp_path: Path) -> None:
     """A data packet whose tag does not match (one bit flipped on the way) is handed to asyncssh, which
     disconnects with its MAC error; the wired client is reset, and nothing corrupt reaches it.
@@ -315,7 +332,7 @@ async def test_a_corrupted_packet_ends_the_connection_not_the_daemon(lab: LabInf
     async with listener, anyio.create_task_group() as proxy:
         proxy.start_soon(listener.serve, serve)
         async with ssh_connection(lab, cipher, host="127.0.0.1", port=port, known_hosts=str(known)) as conn, \
-                relayed(lab, conn) as r:
+                relayed(lab, conn, path) as r:
             await r.server.send(b"fine")
             with anyio.fail_after(10):
                 assert await r.client.receive() == b"fine"

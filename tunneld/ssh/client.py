@@ -135,6 +135,11 @@ class SshConnection:
     def closed(self) -> bool:
         return self._client.closed.done()
 
+    @property
+    def fast(self) -> FastConnection | None:
+        """The connection as tunneld/ssh/wire.py made it, or None if asyncssh built something else."""
+        return self._client.fast
+
     async def wait_closed(self) -> str:
         """Wait until the connection ends; return why, for the log."""
         exc = await asyncio.shield(self._client.closed)

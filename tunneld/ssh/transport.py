@@ -23,6 +23,7 @@ import anyio.abc
 from tunneld.backoff import backoff
 from tunneld.config import Timeouts, TransportSpec, format_host
 from tunneld.errors import TransportError
+from tunneld.ssh.channel import EarlyTcp
 from tunneld.ssh.client import ChannelStream, SshConnection, SshError, open_connection
 from tunneld.transports import TransportHealth, TransportState, send_first
 
@@ -74,14 +75,21 @@ class SshTransport:
                 await self._conn.aclose()
                 self._conn = None
 
-    async def connect(self, host: str, port: int, first: bytes = b"", *, early: bool = False) -> ChannelStream:
+    async def connect(self, host: str, port: int, first: bytes = b"", *,
+                      early: bool = False) -> ChannelStream | EarlyTcp:
         """Open a channel to host:port as the SSH server sees it, then send ``first``.
+
+        With ``early``, return at once (once the connection is up) a stream the relay opens when it
+        wires the client (tunneld/ssh/channel.py): the open is sent as the client is accepted, and its
+        refusal comes from ``relay()`` as a TransportError.
 
         :raises TransportError: naming the target and the reason (refused, or the SSH connection is
             down and did not come back within timeouts.reconnect_wait).
         """
         what = f"{format_host(host)}:{port}"
         conn = await self._connection(what)
+        if early and not first and conn.fast is not None:
+            return EarlyTcp(conn, host, port, self._count_channel)
         try:
             stream = await conn.open_tcp(host, port)
         except TransportError:
@@ -92,6 +100,9 @@ class SshTransport:
         self.channels_opened += 1
         await send_first(stream, first, f"{what} closed the channel at once")
         return stream
+
+    def _count_channel(self) -> None:
+        self.channels_opened += 1
 
     async def open_unix(self, path: str) -> ChannelStream:
         """A stream to the unix socket ``path`` on the server (direct-streamlocal, as ``ssh -L`` to a

@@ -1,0 +1,201 @@
+"""Our own direct-tcpip channel (tunneld/ssh/channel.py): what opening early adds to the relay contract
+(tests/ssh/test_wired.py runs that contract on it), through the lab's real sshd.
+
+- a refusal is a clean EOF for the client and a TransportError naming the target and sshd's reason;
+- what the client sends before the server confirms leaves with the confirmation, in order;
+- no answer within the open timeout is a refusal too, and a late answer is closed, not leaked;
+- the connection dying before the answer resets the client;
+- the channel number goes back to asyncssh's table each time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import anyio.abc
+import pytest
+
+from tests.helpers import read_to_eof, stream_echo
+from tests.lab.lab import LabInfo
+from tests.ssh.test_transport import TIMEOUTS, settings
+from tunneld.engine.relay import RelayBroken, Traffic, relay
+from tunneld.errors import TransportError
+from tunneld.sockets import RawSocketStream
+from tunneld.ssh.channel import EarlyTcp
+from tunneld.ssh.client import SshConnection, open_connection
+
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
+
+
+@dataclass
+class Outcome:
+    error: list[BaseException] = field(default_factory=list)
+    finished: anyio.Event = field(default_factory=anyio.Event)
+
+
+@asynccontextmanager
+async def client_relayed(conn: SshConnection, host: str, port: int
+                         ) -> AsyncIterator[tuple[anyio.abc.SocketStream, Outcome]]:
+    """A client socket whose accepted end is relayed by an EarlyTcp to host:port (as a forward does)."""
+    with socket.create_server(("127.0.0.1", 0)) as front:
+        client = await anyio.connect_tcp("127.0.0.1", front.getsockname()[1])
+        accepted, _ = front.accept()
+    out = Outcome()
+
+    async def run() -> None:
+        try:
+            await relay(RawSocketStream(accepted), EarlyTcp(conn, host, port, lambda: None), Traffic())
+        except (RelayBroken, TransportError) as e:
+            out.error.append(e)
+        finally:
+            out.finished.set()
+
+    async with client, anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        yield client, out
+        with anyio.fail_after(20):
+            await out.finished.wait()
+
+
+def closed_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])  # bound, never listening: connections to it are refused
+
+
+async def test_a_refused_target_is_a_clean_eof_and_a_named_transport_error(lab: LabInfo) -> None:
+    port = closed_port(lab.host_ip)
+    conn = await open_connection(settings(lab), TIMEOUTS)
+    try:
+        before = dict(conn.fast._channels)  # type: ignore[union-attr]
+        async with client_relayed(conn, lab.host_ip, port) as (client, out):
+            await client.send(b"hello?")  # sent before the refusal: dropped, as a refused connect drops it
+            with anyio.fail_after(10):
+                assert await read_to_eof(client) == b""  # a clean EOF, not a reset
+            await client.send_eof()
+        assert len(out.error) == 1 and isinstance(out.error[0], TransportError), out.error
+        message = str(out.error[0])
+        assert f"{lab.host_ip}:{port}" in message and "refused" in message.lower(), message
+        assert conn.fast._channels == before  # type: ignore[union-attr]  # the number went back
+        assert await stream_echo(await conn.open_tcp("127.0.0.1", lab.echo_port), b"still") == b"still"
+    finally:
+        await conn.aclose()
+
+
+async def test_bytes_sent_before_the_answer_leave_with_it_in_order(lab: LabInfo) -> None:
+    request, reply = os.urandom(3 << 20), os.urandom(1 << 20)  # more than SEND_HIGH_WATER: reads pause meanwhile
+    listener = (await anyio.create_tcp_listener(local_host=lab.host_ip, local_port=0)).listeners[0]
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    conn = await open_connection(settings(lab), TIMEOUTS)
+    try:
+        async with listener, client_relayed(conn, lab.host_ip, port) as (client, out):
+            with anyio.fail_after(30):
+                async with anyio.create_task_group() as tg:
+                    async def send_all() -> None:
+                        await client.send(request)  # at once: the open is not answered yet
+                        await client.send_eof()
+                    tg.start_soon(send_all)
+                    async with await listener.accept() as server:
+                        assert await read_to_eof(server) == request
+                        await server.send(reply)
+                        await server.send_eof()
+                        assert await read_to_eof(client) == reply
+        assert not out.error
+    finally:
+        await conn.aclose()
+
+
+class HeldProxy:
+    """A TCP proxy to the lab's sshd whose server-to-client direction can be held back (and let go)."""
+
+    def __init__(self, lab: LabInfo) -> None:
+        self.lab = lab
+        self.go = anyio.Event()
+        self.go.set()
+        self.port = 0
+
+    async def serve(self, task_status: anyio.abc.TaskStatus[None]) -> None:
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+        self.port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        task_status.started()
+
+        async def pipe(src: anyio.abc.SocketStream, dst: anyio.abc.SocketStream, held: bool) -> None:
+            with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                while True:
+                    data = await src.receive()
+                    if held:
+                        await self.go.wait()
+                    await dst.send(data)
+
+        async def one(client: anyio.abc.SocketStream) -> None:
+            async with client, await anyio.connect_tcp(self.lab.ssh_host, self.lab.ssh_port) as upstream, \
+                    anyio.create_task_group() as tg:
+                tg.start_soon(pipe, client, upstream, False)
+                await pipe(upstream, client, True)
+                tg.cancel_scope.cancel()
+
+        async with listener:
+            await listener.serve(one)
+
+    def known_hosts(self, tmp_path: Path) -> str:
+        key = Path(self.lab.ssh_known_hosts).read_text().split(None, 1)[1]
+        path = tmp_path / "known_hosts"
+        path.write_text(f"[127.0.0.1]:{self.port} {key}")
+        return str(path)
+
+
+@asynccontextmanager
+async def held(lab: LabInfo, tmp_path: Path, open_timeout: float) -> AsyncIterator[tuple[HeldProxy, SshConnection]]:
+    proxy = HeldProxy(lab)
+    async with anyio.create_task_group() as tg:
+        await tg.start(proxy.serve)
+        timeouts = dataclasses.replace(TIMEOUTS, connect=open_timeout)
+        conn = await open_connection(settings(lab, host="127.0.0.1", port=proxy.port,
+                                              known_hosts=proxy.known_hosts(tmp_path)), timeouts)
+        try:
+            yield proxy, conn
+        finally:
+            proxy.go.set()
+            await conn.aclose()
+            tg.cancel_scope.cancel()
+
+
+async def test_no_answer_in_time_is_a_refusal_and_a_late_answer_is_closed(lab: LabInfo, tmp_path: Path) -> None:
+    listener = (await anyio.create_tcp_listener(local_host=lab.host_ip, local_port=0)).listeners[0]
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener, held(lab, tmp_path, open_timeout=0.5) as (proxy, conn):
+        before = dict(conn.fast._channels)  # type: ignore[union-attr]
+        proxy.go = anyio.Event()  # from now on the server's packets wait: its confirmation with them
+        async with client_relayed(conn, lab.host_ip, port) as (client, out):
+            with anyio.fail_after(10):
+                assert await read_to_eof(client) == b""  # given up on: a clean EOF
+                async with await listener.accept():  # sshd did connect; its confirmation is late
+                    proxy.go.set()  # and arrives while the refused client may still be sending
+                    while conn.fast._channels != before:  # type: ignore[union-attr]  # our CLOSE, its CLOSE
+                        await anyio.sleep(0.01)
+            await client.send_eof()
+        assert out.error and "no answer within 0.5s" in str(out.error[0]), out.error
+        assert await stream_echo(await conn.open_tcp("127.0.0.1", lab.echo_port), b"fine") == b"fine"
+
+
+async def test_the_connection_dying_before_the_answer_resets_the_client(lab: LabInfo, tmp_path: Path) -> None:
+    listener = (await anyio.create_tcp_listener(local_host=lab.host_ip, local_port=0)).listeners[0]
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener, held(lab, tmp_path, open_timeout=30) as (proxy, conn):
+        proxy.go = anyio.Event()
+        async with client_relayed(conn, lab.host_ip, port) as (client, out):
+            with anyio.fail_after(10):
+                async with await listener.accept():  # the open reached sshd; the answer is held
+                    with socket.socket(fileno=os.dup(conn._conn.get_extra_info("socket").fileno())) as ssh_sock:
+                        ssh_sock.shutdown(socket.SHUT_RDWR)
+                    with pytest.raises(anyio.BrokenResourceError):  # a reset, not a clean end
+                        await client.receive()
+        assert out.error and isinstance(out.error[0], RelayBroken) and not out.error[0].by_client, out.error
