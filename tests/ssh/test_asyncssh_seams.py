@@ -246,3 +246,36 @@ async def test_speed_ups_survive_a_rekey(lab: LabInfo, tmp_path: Path, cipher: s
         kind = FastChachaCipher if cipher == CHACHA else FastGCMCipher
         assert type(fast._send_encryption._cipher) is kind
         assert type(fast._recv_encryption._cipher) is kind
+
+
+async def test_the_state_the_lanes_and_our_channel_share_with_asyncssh(lab: LabInfo, tmp_path: Path) -> None:
+    """The lanes (tunneld/ssh/wire.py) and our own channel (tunneld/ssh/channel.py) read and write
+    asyncssh's connection and channel state by name. Each name is checked here on a live connection
+    and channel, with the type it must have, so that a rename fails here rather than on the wire."""
+    async with connected(lab, tmp_path, GCM) as conn:
+        fast = conn._conn
+        assert isinstance(fast, FastConnection)
+        for name, kind in [("_send_seq", int), ("_recv_seq", int), ("_rekey_bytes_sent", int), ("_rekey_bytes", int),
+                           ("_rekey_seconds", (int, float)), ("_rekey_time", (int, float)), ("_kex_complete", bool),
+                           ("_auth_complete", bool), ("_send_enchdrlen", int), ("_send_blocksize", int),
+                           ("_max_recv_pktlen", int), ("_inpbuf", bytes), ("_channels", dict),
+                           ("_auth_final", bool)]:
+            assert isinstance(getattr(fast, name), kind), name
+        assert fast._compressor is None  # no compression negotiated: the lanes require that
+        assert fast._recv_handler == fast._recv_pkthdr  # between packets, asyncssh waits for a header
+        for method in ("add_channel", "remove_channel", "_update_recv_pktlen", "_reset_keepalive_timer",
+                       "_send_disconnect", "_force_close", "internal_error"):
+            assert callable(getattr(fast, method)), method
+        chan, session = await fast.create_connection(asyncssh.SSHTCPSession, "127.0.0.1", lab.echo_port)
+        for name, kind in [("_send_window", int), ("_send_pktsize", int), ("_send_chan", int), ("_send_buf", list),
+                           ("_send_state", str), ("_recv_window", int), ("_init_recv_window", int),
+                           ("_recv_state", str), ("_recv_buf", list), ("_recv_paused", (bool, str))]:
+            assert isinstance(getattr(chan, name), kind), name
+        assert chan._encoding is None and chan._session is session
+        assert (chan._send_state, chan._recv_state) == ("open", "open")
+        assert fast._channels[chan._recv_chan] is chan
+        # What asyncssh calls on whatever sits in its channel table (our channel implements each).
+        for method in ("process_packet", "log_received_packet", "process_open_confirmation",
+                       "process_open_failure", "process_connection_close", "close"):
+            assert callable(getattr(chan, method)), method
+        chan.close()

@@ -3,7 +3,7 @@ channels, and carry them as anyio byte streams, with asyncssh's exceptions trans
 messages a person can act on.
 
 Nothing outside tunneld/ssh/ imports asyncssh or holds its objects (here, target.py, and the packet
-path beside them: wire.py, chacha.py, wired.py).
+path beside them: wire.py, ciphers.py, channel.py, wired.py).
 What it offers:
 
 - ``open_connection(settings, timeouts) -> SshConnection``: resolve the settings through the ssh
