@@ -199,3 +199,36 @@ async def test_the_connection_dying_before_the_answer_resets_the_client(lab: Lab
                     with pytest.raises(anyio.BrokenResourceError):  # a reset, not a clean end
                         await client.receive()
         assert out.error and isinstance(out.error[0], RelayBroken) and not out.error[0].by_client, out.error
+
+
+async def test_keepalives_wait_while_the_server_talks_and_find_it_silent(lab: LabInfo, tmp_path: Path) -> None:
+    """The keepalive timer (re-armed lazily by tunneld/ssh/wire.py): while the server keeps sending, no
+    keepalive goes out; once it falls silent, keepalive_count_max unanswered ones end the connection."""
+    proxy = HeldProxy(lab)
+    async with anyio.create_task_group() as tg:
+        await tg.start(proxy.serve)
+        conn = await open_connection(settings(lab, host="127.0.0.1", port=proxy.port, keepalive_interval=0.2,
+                                              keepalive_count_max=2, known_hosts=proxy.known_hosts(tmp_path)),
+                                     TIMEOUTS)
+        try:
+            fast = conn.fast
+            assert fast is not None
+            stream = await conn.open_tcp("127.0.0.1", lab.echo_port)
+            await anyio.sleep(0.3)  # whatever the set-up left to say has been said
+            sent = fast._send_seq
+            for _ in range(20):  # 1 s of round trips, five keepalive intervals: each answer puts it off
+                await stream.send(b"ping")
+                with anyio.fail_after(5):
+                    assert await stream.receive() == b"ping"
+                await anyio.sleep(0.05)
+            assert fast._send_seq - sent == 20  # our 20 data packets and nothing else: no keepalive
+            proxy.go = anyio.Event()  # the server falls silent (its bytes are held)
+            started = anyio.current_time()
+            with anyio.fail_after(5):
+                reason = await conn.wait_closed()
+            assert "keepalive" in reason, reason
+            assert 0.4 <= anyio.current_time() - started < 2.0  # 2 unanswered after 0.2 s each, then the third
+        finally:
+            proxy.go.set()
+            await conn.aclose()
+            tg.cancel_scope.cancel()

@@ -42,6 +42,7 @@ from asyncssh.constants import (
     MSG_CHANNEL_EXTENDED_DATA,
     MSG_CHANNEL_FAILURE,
     MSG_CHANNEL_OPEN,
+    MSG_CHANNEL_OPEN_CONFIRMATION,
     MSG_CHANNEL_REQUEST,
     MSG_CHANNEL_SUCCESS,
     MSG_CHANNEL_WINDOW_ADJUST,
@@ -121,7 +122,9 @@ class WiredChannel(WiredClient):
     # ------------------------------------------------------------ what asyncssh calls on a channel
 
     def process_open_confirmation(self, send_chan: int, send_window: int, send_pktsize: int,
-                                  packet: SSHPacket) -> None:
+                                  packet: SSHPacket | None) -> None:
+        if self.send_chan is not None:
+            raise ProtocolError("Channel already open")  # asyncssh disconnects with it
         self._answered()
         self.send_chan, self.send_window, self.send_pktsize = send_chan, send_window, send_pktsize
         if self.finished or self.refusal is not None:  # the client went meanwhile, or we gave up waiting
@@ -166,9 +169,7 @@ class WiredChannel(WiredClient):
             self._far_end()
         elif pkttype == MSG_CHANNEL_CLOSE:
             packet.check_end()
-            self.close_received = True
-            self._far_end()
-            self._send_close()
+            self._closed_by_server()
         elif pkttype == MSG_CHANNEL_EXTENDED_DATA:  # not sent on direct-tcpip; counted, dropped
             packet.get_uint32()
             self.recv_window -= len(packet.get_string())
@@ -182,13 +183,35 @@ class WiredChannel(WiredClient):
             return False
         return True
 
-    def take_data(self, view: memoryview) -> bool:
-        """A data packet's bytes from the receive lane (tunneld/ssh/wire.py); False: asyncssh must parse
-        it (more than our window: its parser and process_packet say so)."""
-        if len(view) > self.recv_window:
+    def take_packet(self, kind: int, body: bytes, end: int) -> bool:
+        """A packet for this channel from the receive lane (tunneld/ssh/wire.py), opened: ``body[1]`` is its
+        type, ``body[2:6]`` our number, its fields run to ``end``. False: asyncssh must parse it (anything
+        unusual: a field out of place, more than our window), and says what is wrong."""
+        if kind == MSG_CHANNEL_DATA:
+            size = int.from_bytes(body[6:10], "big")
+            if 10 + size != end or size > self.recv_window:
+                return False
+            if size:
+                self.far_data(memoryview(body)[10:end])
+        elif kind == MSG_CHANNEL_WINDOW_ADJUST and end == 10:
+            self.send_window += int.from_bytes(body[6:10], "big")
+            self._push()
+        elif kind == MSG_CHANNEL_EOF and end == 6:
+            self._far_end()
+        elif kind == MSG_CHANNEL_CLOSE and end == 6:
+            self._closed_by_server()
+        elif kind == MSG_CHANNEL_OPEN_CONFIRMATION and end == 18 and self.send_chan is None \
+                and int.from_bytes(body[14:18], "big"):
+            self.process_open_confirmation(int.from_bytes(body[6:10], "big"), int.from_bytes(body[10:14], "big"),
+                                           int.from_bytes(body[14:18], "big"), None)
+        else:
             return False
-        self.far_data(view)
         return True
+
+    def _closed_by_server(self) -> None:
+        self.close_received = True
+        self._far_end()
+        self._send_close()
 
     # ------------------------------------------------------------ the server's side
 

@@ -18,13 +18,15 @@ connection asyncssh built (``adopt``; asyncssh's ``connect`` has no hook for its
   - *send*: a packet is padded, sealed and queued here in one join (asyncssh joins, copies and splits
     it five times over and logs it), and ``write_channel`` sends a client's bytes on a direct-tcpip
     channel as data packets straight from the peer's window, without asyncssh's send buffer;
-  - *receive*: data packets for a channel wired to a client socket (tunneld/ssh/wired.py) are opened
-    from views of the input buffer and handed to the client, window accounting as asyncssh's; any
-    other packet (and any data packet the lane is not sure of) goes to asyncssh, one at a time, in order;
+  - *receive*: data packets for a channel wired to a client socket are opened from views of the input
+    buffer and handed to the client, window accounting as asyncssh's (and our own channel,
+    tunneld/ssh/channel.py, takes its window updates, EOF, CLOSE and confirmation the same way); any
+    other packet (and any the lane is not sure of) goes to asyncssh, one at a time, in order;
 - received bytes otherwise parsed in pieces of about one packet (``_recv_data``): asyncssh copies what
   is left of its input buffer after every packet;
 - no formatting of a log line per packet that asyncssh's debug level (below 3) then drops: the
-  connection's own packets and its TCP channels' (``create_tcp_channel``).
+  connection's own packets and its TCP channels' (``create_tcp_channel``);
+- the keepalive timer re-armed lazily (asyncssh replaces it for every batch received).
 
 tests/ssh/test_asyncssh_seams.py pins the asyncssh behaviour this relies on, so an asyncssh that
 changes it fails loudly there. The upstream changes (docs/ssh-transport.md) would be: one
@@ -55,6 +57,8 @@ _MSG_IGNORE = 2
 _MSG_USERAUTH_LAST = 79
 _MSG_CHANNEL_WINDOW_ADJUST = 93
 _MSG_CHANNEL_DATA = 94
+# What the receive lane may hand to a channel itself: open confirmation, window update, data, EOF, CLOSE.
+_LANE_KINDS = frozenset({91, _MSG_CHANNEL_WINDOW_ADJUST, _MSG_CHANNEL_DATA, 96, 97})
 _SEQ_MASK = 0xFFFFFFFF
 _CLOSING = frozenset({"close_pending", "closed"})
 _PADLEN = [bytes((n,)) for n in range(256)]
@@ -85,6 +89,24 @@ class FastConnection(asyncssh.SSHClientConnection):
     _kci_pool_at: int
     lane_sent: int  # packets the send lane sealed, and data packets the receive lane handed over
     lane_received: int
+    _kci_heard: float  # the loop's time when the server last sent us anything
+
+    def _reset_keepalive_timer(self) -> None:
+        # asyncssh cancels its keepalive timer and makes a new one for every batch received (two timer
+        # operations per batch). The same rule, lazily: note when the server was heard from, and let
+        # the timer, when it fires, wait out the rest of the interval since then instead of counting.
+        if self._auth_complete:
+            self._kci_heard = self._loop.time()
+            if self._keepalive_timer is None:
+                self._set_keepalive_timer()
+
+    def _keepalive_timer_callback(self) -> None:
+        quiet = self._loop.time() - self._kci_heard
+        if quiet < self._keepalive_interval:
+            self._keepalive_timer = self._loop.call_later(self._keepalive_interval - quiet,
+                                                          self._keepalive_timer_callback)
+            return
+        super()._keepalive_timer_callback()
 
     def _kci_keys(self) -> None:
         """Upgrade the ciphers of new keys (at the start, and after every key exchange) in place."""
@@ -184,7 +206,7 @@ class FastConnection(asyncssh.SSHClientConnection):
                 if stop > end:
                     return _WAIT
                 body = lane.open(seq, header, view[at + 4:stop])
-                if body is None or not self._kci_channel_data(body):
+                if body is None or not self._kci_channel_packet(body):
                     lane.rewind()  # a bad tag is asyncssh's to report, like any packet it handles
                     return stop - at
                 at = stop
@@ -203,22 +225,26 @@ class FastConnection(asyncssh.SSHClientConnection):
             if at:
                 self._inpbuf = buf[at:]
 
-    def _kci_channel_data(self, body: bytes) -> bool:
-        """Hand one CHANNEL_DATA packet's bytes to the client socket its channel is wired to, doing
-        what asyncssh's ``_process_data`` would. False: not such a packet, or one asyncssh must see."""
-        if body[1] != _MSG_CHANNEL_DATA:
+    def _kci_channel_packet(self, body: bytes) -> bool:
+        """Hand one channel packet to its channel as asyncssh would: our own channel (tunneld/ssh/channel.py)
+        takes its data, window updates, EOF, CLOSE and open confirmation itself; asyncssh's TCP channels
+        wired to a client socket take data packets (with asyncssh's window accounting). False: anything
+        else, and anything unusual, which asyncssh must see."""
+        kind = body[1]
+        if kind not in _LANE_KINDS:
+            return False
+        chan = self._channels.get(int.from_bytes(body[2:6], "big"))
+        if type(chan) is not _TCPChannel:
+            take = getattr(chan, "take_packet", None)
+            if take is None or not take(kind, body, len(body) - body[0]):
+                return False
+            self._auth_final = True
+            return True
+        if kind != _MSG_CHANNEL_DATA:
             return False
         size = int.from_bytes(body[6:10], "big")
         if 10 + size != len(body) - body[0]:
             return False  # malformed: asyncssh's parser says how
-        chan = self._channels.get(int.from_bytes(body[2:6], "big"))
-        if type(chan) is not _TCPChannel:
-            # Our own channel (tunneld/ssh/channel.py) takes its data itself; asyncssh's others do not.
-            take = getattr(chan, "take_data", None)
-            if take is None or not take(memoryview(body)[10:10 + size]):
-                return False
-            self._auth_final = True
-            return True
         if (size > chan._recv_window or chan._recv_state != "open" or chan._recv_paused or chan._recv_buf
                 or chan._send_state in _CLOSING or chan._encoding):
             return False
@@ -439,6 +465,7 @@ def adopt(conn: asyncssh.SSHClientConnection) -> FastConnection | None:
     fast._kci_pool = b""
     fast._kci_pool_at = _POOL
     fast.lane_sent = fast.lane_received = 0
+    fast._kci_heard = 0.0
     return fast
 
 
