@@ -23,14 +23,16 @@ import anyio
 import anyio.abc
 import pytest
 
-from tests.helpers import read_to_eof, stream_echo
+from tests.helpers import echo_roundtrip, read_to_eof, running_forward, stream_echo
 from tests.lab.lab import LabInfo
 from tests.ssh.test_transport import TIMEOUTS, settings
+from tunneld.config import TransportSpec
 from tunneld.engine.relay import RelayBroken, Traffic, relay
 from tunneld.errors import TransportError
 from tunneld.sockets import RawSocketStream
 from tunneld.ssh.channel import EarlyTcp
 from tunneld.ssh.client import SshConnection, open_connection
+from tunneld.ssh.transport import SshTransport
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
@@ -232,3 +234,44 @@ async def test_keepalives_wait_while_the_server_talks_and_find_it_silent(lab: La
             proxy.go.set()
             await conn.aclose()
             tg.cancel_scope.cancel()
+
+
+async def test_a_forward_over_ssh_counts_a_refusal_and_closes_its_client_cleanly(lab: LabInfo) -> None:
+    """Through a real Forward (which opens early): a target the server cannot reach is a clean EOF for
+    the client, an error counted and named on the forward; the next connection to a live target works."""
+    async with SshTransport(TransportSpec(kind="ssh", ssh=settings(lab)), TIMEOUTS) as transport, \
+            running_forward(transport, closed_port("127.0.0.1"), timeouts=TIMEOUTS, wait_ready=False) as fwd:
+        # (a port number nothing listens on here; inside the lab namespace, where sshd connects, neither)
+        async with await anyio.connect_tcp("127.0.0.1", fwd.port) as client:
+            await client.send(b"anyone?")
+            with anyio.fail_after(10):
+                assert await read_to_eof(client) == b""  # EOF, not a reset
+        with anyio.fail_after(5):
+            while not fwd.stats.errors:
+                await anyio.sleep(0.01)
+        assert "could not connect to 127.0.0.1:" in (fwd.last_error or "") and "via ssh" in (fwd.last_error or "")
+        assert "refused" in (fwd.last_error or "").lower(), fwd.last_error
+    async with SshTransport(TransportSpec(kind="ssh", ssh=settings(lab)), TIMEOUTS) as transport, \
+            running_forward(transport, lab.echo_port, timeouts=TIMEOUTS) as fwd:
+        opened = transport.channels_opened
+        data = os.urandom(1 << 20)
+        assert await echo_roundtrip(fwd.port, data) == data
+        assert transport.channels_opened == opened + 1  # counted on the early path too
+
+
+async def test_closing_the_connection_resets_wired_clients(lab: LabInfo) -> None:
+    """asyncssh's close() (``SshConnection.aclose``, a transport shutting down) closes every channel in
+    its table, ours included: the wired client is reset, and the relay names the far side."""
+    listener = (await anyio.create_tcp_listener(local_host=lab.host_ip, local_port=0)).listeners[0]
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    conn = await open_connection(settings(lab), TIMEOUTS)
+    async with listener, client_relayed(conn, lab.host_ip, port) as (client, out):
+        with anyio.fail_after(10):
+            async with await listener.accept() as server:
+                await server.send(b"up")
+                assert await client.receive() == b"up"
+                await conn.aclose()
+                with pytest.raises(anyio.BrokenResourceError):
+                    while True:
+                        await client.receive()
+    assert out.error and isinstance(out.error[0], RelayBroken) and not out.error[0].by_client, out.error
