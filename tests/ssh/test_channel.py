@@ -27,7 +27,7 @@ from tests.helpers import echo_roundtrip, read_to_eof, running_forward, stream_e
 from tests.lab.lab import LabInfo
 from tests.ssh.test_transport import TIMEOUTS, settings
 from tunneld.config import TransportSpec
-from tunneld.engine.relay import RelayBroken, Traffic, relay
+from tunneld.engine.relay import RELAY_ENV, RelayBroken, Traffic, relay
 from tunneld.errors import TransportError
 from tunneld.sockets import RawSocketStream
 from tunneld.ssh.channel import EarlyTcp
@@ -35,6 +35,8 @@ from tunneld.ssh.client import SshConnection, open_connection
 from tunneld.ssh.transport import SshTransport
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
+
+QUIET = dataclasses.replace(TIMEOUTS, probe_interval=60)  # one probe at start: the channels counted are ours
 
 
 @dataclass
@@ -252,7 +254,7 @@ async def test_a_forward_over_ssh_counts_a_refusal_and_closes_its_client_cleanly
         assert "could not connect to 127.0.0.1:" in (fwd.last_error or "") and "via ssh" in (fwd.last_error or "")
         assert "refused" in (fwd.last_error or "").lower(), fwd.last_error
     async with SshTransport(TransportSpec(kind="ssh", ssh=settings(lab)), TIMEOUTS) as transport, \
-            running_forward(transport, lab.echo_port, timeouts=TIMEOUTS) as fwd:
+            running_forward(transport, lab.echo_port, timeouts=QUIET) as fwd:
         opened = transport.channels_opened
         data = os.urandom(1 << 20)
         assert await echo_roundtrip(fwd.port, data) == data
@@ -275,3 +277,15 @@ async def test_closing_the_connection_resets_wired_clients(lab: LabInfo) -> None
                     while True:
                         await client.receive()
     assert out.error and isinstance(out.error[0], RelayBroken) and not out.error[0].by_client, out.error
+
+
+async def test_the_stream_path_still_serves_a_forward(lab: LabInfo, monkeypatch: pytest.MonkeyPatch) -> None:
+    """KCI_TUNNELD_RELAY=streams: the early connection is opened through asyncssh's channel on first use
+    and relayed by the pump tasks, byte-exact, half-close included."""
+    monkeypatch.setenv(RELAY_ENV, "streams")
+    async with SshTransport(TransportSpec(kind="ssh", ssh=settings(lab)), TIMEOUTS) as transport, \
+            running_forward(transport, lab.echo_port, timeouts=QUIET) as fwd:
+        opened = transport.channels_opened
+        data = os.urandom(1 << 20)
+        assert await echo_roundtrip(fwd.port, data) == data
+        assert transport.channels_opened == opened + 1
