@@ -30,7 +30,7 @@ from tunneld.config import TransportSpec
 from tunneld.engine.relay import RELAY_ENV, RelayBroken, Traffic, relay
 from tunneld.errors import TransportError
 from tunneld.sockets import RawSocketStream
-from tunneld.ssh.channel import EarlyTcp
+from tunneld.ssh.channel import EarlyTcp, WiredChannel
 from tunneld.ssh.client import SshConnection, open_connection
 from tunneld.ssh.transport import SshTransport
 
@@ -289,3 +289,39 @@ async def test_the_stream_path_still_serves_a_forward(lab: LabInfo, monkeypatch:
         data = os.urandom(1 << 20)
         assert await echo_roundtrip(fwd.port, data) == data
         assert transport.channels_opened == opened + 1
+
+
+@pytest.mark.parametrize("late", ["refusal", "connection lost"])
+async def test_an_answer_before_the_socket_is_wired_still_reaches_the_client(lab: LabInfo, late: str) -> None:
+    """The relay wires the client's socket right after sending CHANNEL_OPEN, so the answer finds it
+    wired; should the wiring come later, the refusal (a clean EOF) or the failure (a reset) is applied
+    to the socket when it is."""
+    conn = await open_connection(settings(lab), TIMEOUTS)
+    try:
+        assert conn.fast is not None
+        with socket.create_server(("127.0.0.1", 0)) as front:
+            client = await anyio.connect_tcp("127.0.0.1", front.getsockname()[1])
+            accepted, _ = front.accept()
+        chan = WiredChannel(conn.fast, "127.0.0.1", closed_port("127.0.0.1"), Traffic(), "the target", 5.0)
+        chan.open()
+        with anyio.fail_after(10):
+            if late == "refusal":
+                while chan.refusal is None:  # the server's answer, taken before the socket is ours
+                    await anyio.sleep(0.01)
+            else:
+                await conn.aclose()
+                assert chan.error is not None
+            await chan.wire(accepted)
+            async with client:
+                if late == "refusal":
+                    assert await read_to_eof(client) == b""  # EOF, not a reset
+                    await client.send_eof()
+                    with pytest.raises(TransportError, match=r"could not connect to the target: .*refused"):
+                        await chan.wait()
+                else:
+                    with pytest.raises(anyio.BrokenResourceError):
+                        await client.receive()
+                    with pytest.raises(RelayBroken):
+                        await chan.wait()
+    finally:
+        await conn.aclose()

@@ -241,6 +241,15 @@ class WiredChannel(WiredClient):
 
     # ------------------------------------------------------------ the client's socket
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        # The server's answer comes from a poll after our CHANNEL_OPEN left, so it should find the socket
+        # wired; should it not, what it decided is applied to the socket now.
+        if self.error is not None:
+            self.fail(self.error, by_client=self.by_client)  # resets the socket
+        elif self.refusal is not None:
+            self._refused(self.refusal)
+
     def data_received(self, data: bytes) -> None:
         self.traffic.up += len(data)
         if self.finished or self.refusal is not None:
