@@ -404,6 +404,7 @@ class EarlyTcp(anyio.abc.ByteStream):
         self._port = port
         self._opened = opened  # counts a channel opened (the transport's ``channels_opened``)
         self._stream: ChannelStream | None = None
+        self._opening = anyio.Lock()  # the relay's two pump tasks both ask for the stream at once
         fast = conn.fast
         self._fast = fast
         self.relay_socket = self._relay_socket if fast is not None else None
@@ -429,10 +430,11 @@ class EarlyTcp(anyio.abc.ByteStream):
         await chan.wait()
 
     async def _open(self) -> ChannelStream:
-        if self._stream is None:
-            self._stream = await self._conn.open_tcp(self._host, self._port)
-            self._opened()
-        return self._stream
+        async with self._opening:
+            if self._stream is None:
+                self._stream = await self._conn.open_tcp(self._host, self._port)
+                self._opened()
+            return self._stream
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
         return await (await self._open()).receive(max_bytes)
