@@ -25,7 +25,6 @@ TransportError for the forward to count and log.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
 
 import anyio
@@ -35,7 +34,6 @@ from tunneld.engine.relay.common import Traffic, WiredClient
 from tunneld.errors import TransportError
 
 RETRIES = 2  # opens again after the exec died before the relay answered (connect tries 3 in all)
-REFUSE_LINGER = 1.0  # how long a refused client may keep sending before the socket closes
 
 
 class WiredMux(WiredClient):
@@ -81,7 +79,7 @@ class WiredMux(WiredClient):
     def eof_received(self) -> bool:
         self.client_eof = True
         if self.refusal is not None:
-            self._close()
+            self.close_client()
             return True
         self._push()
         return True  # keep our sending side open: half-close
@@ -111,9 +109,7 @@ class WiredMux(WiredClient):
         if self.far_done:
             return
         self.far_done = True
-        if self.transport is not None and not self.finished:
-            with contextlib.suppress(OSError, RuntimeError):
-                self.transport.write_eof()  # sent once the client socket's buffer is flushed
+        self.write_eof_to_client()
         self._finish_if_done()
 
     def far_failed(self, reason: str) -> None:
@@ -212,24 +208,11 @@ class WiredMux(WiredClient):
         self.refusal = reason
         self.pending.clear()
         self._hold(1, False)
-        if self.transport is None or self.finished:
-            return
-        with contextlib.suppress(OSError, RuntimeError):
-            self.transport.write_eof()
-        if self.client_eof:
-            self._close()
-        else:
-            asyncio.get_running_loop().call_later(REFUSE_LINGER, self._close)
-
-    def _close(self) -> None:
-        if not self.finished:
-            self.finished = True
-            if self.transport is not None:
-                self.transport.close()  # flushes, then connection_lost(None) sets done
+        self.refuse_client(self.client_eof)
 
     def _finish_if_done(self) -> None:
         if self.client_eof and self.far_done and not self.pending and not self.finished:
-            self._close()
+            self.close_client()
 
     async def wait(self) -> None:
         """Relay until both directions are done (or one failed).

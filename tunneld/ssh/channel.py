@@ -60,7 +60,6 @@ CHANNEL_WINDOW = 8 * 1024 * 1024  # what the server may send before we acknowled
 CHANNEL_MAX_PKTSIZE = 128 * 1024
 SEND_HIGH_WATER = 1024 * 1024  # the client's bytes waiting for the server's window: reads pause above
 SEND_LOW_WATER = 256 * 1024
-REFUSE_LINGER = 1.0  # how long a refused client may keep sending before its socket closes
 _PROHIBITED = (" (the server forbids forwarding: AllowTcpForwarding in sshd_config)")
 
 
@@ -234,9 +233,7 @@ class WiredChannel(WiredClient):
         if self.far_eof:
             return
         self.far_eof = True
-        if self.transport is not None and not self.finished:
-            with contextlib.suppress(OSError, RuntimeError):
-                self.transport.write_eof()  # sent once the client socket's buffer is flushed
+        self.write_eof_to_client()
         self._finish_if_done()
 
     # ------------------------------------------------------------ the client's socket
@@ -271,7 +268,7 @@ class WiredChannel(WiredClient):
     def eof_received(self) -> bool:
         self.client_eof = True
         if self.refusal is not None:
-            self._close_client()
+            self.close_client()
         else:
             self._push()
             self._finish_if_done()
@@ -325,14 +322,10 @@ class WiredChannel(WiredClient):
 
     def _finish_if_done(self) -> None:
         if self.eof_sent and self.far_eof and not self.finished:
-            self.finished = True
             self._send_close()
-            if self.transport is not None:
-                self.transport.close()  # flushes, then connection_lost(None) sets done
-        elif self.far_eof and self.close_received and self.client_eof and not self.finished:
-            self.finished = True  # closed by the server with our bytes unsent: as a clean end for the client
-            if self.transport is not None:
-                self.transport.close()
+            self.close_client()
+        elif self.far_eof and self.close_received and self.client_eof:
+            self.close_client()  # closed by the server with our bytes unsent: as a clean end for the client
 
     def drop_far(self) -> None:
         self._answered()
@@ -362,22 +355,10 @@ class WiredChannel(WiredClient):
         self.refusal = reason
         self.pending.clear()
         self.pending_size = 0
-        if self.transport is None or self.finished:
-            return
-        if self.reads_paused:
-            self.transport.resume_reading()
-        with contextlib.suppress(OSError, RuntimeError):
-            self.transport.write_eof()
-        if self.client_eof:
-            self._close_client()
-        else:
-            asyncio.get_running_loop().call_later(REFUSE_LINGER, self._close_client)
-
-    def _close_client(self) -> None:
-        if not self.finished:
-            self.finished = True
-            if self.transport is not None:
-                self.transport.close()  # flushes, then connection_lost(None) sets done
+        if self.reads_paused and self.transport is not None and not self.finished:
+            self.reads_paused = False
+            self.transport.resume_reading()  # what it sends now is read and dropped
+        self.refuse_client(self.client_eof)
 
     async def wait(self) -> None:
         """Relay until both directions are done (or one failed).

@@ -85,9 +85,7 @@ class Wired(WiredClient):
         if self.chan_eof:
             return
         self.chan_eof = True
-        if self.transport is not None and not self.finished:
-            with contextlib.suppress(OSError, RuntimeError):
-                self.transport.write_eof()  # sent once the client socket's buffer is flushed
+        self.write_eof_to_client()
         self.finish_if_done()
 
     def channel_pause_writing(self) -> None:

@@ -22,6 +22,9 @@ import anyio
 # Bytes a side may queue for a slow peer before reads on the other side pause.
 WRITE_HIGH_WATER = 1024 * 1024
 WRITE_LOW_WATER = 256 * 1024
+# How long a client whose far side refused (a transport that opens early) may go on sending before its
+# socket closes: it got a clean EOF; reading on meanwhile keeps its last bytes from turning into a reset.
+REFUSE_LINGER = 1.0
 
 # What a side that failed raises: anyio's stream errors, or the OS's (a reset, a broken pipe).
 BROKEN = (anyio.BrokenResourceError, anyio.ClosedResourceError, ConnectionError, OSError)
@@ -97,6 +100,30 @@ class WiredClient(asyncio.Protocol):
         if self.transport is not None:
             linger_zero(self.transport.get_extra_info("socket"))  # a failed relay must not look like a finished one
             self.transport.abort()
+
+    def write_eof_to_client(self) -> None:
+        """Pass the far side's EOF on to the client (sent once its socket's buffer is flushed)."""
+        if self.transport is not None and not self.finished:
+            with contextlib.suppress(OSError, RuntimeError):
+                self.transport.write_eof()
+
+    def close_client(self) -> None:
+        """End the relay cleanly: the client's socket closes once flushed (connection_lost sets done)."""
+        if not self.finished:
+            self.finished = True
+            if self.transport is not None:
+                self.transport.close()
+
+    def refuse_client(self, client_eof: bool) -> None:
+        """The far side refused (after an early open): a clean EOF for the client, as a failed connect
+        gives it, and its socket closed at once if it has stopped sending, else after REFUSE_LINGER."""
+        if self.transport is None or self.finished:
+            return
+        self.write_eof_to_client()
+        if client_eof:
+            self.close_client()
+        else:
+            asyncio.get_running_loop().call_later(REFUSE_LINGER, self.close_client)
 
     async def wire(self, client: socket.socket) -> None:
         """Take over ``client``: from now on its bytes go to the far side."""
