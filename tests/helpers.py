@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -33,6 +34,15 @@ class StateWatch:
             while forward.state != state:
                 await self._changed.wait()  # taken right after reading the state: no change is missed
         return time.monotonic() - started
+
+
+async def client_and_accepted() -> tuple[anyio.abc.SocketStream, socket.socket]:
+    """A connected pair on loopback: the client's end as a stream, the accepted end as the socket a
+    forward would hand to ``relay()``."""
+    with socket.create_server(("127.0.0.1", 0)) as front:
+        client = await anyio.connect_tcp("127.0.0.1", front.getsockname()[1])
+        accepted, _ = front.accept()
+    return client, accepted
 
 
 async def read_to_eof(stream: anyio.abc.ByteStream) -> bytes:

@@ -138,16 +138,20 @@ async def test_tcp_channels_are_created_through_create_tcp_channel(lab: LabInfo,
     assert isinstance(asyncssh.logging.logger._debug_level, int)
 
 
-async def test_chacha_cipher_is_replaced_in_place(lab: LabInfo, tmp_path: Path) -> None:
-    """wire._faster_chacha needs ChachaEncryption to keep its ChachaCipher in ``_cipher``, which keeps
-    its two keys in ``_key`` and ``_adkey``."""
-    async with connected(lab, tmp_path, CHACHA) as conn:
+@pytest.mark.parametrize(("cipher", "encryption", "ours"), [(CHACHA, ChachaEncryption, FastChachaCipher),
+                                                           (GCM, GCMEncryption, FastGCMCipher)])
+async def test_ciphers_are_replaced_in_place(lab: LabInfo, tmp_path: Path, cipher: str, encryption: type,
+                                             ours: type) -> None:
+    """wire._lane_cipher needs ChachaEncryption to keep its ChachaCipher in ``_cipher``, which keeps
+    its two keys in ``_key`` and ``_adkey``; and GCMEncryption its GCMCipher, which keeps its key in
+    ``_key`` and its next nonce in ``_iv``: our cipher goes on from there, whenever it takes over."""
+    async with connected(lab, tmp_path, cipher) as conn:
         data = os.urandom(256 * 1024)
         assert await stream_echo(await conn.open_tcp("127.0.0.1", lab.echo_port), data) == data
         fast = conn._conn
         for enc in (fast._send_encryption, fast._recv_encryption):
-            assert type(enc) is ChachaEncryption
-            assert type(enc._cipher) is FastChachaCipher
+            assert type(enc) is encryption
+            assert type(enc._cipher) is ours
 
 
 @pytest.mark.parametrize("size", [0, 1, 60, 4096, 32768, 131072])
@@ -194,18 +198,6 @@ def test_fast_gcm_matches_asyncssh_byte_for_byte(size: int, invocation: int) -> 
         reader.rewind()  # the lane hands such a packet to asyncssh, which opens it again with the same nonce
         assert reader.open(seq, wire[:4], wire[4:]) == data
     assert theirs._iv == ours._fixed + ours._invocation.to_bytes(8, "big")
-
-
-async def test_gcm_cipher_is_replaced_in_place(lab: LabInfo, tmp_path: Path) -> None:
-    """wire._lane_cipher needs GCMEncryption to keep its GCMCipher in ``_cipher``, which keeps its key in
-    ``_key`` and its next nonce in ``_iv``: our cipher goes on from there, whenever it takes over."""
-    async with connected(lab, tmp_path, GCM) as conn:
-        data = os.urandom(256 * 1024)
-        assert await stream_echo(await conn.open_tcp("127.0.0.1", lab.echo_port), data) == data
-        fast = conn._conn
-        for enc in (fast._send_encryption, fast._recv_encryption):
-            assert type(enc) is GCMEncryption
-            assert type(enc._cipher) is FastGCMCipher
 
 
 @pytest.mark.parametrize("cipher", [CHACHA, GCM])

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import socket
@@ -23,8 +22,9 @@ import anyio
 import anyio.abc
 import pytest
 
-from tests.helpers import echo_roundtrip, read_to_eof, running_forward, stream_echo
+from tests.helpers import client_and_accepted, echo_roundtrip, read_to_eof, running_forward, stream_echo
 from tests.lab.lab import LabInfo
+from tests.ssh.proxy import SshdProxy
 from tests.ssh.test_transport import TIMEOUTS, settings
 from tunneld.config import TransportSpec
 from tunneld.engine.relay import RELAY_ENV, RelayBroken, Traffic, relay
@@ -49,9 +49,7 @@ class Outcome:
 async def client_relayed(conn: SshConnection, host: str, port: int
                          ) -> AsyncIterator[tuple[anyio.abc.SocketStream, Outcome]]:
     """A client socket whose accepted end is relayed by an EarlyTcp to host:port (as a forward does)."""
-    with socket.create_server(("127.0.0.1", 0)) as front:
-        client = await anyio.connect_tcp("127.0.0.1", front.getsockname()[1])
-        accepted, _ = front.accept()
+    client, accepted = await client_and_accepted()
     out = Outcome()
 
     async def run() -> None:
@@ -117,48 +115,9 @@ async def test_bytes_sent_before_the_answer_leave_with_it_in_order(lab: LabInfo)
         await conn.aclose()
 
 
-class HeldProxy:
-    """A TCP proxy to the lab's sshd whose server-to-client direction can be held back (and let go)."""
-
-    def __init__(self, lab: LabInfo) -> None:
-        self.lab = lab
-        self.go = anyio.Event()
-        self.go.set()
-        self.port = 0
-
-    async def serve(self, task_status: anyio.abc.TaskStatus[None]) -> None:
-        listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
-        self.port = listener.extra(anyio.abc.SocketAttribute.local_port)
-        task_status.started()
-
-        async def pipe(src: anyio.abc.SocketStream, dst: anyio.abc.SocketStream, held: bool) -> None:
-            with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
-                while True:
-                    data = await src.receive()
-                    if held:
-                        await self.go.wait()
-                    await dst.send(data)
-
-        async def one(client: anyio.abc.SocketStream) -> None:
-            async with client, await anyio.connect_tcp(self.lab.ssh_host, self.lab.ssh_port) as upstream, \
-                    anyio.create_task_group() as tg:
-                tg.start_soon(pipe, client, upstream, False)
-                await pipe(upstream, client, True)
-                tg.cancel_scope.cancel()
-
-        async with listener:
-            await listener.serve(one)
-
-    def known_hosts(self, tmp_path: Path) -> str:
-        key = Path(self.lab.ssh_known_hosts).read_text().split(None, 1)[1]
-        path = tmp_path / "known_hosts"
-        path.write_text(f"[127.0.0.1]:{self.port} {key}")
-        return str(path)
-
-
 @asynccontextmanager
-async def held(lab: LabInfo, tmp_path: Path, open_timeout: float) -> AsyncIterator[tuple[HeldProxy, SshConnection]]:
-    proxy = HeldProxy(lab)
+async def held(lab: LabInfo, tmp_path: Path, open_timeout: float) -> AsyncIterator[tuple[SshdProxy, SshConnection]]:
+    proxy = SshdProxy(lab)
     async with anyio.create_task_group() as tg:
         await tg.start(proxy.serve)
         timeouts = dataclasses.replace(TIMEOUTS, connect=open_timeout)
@@ -208,7 +167,7 @@ async def test_the_connection_dying_before_the_answer_resets_the_client(lab: Lab
 async def test_keepalives_wait_while_the_server_talks_and_find_it_silent(lab: LabInfo, tmp_path: Path) -> None:
     """The keepalive timer (re-armed lazily by tunneld/ssh/wire.py): while the server keeps sending, no
     keepalive goes out; once it falls silent, keepalive_count_max unanswered ones end the connection."""
-    proxy = HeldProxy(lab)
+    proxy = SshdProxy(lab)
     async with anyio.create_task_group() as tg:
         await tg.start(proxy.serve)
         conn = await open_connection(settings(lab, host="127.0.0.1", port=proxy.port, keepalive_interval=0.2,
@@ -299,9 +258,7 @@ async def test_an_answer_before_the_socket_is_wired_still_reaches_the_client(lab
     conn = await open_connection(settings(lab), TIMEOUTS)
     try:
         assert conn.fast is not None
-        with socket.create_server(("127.0.0.1", 0)) as front:
-            client = await anyio.connect_tcp("127.0.0.1", front.getsockname()[1])
-            accepted, _ = front.accept()
+        client, accepted = await client_and_accepted()
         chan = WiredChannel(conn.fast, "127.0.0.1", closed_port("127.0.0.1"), Traffic(), "the target", 5.0)
         chan.open()
         with anyio.fail_after(10):

@@ -13,7 +13,6 @@ tunneld/ssh/wire.py seal and open (chacha20-poly1305 and AES-GCM), which carry t
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import tempfile
@@ -27,8 +26,9 @@ import anyio
 import anyio.abc
 import pytest
 
-from tests.helpers import read_to_eof, stream_echo
+from tests.helpers import client_and_accepted, read_to_eof, stream_echo
 from tests.lab.lab import LabInfo
+from tests.ssh.proxy import SshdProxy
 from tests.ssh.test_asyncssh_seams import CHACHA, GCM, cipher_config
 from tests.ssh.test_transport import TIMEOUTS, settings
 from tunneld.engine.relay import RelayBroken, Traffic, relay
@@ -78,9 +78,7 @@ def path(request: pytest.FixtureRequest) -> str:
 async def relayed(lab: LabInfo, conn: SshConnection, path: str) -> AsyncIterator[Relayed]:
     """A client socket relayed to a server on this side of the veth, through ``conn``: asyncssh's channel
     opened first ("stream"), or ours, opened by the relay itself ("channel")."""
-    with socket.create_server(("127.0.0.1", 0)) as front:
-        client = await anyio.connect_tcp("127.0.0.1", front.getsockname()[1])
-        client_sock, _ = front.accept()
+    client, client_sock = await client_and_accepted()
     r = Relayed(client, None, client_sock, Traffic(), [], anyio.Event(), anyio.CancelScope())  # type: ignore[arg-type]
     listener = (await anyio.create_tcp_listener(local_host=lab.host_ip, local_port=0)).listeners[0]
     port = listener.extra(anyio.abc.SocketAttribute.local_port)
@@ -303,40 +301,16 @@ async def test_a_corrupted_packet_ends_the_connection_not_the_daemon(lab: LabInf
     The bit is the last of what sshd wrote at once, which ends a packet: its tag. (Should TCP cut
     sshd's write elsewhere and the bit land in a chacha20 length, asyncssh disconnects for the length.)
     """
-    flip = anyio.Event()
-    upstream = await anyio.connect_tcp(lab.ssh_host, lab.ssh_port)
-
-    async def pipe(src: anyio.abc.SocketStream, dst: anyio.abc.SocketStream, corrupt: bool) -> None:
-        with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError,
-                                               anyio.ClosedResourceError):
-            while True:
-                data = await src.receive()
-                if corrupt and flip.is_set() and len(data) > 100:
-                    data = data[:-1] + bytes([data[-1] ^ 0x10])
-                    corrupt = False
-                await dst.send(data)
-
-    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
-    port = listener.extra(anyio.abc.SocketAttribute.local_port)
-    # The host key is the lab's; only the address it is reached at differs.
-    key = Path(lab.ssh_known_hosts).read_text().split(None, 1)[1]
-    known = tmp_path / "known_hosts"
-    known.write_text(f"[127.0.0.1]:{port} {key}")
-
-    async def serve(client: anyio.abc.SocketStream) -> None:
-        async with client, upstream, anyio.create_task_group() as tg:
-            tg.start_soon(pipe, client, upstream, False)
-            await pipe(upstream, client, True)
-            tg.cancel_scope.cancel()
-
-    async with listener, anyio.create_task_group() as proxy:
-        proxy.start_soon(listener.serve, serve)
-        async with ssh_connection(lab, cipher, host="127.0.0.1", port=port, known_hosts=str(known)) as conn, \
+    proxy = SshdProxy(lab)
+    async with anyio.create_task_group() as tg:
+        await tg.start(proxy.serve)
+        async with ssh_connection(lab, cipher, host="127.0.0.1", port=proxy.port,
+                                  known_hosts=proxy.known_hosts(tmp_path)) as conn, \
                 relayed(lab, conn, path) as r:
             await r.server.send(b"fine")
             with anyio.fail_after(10):
                 assert await r.client.receive() == b"fine"
-            flip.set()
+            proxy.corrupt_next = True
             sent = os.urandom(200_000)
             await r.server.send(sent)
             got = bytearray()
@@ -347,5 +321,5 @@ async def test_a_corrupted_packet_ends_the_connection_not_the_daemon(lab: LabInf
                 await r.finished.wait()
             assert len(got) < len(sent) and sent.startswith(got)  # what came before the bad packet, intact
             assert conn.closed
-        proxy.cancel_scope.cancel()
+        tg.cancel_scope.cancel()
     assert r.error and ("MAC" in str(r.error[0]) or "packet size" in str(r.error[0])), r.error
