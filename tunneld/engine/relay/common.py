@@ -59,13 +59,15 @@ def linger_zero(sock: socket.socket | None) -> None:
 
 class WiredClient(asyncio.Protocol):
     """The client's socket wired to a far side that is not a socket and writes to it by callbacks (an
-    SSH channel, tunneld/ssh/wired.py; a Docker mux stream, tunneld/docker/mux_wired.py).
+    SSH channel: ours, tunneld/ssh/channel.py, or asyncssh's, tunneld/ssh/wired.py; a Docker mux
+    stream, tunneld/docker/mux_wired.py).
 
-    What those paths share: taking the socket over (``wire``), its write buffer limits, the end of
-    the relay (a failed one resets the client's socket and drops the far side, remembering whose
-    fault it was), and waiting for that end (``wait``). A subclass handles the bytes and EOFs, calls
-    ``fail`` or closes ``transport`` when it is over, and says how its far side is dropped
-    (``drop_far``).
+    What those paths share: taking the socket over (``wire``), its write buffer limits, passing the
+    far side's EOF on (``write_eof_to_client``), the end of the relay (``close_client`` for a clean
+    one; ``fail`` for a failed one, which resets the client's socket and drops the far side,
+    remembering whose fault it was; ``refuse_client`` when an early open was refused), and waiting
+    for that end (``wait``). A subclass handles the bytes and EOFs and says how its far side is
+    dropped (``drop_far``).
     """
 
     def __init__(self) -> None:
