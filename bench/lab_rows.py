@@ -31,6 +31,9 @@ ROWS = {
 # same targets, so their ratio compares the forwarders and nothing else (the `openssh` row of
 # bench/run.py runs its own sshd on loopback, with targets outside the namespace).
 _SSH_ROWS = ("openssh-lab", "ssh")
+# The ciphers the SSH rows can pin: OpenSSH's default first (the default here), then the one kci-tunneld
+# offers first on a CPU with AES instructions (docs/ssh-transport.md, "Ciphers").
+SSH_CIPHERS = ("chacha20-poly1305@openssh.com", "aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 # (module, context manager) each row borrows: called as cm(lab, targets, workdir) -> (iperf, echo, pids).
 _HOOKS = {
     "openssh-lab": ("bench.ssh_vs_openssh", "openssh_forward"),
@@ -65,7 +68,7 @@ def _lab(mode: str) -> Any:
 
 
 @contextlib.contextmanager
-def _row(key: str, lab: Any, t: Targets, workdir: Path) -> Iterator[Running]:
+def _row(key: str, lab: Any, t: Targets, workdir: Path, cipher: str) -> Iterator[Running]:
     module_name, hook = _HOOKS[key]
     try:
         module = importlib.import_module(module_name)
@@ -77,32 +80,31 @@ def _row(key: str, lab: Any, t: Targets, workdir: Path) -> Iterator[Running]:
     d = workdir / key
     d.mkdir(exist_ok=True)
     try:
-        ctx = _ssh_forward(module, cm, lab, t, d) if key in _SSH_ROWS else cm(lab, t.iperf, t.echo, d)
+        ctx = _ssh_forward(module, cm, lab, t, d, cipher) if key in _SSH_ROWS else cm(lab, t.iperf, t.echo, d)
     except TypeError as e:  # their signature moved on: say so rather than guess
         raise ProxyUnavailable(f"{module_name}.{hook}() does not take the arguments this suite passes: {e}") from None
     try:
         with ctx as (p_iperf, p_echo, pids):
             yield Running(ROWS[key], {"iperf": int(p_iperf), "echo": int(p_echo)},
                           list(pids) if isinstance(pids, (list, tuple)) else [int(pids)],
-                          note=f"cipher {module.CIPHERS[0].split('@')[0]}" if key in _SSH_ROWS else "")
+                          note=f"cipher {cipher.split('@')[0]}" if key in _SSH_ROWS else "")
     except ProxyUnavailable:
         raise
     except Exception as e:  # their start-up failed: report it in the table, keep the run going
         raise ProxyUnavailable(f"{module_name}.{hook}: {type(e).__name__}: {e}") from None
 
 
-def _ssh_forward(module: Any, cm: Callable[..., Any], lab: Any, t: Targets, d: Path) -> Any:
+def _ssh_forward(module: Any, cm: Callable[..., Any], lab: Any, t: Targets, d: Path, cipher: str) -> Any:
     """bench/ssh_vs_openssh.py's tunneld_forward(config, alias, iperf_port, echo_port, workdir, loop, relay,
     cipher) or openssh_forward(config, alias, iperf_port, echo_port): the daemon on uvloop, its default relay,
-    the cipher pinned (their first) as that report does; OpenSSH with the same config."""
+    ``cipher`` pinned; OpenSSH with the same config."""
     params = inspect.signature(cm).parameters
     if "workdir" not in params:  # openssh_forward: the same pinned config, nothing else to choose
-        cipher_cfg = module.cipher_config(Path(lab.ssh_config), module.CIPHERS[0], lab.ssh_alias, d / "ssh_config")
+        cipher_cfg = module.cipher_config(Path(lab.ssh_config), cipher, lab.ssh_alias, d / "ssh_config")
         return cm(cipher_cfg, lab.ssh_alias, t.iperf, t.echo)
     config = Path(lab.ssh_config)
     extra: dict[str, str] = {}
     if "cipher" in params:
-        cipher = module.CIPHERS[0]
         config = module.cipher_config(config, cipher, lab.ssh_alias, d / "ssh_config")
         extra["cipher"] = cipher
     if "loop" in params:
@@ -113,8 +115,9 @@ def _ssh_forward(module: Any, cm: Callable[..., Any], lab: Any, t: Targets, d: P
 
 
 def run(rows: Sequence[str], mode: str, workdir: Path, results: dict[str, Result],
-        measure: Callable[[list[Running]], None]) -> list[tuple[str, str]]:
-    """Measure the lab rows; return (row, reason) for each one skipped."""
+        measure: Callable[[list[Running]], None], *, ssh_cipher: str = SSH_CIPHERS[0]) -> list[tuple[str, str]]:
+    """Measure the lab rows (the SSH ones with ``ssh_cipher`` on both sides); return (row, reason) for each
+    one skipped."""
     try:
         lab = _lab(mode)
     except ProxyUnavailable as e:
@@ -126,7 +129,7 @@ def run(rows: Sequence[str], mode: str, workdir: Path, results: dict[str, Result
         running = []
         for key in rows:
             try:
-                running.append(stack.enter_context(_row(key, lab, t, workdir)))
+                running.append(stack.enter_context(_row(key, lab, t, workdir, ssh_cipher)))
             except ProxyUnavailable as e:
                 skipped.append((ROWS[key], str(e)))
         for r in running:

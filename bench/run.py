@@ -79,6 +79,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="1 round, short runs, 2,000 idle: a smoke run (~1 min)")
     p.add_argument("--lab", choices=["auto", "up", "skip"], default="auto",
                    help="lab rows: use the lab if it runs (auto), bring it up first (up), or skip")
+    p.add_argument("--ssh-cipher", choices=lab_rows.SSH_CIPHERS, default=lab_rows.SSH_CIPHERS[0],
+                   help="the cipher both SSH lab rows pin (default: OpenSSH's own default, chacha20-poly1305)")
     p.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the raw results here")
     args = p.parse_args(argv)
@@ -163,7 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             lab_args = argparse.Namespace(**{**vars(args), "metrics": args.metrics.replace("idle", "")})
             try:
                 for name, reason in lab_rows.run(lab, args.lab, workdir, results,
-                                                 lambda running: measure_all(running, results, lab_args, s, workdir)):
+                                                 lambda running: measure_all(running, results, lab_args, s, workdir),
+                                                 ssh_cipher=args.ssh_cipher):
                     skipped[name] = reason
             except Exception as e:  # a lab half up must not cost the local rows already measured
                 for key in lab:

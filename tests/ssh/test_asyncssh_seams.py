@@ -219,6 +219,28 @@ async def test_the_send_lane_keeps_asyncssh_s_sequence_and_rekey_count(lab: LabI
 
 
 @pytest.mark.parametrize("cipher", [CHACHA, GCM])
+async def test_the_send_lane_seals_a_read_where_it_lies(lab: LabInfo, tmp_path: Path, cipher: str) -> None:
+    """``send_read`` seals packets in the read buffer itself: each header is written over the bytes
+    before it, each padding over the bytes after it, which are put back. A read of 100,000 bytes with
+    70,000 of window is three packets (32 KiB, 32 KiB, 4,464 bytes); the 30,000 bytes left are intact
+    in the buffer, and sshd, which checks every tag and sequence number, delivers all of it in order."""
+    async with connected(lab, tmp_path, cipher) as conn:
+        fast = conn._conn
+        assert isinstance(fast, FastConnection)
+        stream = await conn.open_tcp("127.0.0.1", lab.echo_port)
+        chan = stream._chan
+        data = os.urandom(100_000)
+        fast.read_buffer[:len(data)] = data
+        seq, sent = fast._send_seq, fast.lane_sent
+        assert fast.send_read(chan._send_chan, len(data), 70_000, 32768) == 70_000
+        chan._send_window -= 70_000
+        assert fast.lane_sent - sent == fast._send_seq - seq == 3
+        assert bytes(fast.read_buffer[70_000:len(data)]) == data[70_000:]  # the padding's bytes put back
+        await stream.send(data[70_000:])
+        assert await stream_echo(stream, b"") == data
+
+
+@pytest.mark.parametrize("cipher", [CHACHA, GCM])
 async def test_speed_ups_survive_a_rekey(lab: LabInfo, tmp_path: Path, cipher: str) -> None:
     """New keys mean new encryption objects: both directions are upgraded again, data keeps flowing."""
     async with connected(lab, tmp_path, cipher) as conn:

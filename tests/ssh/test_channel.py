@@ -282,3 +282,40 @@ async def test_an_answer_before_the_socket_is_wired_still_reaches_the_client(lab
                         await chan.wait()
     finally:
         await conn.aclose()
+
+
+async def test_reads_stop_at_the_server_s_window_and_go_on_when_it_opens(lab: LabInfo) -> None:
+    """The client's bytes are read no faster than the server's window takes them (the rest waits in the
+    socket, as with ``ssh -L``): with 1000 bytes of window left, 1000 bytes are read and reads pause;
+    a window update lets the rest through, in order."""
+    data = os.urandom(300_000)  # less than sshd's real window: shrinking our view of it is allowed
+    listener = (await anyio.create_tcp_listener(local_host=lab.host_ip, local_port=0)).listeners[0]
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    conn = await open_connection(settings(lab), TIMEOUTS)
+    try:
+        async with listener, client_relayed(conn, lab.host_ip, port) as (client, out):
+            with anyio.fail_after(20):
+                await client.send(b"open")
+                async with await listener.accept() as server:
+                    assert await server.receive() == b"open"
+                    [chan] = [c for c in conn.fast._channels.values()  # type: ignore[union-attr]
+                              if isinstance(c, WiredChannel)]
+                    real, chan.send_window = chan.send_window, 1000
+                    await client.send(data)
+                    got = bytearray()
+                    while len(got) < 1000:
+                        got += await server.receive()
+                    await anyio.sleep(0.2)
+                    assert chan.reads_paused and chan.send_window == 0 and not chan.pending
+                    assert chan.traffic.up == 4 + 1000  # read no further than the window
+                    chan.send_window = real - 4 - 1000  # the server's WINDOW_ADJUST, as take_packet applies it
+                    chan._push()
+                    assert not chan.reads_paused
+                    await client.send_eof()
+                    got += await read_to_eof(server)
+                    assert got == data
+                    await server.send_eof()
+                assert await read_to_eof(client) == b""
+        assert not out.error
+    finally:
+        await conn.aclose()

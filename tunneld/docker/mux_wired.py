@@ -36,7 +36,7 @@ from tunneld.errors import TransportError
 RETRIES = 2  # opens again after the exec died before the relay answered (connect tries 3 in all)
 
 
-class WiredMux(WiredClient):
+class WiredMux(WiredClient, asyncio.Protocol):
     """The client's socket (this Protocol) and one mux stream, each writing to the other."""
 
     def __init__(self, stream: MuxStream, traffic: Traffic) -> None:

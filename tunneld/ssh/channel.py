@@ -54,7 +54,7 @@ from tunneld.config import format_host
 from tunneld.engine.relay.common import Traffic, WiredClient
 from tunneld.errors import TransportError
 from tunneld.ssh.client import ChannelStream, SshConnection
-from tunneld.ssh.wire import FastConnection
+from tunneld.ssh.wire import READ_SIZE, FastConnection
 
 CHANNEL_WINDOW = 8 * 1024 * 1024  # what the server may send before we acknowledge (as client.py's)
 CHANNEL_MAX_PKTSIZE = 128 * 1024
@@ -63,7 +63,7 @@ SEND_LOW_WATER = 256 * 1024
 _PROHIBITED = (" (the server forbids forwarding: AllowTcpForwarding in sshd_config)")
 
 
-class WiredChannel(WiredClient):
+class WiredChannel(WiredClient, asyncio.BufferedProtocol):
     """The client's socket (this Protocol) and a direct-tcpip channel to ``host:port`` (this channel)."""
 
     def __init__(self, conn: FastConnection, host: str, port: int, traffic: Traffic, what: str,
@@ -83,7 +83,7 @@ class WiredChannel(WiredClient):
         self.recv_window = CHANNEL_WINDOW
         self.pending: deque[memoryview] = deque()  # the client's bytes waiting for the open or the window
         self.pending_size = 0
-        self.reads_paused = False  # the client socket's reads, paused while too much is pending
+        self.reads_paused = False  # the client socket's reads, paused while the window is shut or too much is pending
         self.client_eof = False  # the client shut down its sending side
         self.eof_sent = False
         self.far_eof = False  # the server's EOF (or CLOSE) was passed on to the client
@@ -247,21 +247,33 @@ class WiredChannel(WiredClient):
         elif self.refusal is not None:
             self._refused(self.refusal)
 
-    def data_received(self, data: bytes) -> None:
-        self.traffic.up += len(data)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        # The client's bytes are read into the connection's read buffer, where the send lane seals them
+        # in place (FastConnection.send_read), and no more than the server's window takes: the rest waits
+        # in the socket, as ``ssh -L`` leaves it (reads pause while the window is shut). What cannot go
+        # at once (before the confirmation, during a key exchange) is copied out to ``pending``.
+        window = self.send_window
+        if 0 < window < READ_SIZE and not self.pending:
+            return self.conn.read_buffer[:window]
+        return self.conn.read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.traffic.up += nbytes
         if self.finished or self.refusal is not None:
             return  # a refused client's bytes go nowhere; a finished relay takes none
         if self.close_received:  # the server closed without reading on: these bytes cannot arrive
             self.fail(anyio.BrokenResourceError(f"{self.what}: channel closed"), by_client=False)
             return
+        sent = 0
         if not self.pending and self.send_chan is not None:
-            sent = self.conn.send_data(self.send_chan, data, self.send_window, self.send_pktsize)
+            sent = self.conn.send_read(self.send_chan, nbytes, self.send_window, self.send_pktsize)
             self.send_window -= sent
-            if sent == len(data):
+            if sent == nbytes:
+                if not self.send_window:
+                    self._mind_reads()
                 return
-            data = memoryview(data)[sent:]  # type: ignore[assignment]
-        self.pending.append(memoryview(data))
-        self.pending_size += len(data)
+        self.pending.append(memoryview(bytes(self.conn.read_buffer[sent:nbytes])))
+        self.pending_size += nbytes - sent
         self._push()
         self._mind_reads()
 
@@ -310,13 +322,16 @@ class WiredChannel(WiredClient):
         self._finish_if_done()
 
     def _mind_reads(self) -> None:
-        """Pause the client's reads while more than SEND_HIGH_WATER waits for the server's window."""
-        if self.transport is None:
+        """Pause the client's reads while the server's window is shut, or more than SEND_HIGH_WATER waits
+        for it (before the confirmation, during a key exchange)."""
+        if self.transport is None or self.refusal is not None:
             return
-        if self.pending_size > SEND_HIGH_WATER and not self.reads_paused:
-            self.reads_paused = True
-            self.transport.pause_reading()
-        elif self.reads_paused and self.pending_size <= SEND_LOW_WATER and not self.finished:
+        shut = self.send_chan is not None and not self.send_window
+        if not self.reads_paused:
+            if shut or self.pending_size > SEND_HIGH_WATER:
+                self.reads_paused = True
+                self.transport.pause_reading()
+        elif not shut and self.pending_size <= SEND_LOW_WATER and not self.finished:
             self.reads_paused = False
             self.transport.resume_reading()
 

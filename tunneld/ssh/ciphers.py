@@ -71,7 +71,7 @@ class FastChachaCipher:
 
     # ------------------------------------------------------------ the lanes (tunneld/ssh/wire.py)
 
-    def seal(self, seq: int, header: bytes, body: bytes) -> tuple[bytes, ...]:
+    def seal(self, seq: int, header: bytes, body: Buffer) -> tuple[bytes, ...]:
         """Packet ``seq`` on the wire: encrypted length, encrypted body, tag."""
         return self._sealed(header, body, seq.to_bytes(8, "big"))
 
@@ -116,7 +116,7 @@ class FastGCMCipher:
 
     # ------------------------------------------------------------ the lanes (tunneld/ssh/wire.py)
 
-    def seal(self, seq: int, header: bytes, body: bytes) -> tuple[bytes, ...]:
+    def seal(self, seq: int, header: bytes, body: Buffer) -> tuple[bytes, ...]:
         """The next packet on the wire: the length in the clear, then body and tag."""
         return header, self._aead.encrypt(self._next_iv(), body, header)
 

@@ -68,6 +68,12 @@ _POOL = 4096  # random padding drawn from the kernel this many bytes at a time (
 SEND_PIECE = 32 * 1024
 _FEED = 34 * 1024  # one 32 KiB channel packet (OpenSSH's) and its header, padding and MAC
 _MSG_KEX_LAST = 49  # packets above this (auth, connection protocol) get asyncssh's IGNORE
+_MSG_DATA_BYTE = bytes((_MSG_CHANNEL_DATA,))
+# The read buffer (``FastConnection.read_buffer``): a client's bytes are read to READ_HEAD on, leaving room
+# before them for a data packet's length, padding length, type, channel and size (4 + 1 + 1 + 4 + 4), and
+# after them for its padding (less than 256 bytes).
+READ_HEAD = 14
+READ_SIZE = 256 * 1024
 
 
 class FastConnection(asyncssh.SSHClientConnection):
@@ -90,6 +96,9 @@ class FastConnection(asyncssh.SSHClientConnection):
     lane_sent: int  # packets the send lane sealed, and data packets the receive lane handed over
     lane_received: int
     _kci_heard: float  # the loop's time when the server last sent us anything
+    _kci_rbuf: bytearray  # where clients' bytes are read (send_read), shared by the connection's channels
+    _kci_rwhole: memoryview
+    read_buffer: memoryview  # _kci_rbuf from READ_HEAD on: what a channel's get_buffer hands out
 
     def _reset_keepalive_timer(self) -> None:
         # asyncssh cancels its keepalive timer and makes a new one for every batch received (two timer
@@ -298,25 +307,67 @@ class FastConnection(asyncssh.SSHClientConnection):
                 window -= take
         return at
 
-    def _kci_seal(self, payload: bytes, data: bytes | memoryview = b"") -> None:
-        """Pad, seal and send (or cork) one packet, as asyncssh's send_packet does after the key exchange."""
-        size = len(payload) + len(data)
-        blocksize = self._send_blocksize
-        padlen = -(self._send_enchdrlen + size) % blocksize
-        if padlen < 4:
-            padlen += blocksize
-        length = 1 + size + padlen
+    def send_read(self, send_chan: int, nbytes: int, window: int, pktsize: int) -> int:
+        """Send what of the ``nbytes`` just read into ``read_buffer`` the peer's ``window`` allows, as data
+        packets on its channel ``send_chan``, each sealed where its bytes lie; how many bytes went (0 while
+        the lane is closed: the caller keeps them).
+
+        ``send_data`` joins a packet's header, bytes and padding into a new buffer to seal it; here each
+        packet's header is written just before its bytes (over the previous packet's, already sealed)
+        and its padding just after them (the next packet's first bytes are kept aside meanwhile), so a
+        client's bytes are copied only by the kernel and the cipher. What is left stays in place.
+        """
+        if not window or not self._kci_lane_open():
+            return 0
+        buf = self._kci_rbuf
+        whole = self._kci_rwhole
+        chan = _MSG_DATA_BYTE + send_chan.to_bytes(4, "big")
+        at = READ_HEAD
+        end = READ_HEAD + nbytes
+        with self._kci_corker:
+            while at < end and window:
+                take = min(end - at, pktsize, window)
+                padlen = self._kci_padlen(9 + take)
+                length = (10 + take + padlen).to_bytes(4, "big")
+                buf[at - READ_HEAD:at] = length + _PADLEN[padlen] + chan + take.to_bytes(4, "big")
+                tail = at + take
+                kept = buf[tail:tail + padlen] if tail < end else None
+                buf[tail:tail + padlen] = self._kci_padding(padlen)
+                self._kci_send_sealed(length, whole[at - READ_HEAD + 4:tail + padlen])
+                if kept is not None:
+                    buf[tail:tail + padlen] = kept
+                at = tail
+                window -= take
+        return at - READ_HEAD
+
+    def _kci_padlen(self, size: int) -> int:
+        """How much padding a packet of ``size`` payload bytes gets (at least 4, to a whole block)."""
+        padlen = -(self._send_enchdrlen + size) % self._send_blocksize
+        return padlen + self._send_blocksize if padlen < 4 else padlen
+
+    def _kci_padding(self, padlen: int) -> bytes:
         at = self._kci_pool_at
         if at + padlen > _POOL:
             self._kci_pool = os.urandom(_POOL)
             at = 0
         self._kci_pool_at = at + padlen
-        body = b"".join((_PADLEN[padlen], payload, data, self._kci_pool[at:at + padlen]))
+        return self._kci_pool[at:at + padlen]
+
+    def _kci_seal(self, payload: bytes, data: bytes | memoryview = b"") -> None:
+        """Pad, seal and send (or cork) one packet, as asyncssh's send_packet does after the key exchange."""
+        size = len(payload) + len(data)
+        padlen = self._kci_padlen(size)
+        length = 1 + size + padlen
+        body = b"".join((_PADLEN[padlen], payload, data, self._kci_padding(padlen)))
+        self._kci_send_sealed(length.to_bytes(4, "big"), body)
+
+    def _kci_send_sealed(self, length: bytes, body: bytes | memoryview) -> None:
+        """Seal one padded packet (``length``: its length field; ``body``: the rest) and send or cork it."""
         seq = self._send_seq
         assert self._kci_send_lane is not None
-        pieces = self._kci_send_lane.seal(seq, length.to_bytes(4, "big"), body)
+        pieces = self._kci_send_lane.seal(seq, length, body)
         self._send_seq = (seq + 1) & _SEQ_MASK
-        self._rekey_bytes_sent += length
+        self._rekey_bytes_sent += len(body)
         self.lane_sent += 1
         cork = self._kci_cork
         if cork is not None:
@@ -465,8 +516,11 @@ def adopt(conn: asyncssh.SSHClientConnection) -> FastConnection | None:
     fast._kci_pool = b""
     fast._kci_pool_at = _POOL
     fast.lane_sent = fast.lane_received = 0
+    fast._kci_rbuf = bytearray(READ_HEAD + READ_SIZE + 256)
+    fast._kci_rwhole = memoryview(fast._kci_rbuf)
+    fast.read_buffer = fast._kci_rwhole[READ_HEAD:READ_HEAD + READ_SIZE]
     fast._kci_heard = 0.0
     return fast
 
 
-__all__ = ["SEND_PIECE", "FastConnection", "adopt", "write_in_pieces"]
+__all__ = ["READ_HEAD", "READ_SIZE", "SEND_PIECE", "FastConnection", "adopt", "write_in_pieces"]

@@ -20,6 +20,7 @@ What the channel received before the relay started (early bytes, an EOF) is hand
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Callable
 from typing import Any
@@ -29,7 +30,7 @@ import anyio
 from tunneld.engine.relay.common import Traffic, WiredClient
 
 
-class Wired(WiredClient):
+class Wired(WiredClient, asyncio.Protocol):
     """The client's socket (this Protocol) and one SSH channel (``chan``), each writing to the other."""
 
     def __init__(self, chan: Any, write: Callable[[Any, bytes], None], traffic: Traffic, what: str) -> None:

@@ -57,7 +57,7 @@ def linger_zero(sock: socket.socket | None) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
-class WiredClient(asyncio.Protocol):
+class WiredClient(asyncio.BaseProtocol):
     """The client's socket wired to a far side that is not a socket and writes to it by callbacks (an
     SSH channel: ours, tunneld/ssh/channel.py, or asyncssh's, tunneld/ssh/wired.py; a Docker mux
     stream, tunneld/docker/mux_wired.py).
@@ -67,7 +67,9 @@ class WiredClient(asyncio.Protocol):
     one; ``fail`` for a failed one, which resets the client's socket and drops the far side,
     remembering whose fault it was; ``refuse_client`` when an early open was refused), and waiting
     for that end (``wait``). A subclass handles the bytes and EOFs and says how its far side is
-    dropped (``drop_far``).
+    dropped (``drop_far``), and how it takes the client's bytes: as asyncio.Protocol's ``data_received``
+    or asyncio.BufferedProtocol's ``get_buffer`` (uvloop reads into the buffer only for a protocol that
+    is not an asyncio.Protocol, so this class is neither).
     """
 
     def __init__(self) -> None:
