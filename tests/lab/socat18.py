@@ -11,7 +11,9 @@ SOCAT18_DIR; this machine's apt state is not touched), the mirror this machine a
 Debian, `apt-get download`, `dpkg-deb -x`, then the unpacked loader's `--list` must resolve every
 library inside the unpacked tree and the unpacked socat must say 1.8. The result stays in
 SOCAT18_DIR and is reused; a failed download is reported by `up` and recorded for the tests to
-quote, and `up` carries on without that image.
+quote, and `up` carries on without that image. It is not tried again for RETRY_AFTER (a machine that
+cannot reach the mirror would otherwise wait out apt's timeouts on every `up`), unless
+KCI_LAB_RETRY_DOWNLOADS=1 asks for it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 from .commands import run
@@ -34,6 +37,8 @@ VERSION_PREFIX = "1.8."
 ROOT = SOCAT18_DIR / "root"  # the packages unpacked
 DONE = SOCAT18_DIR / "done.json"  # the recipe and the version it gave; ROOT is complete when it matches
 FAILED = SOCAT18_DIR / "failed"  # why the last attempt failed
+RETRY_AFTER = 3600.0  # seconds after a failed download before `up` tries again
+RETRY_ENV = "KCI_LAB_RETRY_DOWNLOADS"
 _APT = SOCAT18_DIR / "apt"
 _KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 
@@ -58,6 +63,14 @@ def failure() -> str | None:
     """Why the last download failed, if it did."""
     try:
         return FAILED.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _failed_age() -> float | None:
+    """Seconds since the last failed download was recorded, if one was."""
+    try:
+        return max(0.0, time.time() - FAILED.stat().st_mtime)
     except OSError:
         return None
 
@@ -177,6 +190,11 @@ def ensure() -> str:
     if have is not None:
         FAILED.unlink(missing_ok=True)
         return f"socat {have} cached in {ROOT}"
+    why, age = failure(), _failed_age()
+    if why is not None and age is not None and age < RETRY_AFTER and os.environ.get(RETRY_ENV) != "1":
+        return (f"NOT AVAILABLE: the download failed {age / 60:.0f} min ago ({why}); tried again "
+                f"{RETRY_AFTER / 60:.0f} min after a failure, or now with {RETRY_ENV}=1; "
+                f"{INFO.socat18_image} is not built")
     SOCAT18_DIR.mkdir(parents=True, exist_ok=True)
     work = SOCAT18_DIR / "new"
     shutil.rmtree(work, ignore_errors=True)

@@ -9,11 +9,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.lab import lab as labmod
+from tests.lab import socat18
 from tests.lab.fixture import socat18_image
 from tests.lab.lab import LabInfo
 
@@ -137,6 +139,38 @@ def test_the_two_socat_images_are_socat_1_7_and_1_8(lab: LabInfo) -> None:
     # difference between their messages.
     assert _socat_version(lab.socat_image).startswith("1.7."), lab.socat_image
     assert _socat_version(socat18_image(lab)).startswith("1.8."), lab.socat18_image
+
+
+def test_a_failed_socat18_download_waits_before_it_is_tried_again(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """`up` on a machine that cannot reach the mirror must not wait out apt's timeouts every time: after a
+    failed download, the next `up`s within RETRY_AFTER report the recorded reason without trying, unless
+    KCI_LAB_RETRY_DOWNLOADS=1; after RETRY_AFTER they try again. (The download itself is the stand-in
+    here; the real one is what `up` ran for this session.)"""
+    for name in ("ROOT", "DONE", "FAILED", "_APT"):
+        monkeypatch.setattr(socat18, name, tmp_path / getattr(socat18, name).relative_to(socat18.SOCAT18_DIR))
+    monkeypatch.setattr(socat18, "SOCAT18_DIR", tmp_path)
+    tries: list[Path] = []
+
+    def unreachable(dest: Path) -> None:
+        tries.append(dest)
+        raise labmod.LabError("apt-get update failed (exit 100): E: the mirror cannot be reached")
+
+    monkeypatch.setattr(socat18, "_download", unreachable)
+    monkeypatch.delenv(socat18.RETRY_ENV, raising=False)
+    first = socat18.ensure()
+    assert len(tries) == 1 and "NOT AVAILABLE" in first and "cannot be reached" in first
+    again = socat18.ensure()
+    assert len(tries) == 1, "tried again at once"
+    assert "failed 0 min ago" in again and "cannot be reached" in again and socat18.RETRY_ENV in again
+    monkeypatch.setenv(socat18.RETRY_ENV, "1")
+    socat18.ensure()
+    assert len(tries) == 2
+    monkeypatch.delenv(socat18.RETRY_ENV)
+    old = time.time() - socat18.RETRY_AFTER - 60
+    os.utime(socat18.FAILED, (old, old))
+    socat18.ensure()
+    assert len(tries) == 3
 
 
 def test_busybox_image_has_nc_and_no_socat(lab: LabInfo) -> None:
