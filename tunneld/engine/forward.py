@@ -29,7 +29,7 @@ from tunneld.backoff import backoff
 from tunneld.config import ForwardSpec, Timeouts, format_host
 from tunneld.engine.listener import Acceptor, bind_listeners
 from tunneld.engine.probe import ProbeResult, probe
-from tunneld.engine.relay import RelayBroken, Traffic, relay
+from tunneld.engine.relay import RelayBroken, Traffic, relay, relay_path
 from tunneld.errors import BindError, TransportError
 from tunneld.logs import ContextLog
 from tunneld.sockets import RawSocketStream
@@ -115,6 +115,7 @@ class Forward:
         self._kick = anyio.Event()
         self._started_at = time.monotonic()
         self._ever_ready = False
+        self._relay_path = relay_path()  # KCI_TUNNELD_RELAY, read once
 
     @property
     def addresses(self) -> list[str]:
@@ -292,7 +293,7 @@ class Forward:
             if self.state != ForwardState.READY:
                 self._kick.set()  # reachable again, it seems: let a probe confirm it now
             try:
-                await relay(client, upstream, self.stats.traffic)
+                await relay(client, upstream, self.stats.traffic, self._relay_path)
             except TransportError as e:  # opened early, then refused: the relay closed the client cleanly
                 self._unreachable(e, log)
             except RelayBroken as e:

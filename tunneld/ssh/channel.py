@@ -10,9 +10,12 @@ owns the keys, the packet stream, rekeys, keepalives and the channel numbers, an
 - **Opened early**: CHANNEL_OPEN leaves as soon as the client is accepted, and the client's socket
   is wired at once. What the client sends before the server confirms is kept and leaves with the
   confirmation, from the callback that receives it: no task wakes up between them.
-- **Bytes**: the client's go out as data packets sealed by the send lane (tunneld/ssh/wire.py) while
-  the server's window allows, the rest waits here (the client's reads pause past SEND_HIGH_WATER);
-  the server's come in from the receive lane (or asyncssh's parser) and go to ``transport.write``.
+- **Bytes**: the client's are read (this is a BufferedProtocol) into the SSH connection's read buffer
+  and sealed there as data packets by the send lane (tunneld/ssh/wire.py, ``send_read``), no more than
+  the server's window takes: while it is shut, reads pause and the rest waits in the socket. What
+  cannot go at once (before the confirmation, during a key exchange) is copied to ``pending``, and
+  reads pause past SEND_HIGH_WATER. The server's bytes come in from the receive lane (or asyncssh's
+  parser) and go to ``transport.write``.
 - **Flow control**: our window goes back to the server only while the client socket takes what we
   write (its ``pause_writing`` holds the window updates back), as ``ssh -L`` does.
 - **Half-close**: EOF either way is passed on; CLOSE is sent once both directions are done.
