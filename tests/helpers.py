@@ -91,8 +91,11 @@ async def echo_roundtrip(port: int, data: bytes, *, host: str = "127.0.0.1") -> 
 
 
 async def parallel_echoes(port: int, data: bytes, count: int = 8) -> None:
-    """``count`` echoes at once through a forward, each of a distinct payload; every one comes back whole."""
-    payloads = [data + bytes([i]) for i in range(count)]
+    """``count`` echoes at once through a forward, each of a distinct payload (``data`` rotated by a
+    different amount, so a chunk of one connection's bytes delivered on another's is caught, not just
+    the last byte); every one comes back whole."""
+    payloads = [data[i * 4099 % max(1, len(data)):] + data[:i * 4099 % max(1, len(data))] + bytes([i])
+                for i in range(count)]
     results: list[bytes] = []
 
     async def one(payload: bytes) -> None:
