@@ -319,26 +319,33 @@ class FastConnection(asyncssh.SSHClientConnection):
         """
         if not window or not self._kci_lane_open():
             return 0
-        buf = self._kci_rbuf
-        whole = self._kci_rwhole
         chan = _MSG_DATA_BYTE + send_chan.to_bytes(4, "big")
+        if nbytes <= pktsize and nbytes <= window:  # one packet (a round trip's): nothing to cork
+            self._kci_seal_read(chan, READ_HEAD, nbytes, False)
+            return nbytes
         at = READ_HEAD
         end = READ_HEAD + nbytes
         with self._kci_corker:
             while at < end and window:
                 take = min(end - at, pktsize, window)
-                padlen = self._kci_padlen(9 + take)
-                length = (10 + take + padlen).to_bytes(4, "big")
-                buf[at - READ_HEAD:at] = length + _PADLEN[padlen] + chan + take.to_bytes(4, "big")
-                tail = at + take
-                kept = buf[tail:tail + padlen] if tail < end else None
-                buf[tail:tail + padlen] = self._kci_padding(padlen)
-                self._kci_send_sealed(length, whole[at - READ_HEAD + 4:tail + padlen])
-                if kept is not None:
-                    buf[tail:tail + padlen] = kept
-                at = tail
+                self._kci_seal_read(chan, at, take, at + take < end)
+                at += take
                 window -= take
         return at - READ_HEAD
+
+    def _kci_seal_read(self, chan: bytes, at: int, take: int, more: bool) -> None:
+        """Seal the ``take`` bytes at ``at`` in the read buffer as one data packet (``chan``: its type and
+        channel), its header over the 14 bytes before them; ``more``: bytes follow, put back after."""
+        buf = self._kci_rbuf
+        padlen = self._kci_padlen(9 + take)
+        length = (10 + take + padlen).to_bytes(4, "big")
+        buf[at - READ_HEAD:at] = length + _PADLEN[padlen] + chan + take.to_bytes(4, "big")
+        tail = at + take
+        kept = buf[tail:tail + padlen] if more else None
+        buf[tail:tail + padlen] = self._kci_padding(padlen)
+        self._kci_send_sealed(length, self._kci_rwhole[at - READ_HEAD + 4:tail + padlen])
+        if kept is not None:
+            buf[tail:tail + padlen] = kept
 
     def _kci_padlen(self, size: int) -> int:
         """How much padding a packet of ``size`` payload bytes gets (at least 4, to a whole block)."""
