@@ -5,11 +5,14 @@
 - what the client sends before the server confirms leaves with the confirmation, in order;
 - no answer within the open timeout is a refusal too, and a late answer is closed, not leaked;
 - the connection dying before the answer resets the client;
-- the channel number goes back to asyncssh's table each time.
+- the channel number goes back to asyncssh's table each time;
+- reads stop at the server's window, and a CLOSE while they wait still ends the relay (that one against
+  ``WindowedServer``, a stand-in: the lab's OpenSSH keeps its window open).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import socket
@@ -21,6 +24,7 @@ from pathlib import Path
 import anyio
 import anyio.abc
 import pytest
+from asyncssh.constants import MSG_CHANNEL_CLOSE
 
 from tests.helpers import client_and_accepted, echo_roundtrip, read_to_eof, running_forward, stream_echo
 from tests.lab.lab import LabInfo
@@ -319,3 +323,77 @@ async def test_reads_stop_at_the_server_s_window_and_go_on_when_it_opens(lab: La
         assert not out.error
     finally:
         await conn.aclose()
+
+
+
+class WindowedServer:
+    """A stand-in for the SSH connection under our channel (what the channel calls on it), for a server
+    that holds to its window and closes the channel in the middle of an upload. The lab's OpenSSH does
+    not: it takes what its target does not read and keeps opening the window (tests/ssh/test_wired.py,
+    backpressure up), so its window does not stay shut. Keeps what the channel sends."""
+
+    def __init__(self) -> None:
+        self._channels: dict[int, object] = {}
+        self.read_buffer = memoryview(bytearray(256 * 1024))
+        self.data = bytearray()  # the client's bytes sent as data packets
+        self.packets: list[int] = []  # the other packets' types
+
+    def add_channel(self, chan: object) -> int:
+        self._channels[1] = chan
+        return 1
+
+    def remove_channel(self, number: int) -> None:
+        self._channels.pop(number, None)
+
+    def _update_recv_pktlen(self, size: int) -> None:
+        pass
+
+    def send_packet(self, kind: int, *args: bytes) -> None:
+        self.packets.append(kind)
+
+    def corked(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def send_read(self, send_chan: int, nbytes: int, window: int, pktsize: int) -> int:
+        take = min(nbytes, window)
+        self.data += self.read_buffer[:take]
+        return take
+
+    def send_data(self, send_chan: int, data: bytes | memoryview, window: int, pktsize: int) -> int:
+        take = min(len(data), window)
+        self.data += data[:take]
+        return take
+
+
+async def test_a_close_while_reads_wait_for_the_window_ends_the_relay() -> None:
+    """The server closes the channel while the client's reads are paused for its window: reads resume
+    (nothing more can be sent), so the relay ends instead of holding the client's socket open for ever.
+    The client's bytes still waiting are lost: the client gets the EOF, then a reset, and the relay a
+    RelayBroken that is not the client's fault, as for any bytes sent after a CLOSE."""
+    server = WindowedServer()
+    client, accepted = await client_and_accepted()
+    chan = WiredChannel(server, "127.0.0.1", 1, Traffic(), "127.0.0.1:1 via a stand-in", 5.0)  # type: ignore[arg-type]
+    chan.open()
+    chan.process_open_confirmation(7, 1000, 32768, None)  # a window of 1000 bytes
+    errors: list[BaseException] = []
+
+    async def run() -> None:
+        await chan.wire(accepted)
+        try:
+            await chan.wait()
+        except RelayBroken as e:
+            errors.append(e)
+
+    with anyio.fail_after(10):  # the relay's end included: without it, it never came
+        async with client, anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            await client.send(os.urandom(300_000))
+            while len(server.data) < 1000:
+                await anyio.sleep(0.01)
+            await anyio.sleep(0.1)
+            assert chan.reads_paused and chan.traffic.up == 1000
+            assert chan.take_packet(MSG_CHANNEL_CLOSE, bytes([4, MSG_CHANNEL_CLOSE]) + (1).to_bytes(4, "big"), 6)
+            assert await read_to_eof(client) == b""
+    [error] = errors
+    assert not error.by_client and "channel closed" in str(error), error
+    assert MSG_CHANNEL_CLOSE in server.packets and not server._channels  # ours sent, the number given back

@@ -214,6 +214,7 @@ class WiredChannel(WiredClient, asyncio.BufferedProtocol):
         self.close_received = True
         self._far_end()
         self._send_close()
+        self._mind_reads()
 
     # ------------------------------------------------------------ the server's side
 
@@ -329,12 +330,15 @@ class WiredChannel(WiredClient, asyncio.BufferedProtocol):
         for it (before the confirmation, during a key exchange)."""
         if self.transport is None or self.refusal is not None:
             return
-        shut = self.send_chan is not None and not self.send_window
-        if not self.reads_paused:
-            if shut or self.pending_size > SEND_HIGH_WATER:
-                self.reads_paused = True
-                self.transport.pause_reading()
-        elif not shut and self.pending_size <= SEND_LOW_WATER and not self.finished:
+        if self.close_received:  # nothing more can be sent: read on, to see the client's EOF (or bytes: lost)
+            hold = False
+        else:
+            shut = self.send_chan is not None and not self.send_window
+            hold = shut or self.pending_size > (SEND_LOW_WATER if self.reads_paused else SEND_HIGH_WATER)
+        if hold and not self.reads_paused:
+            self.reads_paused = True
+            self.transport.pause_reading()
+        elif not hold and self.reads_paused and not self.finished:
             self.reads_paused = False
             self.transport.resume_reading()
 
