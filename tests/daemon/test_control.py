@@ -181,6 +181,33 @@ async def test_a_stale_socket_of_another_user_is_left_alone(tmp_path: Path) -> N
     assert not path.exists()
 
 
+@pytest.mark.anyio
+async def test_a_connection_closed_before_the_request_is_sent_is_not_running(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A daemon that accepts and closes before reading (one exiting, as when `start --detach` asks its
+    child, which failed to bind, whether it is ready) makes the request's send fail with a broken pipe:
+    that is NotRunningError, which `start` answers by looking at why its child exited, not a traceback
+    (seen once in CI: `start` exited 1 with BrokenResourceError instead of 5, "port in use")."""
+    path = tmp_path / "control.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen(1)
+    connect = control._connect
+
+    async def connect_then_closed(p: Path, io_timeout: float) -> Any:
+        stream = await connect(p, io_timeout)
+        accepted, _ = listener.accept()
+        accepted.close()  # closed before the request is read: the send meets a broken pipe
+        return stream
+
+    monkeypatch.setattr(control, "_connect", connect_then_closed)
+    try:
+        with pytest.raises(control.NotRunningError, match="closed the control connection"):
+            await control.request(path, "status")
+    finally:
+        listener.close()
+
+
 def test_the_daemons_log_file_is_private(tmp_path: Path, echo_server: EchoServer) -> None:
     log = tmp_path / "daemon.log"
     log.write_text("an earlier run\n")

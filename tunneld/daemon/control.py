@@ -217,7 +217,12 @@ async def request(path: Path, cmd: str, *, io_timeout: float = 5.0, **args: Any)
     """
     stream = await _connect(path, io_timeout)
     async with stream:
-        await stream.send(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+        try:
+            await stream.send(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            # Accepted, then closed before reading (a daemon exiting: `start` asks while its child
+            # fails to bind): as not running, so the caller looks at why.
+            raise NotRunningError(f"the daemon on {path} closed the control connection") from None
         buf = b""
         # Replies to `wait` may take as long as the caller allows, plus a margin for the answer.
         try:
