@@ -36,6 +36,12 @@ class StateWatch:
         return time.monotonic() - started
 
 
+async def listener_on(host: str) -> tuple[anyio.abc.SocketListener, int]:
+    """A TCP listener on ``host`` (the port picked) and its port: a target the test holds both ends of."""
+    listener = (await anyio.create_tcp_listener(local_host=host, local_port=0)).listeners[0]
+    return listener, listener.extra(anyio.abc.SocketAttribute.local_port)
+
+
 async def client_and_accepted() -> tuple[anyio.abc.SocketStream, socket.socket]:
     """A connected pair on loopback: the client's end as a stream, the accepted end as the socket a
     forward would hand to ``relay()``."""

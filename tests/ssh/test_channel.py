@@ -26,7 +26,7 @@ import anyio.abc
 import pytest
 from asyncssh.constants import MSG_CHANNEL_CLOSE
 
-from tests.helpers import client_and_accepted, echo_roundtrip, read_to_eof, running_forward, stream_echo
+from tests.helpers import client_and_accepted, echo_roundtrip, listener_on, read_to_eof, running_forward, stream_echo
 from tests.lab.lab import LabInfo
 from tests.ssh.proxy import SshdProxy
 from tests.ssh.test_transport import TIMEOUTS, settings
@@ -98,8 +98,7 @@ async def test_a_refused_target_is_a_clean_eof_and_a_named_transport_error(lab: 
 
 async def test_bytes_sent_before_the_answer_leave_with_it_in_order(lab: LabInfo) -> None:
     request, reply = os.urandom(3 << 20), os.urandom(1 << 20)  # more than SEND_HIGH_WATER: reads pause meanwhile
-    listener = (await anyio.create_tcp_listener(local_host=lab.host_ip, local_port=0)).listeners[0]
-    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    listener, port = await listener_on(lab.host_ip)
     conn = await open_connection(settings(lab), TIMEOUTS)
     try:
         async with listener, client_relayed(conn, lab.host_ip, port) as (client, out):
@@ -136,8 +135,7 @@ async def held(lab: LabInfo, tmp_path: Path, open_timeout: float) -> AsyncIterat
 
 
 async def test_no_answer_in_time_is_a_refusal_and_a_late_answer_is_closed(lab: LabInfo, tmp_path: Path) -> None:
-    listener = (await anyio.create_tcp_listener(local_host=lab.host_ip, local_port=0)).listeners[0]
-    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    listener, port = await listener_on(lab.host_ip)
     async with listener, held(lab, tmp_path, open_timeout=0.5) as (proxy, conn):
         before = dict(conn.fast._channels)  # type: ignore[union-attr]
         proxy.go = anyio.Event()  # from now on the server's packets wait: its confirmation with them
@@ -154,8 +152,7 @@ async def test_no_answer_in_time_is_a_refusal_and_a_late_answer_is_closed(lab: L
 
 
 async def test_the_connection_dying_before_the_answer_resets_the_client(lab: LabInfo, tmp_path: Path) -> None:
-    listener = (await anyio.create_tcp_listener(local_host=lab.host_ip, local_port=0)).listeners[0]
-    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    listener, port = await listener_on(lab.host_ip)
     async with listener, held(lab, tmp_path, open_timeout=30) as (proxy, conn):
         proxy.go = anyio.Event()
         async with client_relayed(conn, lab.host_ip, port) as (client, out):
@@ -227,8 +224,7 @@ async def test_a_forward_over_ssh_counts_a_refusal_and_closes_its_client_cleanly
 async def test_closing_the_connection_resets_wired_clients(lab: LabInfo) -> None:
     """asyncssh's close() (``SshConnection.aclose``, a transport shutting down) closes every channel in
     its table, ours included: the wired client is reset, and the relay names the far side."""
-    listener = (await anyio.create_tcp_listener(local_host=lab.host_ip, local_port=0)).listeners[0]
-    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    listener, port = await listener_on(lab.host_ip)
     conn = await open_connection(settings(lab), TIMEOUTS)
     async with listener, client_relayed(conn, lab.host_ip, port) as (client, out):
         with anyio.fail_after(10):
@@ -293,8 +289,7 @@ async def test_reads_stop_at_the_server_s_window_and_go_on_when_it_opens(lab: La
     socket, as with ``ssh -L``): with 1000 bytes of window left, 1000 bytes are read and reads pause;
     a window update lets the rest through, in order."""
     data = os.urandom(300_000)  # less than sshd's real window: shrinking our view of it is allowed
-    listener = (await anyio.create_tcp_listener(local_host=lab.host_ip, local_port=0)).listeners[0]
-    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    listener, port = await listener_on(lab.host_ip)
     conn = await open_connection(settings(lab), TIMEOUTS)
     try:
         async with listener, client_relayed(conn, lab.host_ip, port) as (client, out):

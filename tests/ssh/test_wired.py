@@ -26,7 +26,7 @@ import anyio
 import anyio.abc
 import pytest
 
-from tests.helpers import client_and_accepted, read_to_eof, stream_echo
+from tests.helpers import client_and_accepted, listener_on, read_to_eof, stream_echo
 from tests.lab.lab import LabInfo
 from tests.ssh.proxy import SshdProxy
 from tests.ssh.test_asyncssh_seams import CHACHA, GCM, cipher_config
@@ -80,8 +80,7 @@ async def relayed(lab: LabInfo, conn: SshConnection, path: str) -> AsyncIterator
     opened first ("stream"), or ours, opened by the relay itself ("channel")."""
     client, client_sock = await client_and_accepted()
     r = Relayed(client, None, client_sock, Traffic(), [], anyio.Event(), anyio.CancelScope())  # type: ignore[arg-type]
-    listener = (await anyio.create_tcp_listener(local_host=lab.host_ip, local_port=0)).listeners[0]
-    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    listener, port = await listener_on(lab.host_ip)
     upstream: anyio.abc.ByteStream
     if path == "stream":
         upstream = await conn.open_tcp(lab.host_ip, port)
