@@ -10,8 +10,9 @@ export DEBIAN_FRONTEND=noninteractive
 # openssh-*: the lab's sshd and the ssh -L baseline; iperf3: benchmarks; systemd: systemd-analyze;
 # python3.11: Debian's interpreter and stdlib, copied into the lab's python helper image;
 # debian-archive-keyring: checks the next release's packages the lab fetches socat 1.8 from (tests/lab/socat18.py).
+# libsodium23: chacha20-poly1305's small SSH packets (tunneld/ssh/sodium.py; optional at run time, tested here).
 packages=(docker.io docker-registry busybox-static socat skopeo curl openssh-server openssh-client
-          iproute2 openssl iperf3 procps systemd python3.11 debian-archive-keyring)
+          iproute2 openssl iperf3 procps systemd python3.11 debian-archive-keyring libsodium23)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -26,6 +26,7 @@ from asyncssh.encryption import ChachaEncryption, GCMEncryption
 from tests.helpers import stream_echo
 from tests.lab.lab import LabInfo
 from tests.ssh.test_transport import TIMEOUTS, settings
+from tunneld.ssh import sodium
 from tunneld.ssh.ciphers import FastChachaCipher, FastGCMCipher
 from tunneld.ssh.client import SshConnection, open_connection
 from tunneld.ssh.wire import FastConnection
@@ -152,6 +153,9 @@ async def test_ciphers_are_replaced_in_place(lab: LabInfo, tmp_path: Path, ciphe
         for enc in (fast._send_encryption, fast._recv_encryption):
             assert type(enc) is encryption
             assert type(enc._cipher) is ours
+            if ours is FastChachaCipher:  # and its small packets went through libsodium, where there is one
+                assert enc._cipher.by_libsodium == (sodium.load() is not None)
+        assert ("libsodium" in conn.describe()) == (ours is FastChachaCipher and sodium.load() is not None)
 
 
 @pytest.mark.parametrize("size", [0, 1, 60, 4096, 32768, 131072])

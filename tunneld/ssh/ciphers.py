@@ -8,7 +8,9 @@ asyncssh's shims pay per packet for things the protocol does not ask for:
   compute the tag. With OpenSSL 3 every context costs an algorithm fetch, the largest single item
   after the system calls in a profile of small packets. Here one context for the payload key yields
   the Poly1305 key from its first 64 bytes and then runs on into block 1 for the payload, and the tag
-  is computed over header and payload in place.
+  is computed over header and payload in place. Packets of up to 16 KiB (round trips, the channel
+  protocol's own) go through libsodium instead when the host has it (tunneld/ssh/sodium.py): its calls
+  take the nonce as an argument, so there is no context to build at all.
 - **aes128-gcm / aes256-gcm@openssh.com**: asyncssh's ``GCMCipher`` makes a new ``AESGCM`` (a key
   schedule) per packet and copies the sealed packet twice to split off the tag, which asyncssh then
   joins back on. Here one ``AESGCM`` serves the key's life and ``seal`` returns what goes on the wire.
@@ -27,6 +29,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.ciphers.algorithms import ChaCha20
 from cryptography.hazmat.primitives.poly1305 import Poly1305
 
+from tunneld.ssh import sodium
+
 _CTR_0 = bytes(8)  # cryptography's 16-byte ChaCha20 nonce: 64-bit little-endian block counter, then the nonce
 _BLOCK_0 = bytes(64)
 _MASK64 = (1 << 64) - 1
@@ -38,9 +42,16 @@ Buffer = bytes | memoryview
 class FastChachaCipher:
     """The methods ``asyncssh.encryption.ChachaEncryption`` calls on its cipher, computed as OpenSSH does."""
 
-    def __init__(self, key: bytes, adkey: bytes) -> None:
+    def __init__(self, key: bytes, adkey: bytes, small: sodium.Sodium | None = None) -> None:
+        """``small``: libsodium's calls, for the lanes' packets of up to ``sodium.SMALL`` bytes."""
         self._key = key  # payload key (K_2)
         self._adkey = adkey  # length key (K_1)
+        self._small = sodium.SodiumChacha(small, key, adkey) if small is not None else None
+
+    @property
+    def by_libsodium(self) -> bool:
+        """Do the lanes' small packets go through libsodium?"""
+        return self._small is not None
 
     def _sealed(self, header: Buffer, data: Buffer, nonce: bytes) -> tuple[bytes, bytes, bytes]:
         header = Cipher(ChaCha20(self._adkey, _CTR_0 + nonce), mode=None).encryptor().update(header)
@@ -73,15 +84,23 @@ class FastChachaCipher:
 
     def seal(self, seq: int, header: bytes, body: Buffer) -> tuple[bytes, ...]:
         """Packet ``seq`` on the wire: encrypted length, encrypted body, tag."""
+        small = self._small
+        if small is not None and len(body) <= sodium.SMALL:
+            return (small.seal(seq, header, body),)
         return self._sealed(header, body, seq.to_bytes(8, "big"))
 
     def length(self, seq: int, header: Buffer) -> int:
         """The packet length in packet ``seq``'s first 4 bytes."""
+        if self._small is not None:
+            return self._small.length(seq, header)
         return int.from_bytes(self.decrypt_header(header, seq.to_bytes(8, "big")), "big")
 
     def open(self, seq: int, header: Buffer, sealed: Buffer) -> bytes | None:
         """Packet ``seq``'s body from its header and the rest (body and tag), or None if the tag is wrong."""
         cut = len(sealed) - TAG
+        small = self._small
+        if small is not None and cut <= sodium.SMALL:
+            return small.open(seq, header, sealed)
         return self.verify_and_decrypt(header, sealed[:cut], seq.to_bytes(8, "big"), sealed[cut:])
 
     def rewind(self) -> None:

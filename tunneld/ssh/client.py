@@ -151,10 +151,14 @@ class SshConnection:
 
     def describe(self) -> dict[str, object]:
         """Negotiated facts for ``status`` (no secrets)."""
-        return {
+        facts: dict[str, object] = {
             "server_version": self._conn.get_extra_info("server_version"),
             "cipher": _decode(self._conn.get_extra_info("send_cipher")),
         }
+        fast = self._client.fast
+        if fast is not None and fast.small_packets_by_libsodium():
+            facts["libsodium"] = "chacha20's packets up to 16 KiB"  # where it is missing, status says nothing
+        return facts
 
     async def aclose(self) -> None:
         """Close the connection and every channel on it."""

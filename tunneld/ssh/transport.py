@@ -56,7 +56,9 @@ class SshTransport:
     async def __aenter__(self) -> SshTransport:
         conn = await self._first_connection()
         self._attach(conn)
-        logger.info("ssh: connected to %s (%s)", conn.target, conn.describe().get("cipher"))
+        facts = conn.describe()
+        logger.info("ssh: connected to %s (%s%s)", conn.target, facts.get("cipher"),
+                    ", small packets through libsodium" if "libsodium" in facts else "")
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         self._tg.start_soon(self._supervise)

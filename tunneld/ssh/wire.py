@@ -51,6 +51,7 @@ from asyncssh.crypto.chacha import ChachaCipher
 from asyncssh.crypto.cipher import GCMCipher
 from asyncssh.encryption import ChachaEncryption, GCMEncryption
 
+from tunneld.ssh import sodium
 from tunneld.ssh.ciphers import TAG, FastChachaCipher, FastGCMCipher, LaneCipher
 
 _MSG_IGNORE = 2
@@ -128,6 +129,11 @@ class FastConnection(asyncssh.SSHClientConnection):
         if enc is not self._kci_recv_enc:
             self._kci_recv_enc = enc
             self._kci_recv_lane = _lane_cipher(enc)
+
+    def small_packets_by_libsodium(self) -> bool:
+        """Does chacha20-poly1305 seal and open this connection's small packets through libsodium?"""
+        return any(isinstance(lane, FastChachaCipher) and lane.by_libsodium
+                   for lane in (self._kci_send_lane, self._kci_recv_lane))
 
     def _kci_lane_open(self) -> bool:
         """May packets skip asyncssh's send_packet? Not before keys and authentication, not while keys
@@ -487,7 +493,7 @@ def _lane_cipher(enc: object) -> LaneCipher | None:
     if type(enc) is ChachaEncryption:
         chacha = enc._cipher
         if type(chacha) is ChachaCipher:
-            fast_chacha = FastChachaCipher(chacha._key, chacha._adkey)
+            fast_chacha = FastChachaCipher(chacha._key, chacha._adkey, sodium.load())
             enc._cipher = fast_chacha  # type: ignore[assignment]
             return fast_chacha
     elif type(enc) is GCMEncryption:
