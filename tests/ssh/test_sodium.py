@@ -76,3 +76,14 @@ def test_the_lane_uses_libsodium_where_the_host_has_it() -> None:
     """tunneld/ssh/wire.py hands the library to every chacha20 lane; this host (CI) has it."""
     assert sodium.load() is _calls()
     assert FastChachaCipher(bytes(32), bytes(32), sodium.load()).by_libsodium
+
+
+def test_a_packet_too_large_for_the_buffer_is_refused_not_written() -> None:
+    """The calls write into a fixed buffer: a caller's mistake is a ValueError, never a write past it."""
+    small = sodium.SodiumChacha(_calls(), os.urandom(32), os.urandom(32))
+    with pytest.raises(ValueError, match="for cryptography"):
+        small.seal(0, bytes(4), bytes(sodium.SMALL + 1))
+    with pytest.raises(ValueError, match="for cryptography"):
+        small.open(0, bytes(4), bytes(sodium.SMALL + 17))
+    with pytest.raises(ValueError, match="for cryptography"):
+        small.open(0, bytes(4), bytes(15))  # shorter than a tag

@@ -93,6 +93,8 @@ class SodiumChacha:
         # first 32 bytes), the body is encrypted from block 1 on, as the protocol says. The length goes
         # over block 0's last 4 bytes, so length and body lie together for the tag.
         na, at, n = self._na, self._at, len(body)
+        if n > SMALL:  # the calls below write into a buffer of fixed size: never past it
+            raise ValueError(f"a packet of {n} bytes is for cryptography: libsodium takes up to {SMALL}")
         nonce = seq.to_bytes(8, "big")
         view = self._view
         view[0:64] = _BLOCK
@@ -113,6 +115,8 @@ class SodiumChacha:
         """Packet ``seq``'s body from its header and the rest (body and tag, at most ``SMALL + 16``
         bytes), or None if the tag is wrong."""
         na, at, n = self._na, self._at, len(sealed) - _TAG
+        if not 0 <= n <= SMALL:
+            raise ValueError(f"a packet of {n} bytes is for cryptography: libsodium takes 0 to {SMALL}")
         nonce = seq.to_bytes(8, "big")
         view = self._view
         view[0:4] = header
