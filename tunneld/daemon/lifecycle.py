@@ -72,6 +72,7 @@ class Daemon:
         self._tg: anyio.abc.TaskGroup | None = None
         self.discovery: Discovery | None = None
         self._auto_settled = False  # the first discovery result has been applied
+        self._services_up = False  # start-up's services (--auto, metrics) are running: ready may be said
         self._discovered: dict[str, Found] = {}
         self._services: dict[str, tuple[anyio.CancelScope, anyio.Event]] = {}  # "auto", "metrics"
         self.metrics_addresses: list[str] = []
@@ -89,6 +90,8 @@ class Daemon:
             tg.start_soon(self.notifier.watchdog)
             self.generation = await tg.start(self._generation, self.config)
             await self._start_services(self.config, None)
+            self._services_up = True
+            self._changed_now()
             tg.start_soon(self._report_ready)
             logger.info("started (pid %d); control socket %s", os.getpid(), self.control_path)
             await self._stopping.wait()
@@ -117,6 +120,10 @@ class Daemon:
         self._stopping.set()
 
     def all_ready(self) -> bool:
+        if not self._services_up:
+            # The forwards can be probed ready while the metrics server is still binding: a `wait` answered
+            # then would leave the metrics address out of `start --detach`'s ready lines.
+            return False
         gen = self.generation
         if self.discovery is not None and not self._auto_settled:
             return False  # --auto has not yet seen the Docker host: nothing is known to be forwarded
@@ -127,6 +134,8 @@ class Daemon:
             return "stopping"
         if self.all_ready():
             return "ready"
+        if not self._services_up:
+            return "starting"
         forwards = self.generation.forwards.values() if self.generation else []
         if any(f.state != ForwardState.STARTING for f in forwards):
             return "degraded"
