@@ -8,7 +8,7 @@ the same packet costs about 3 µs here, most of it ``ctypes``' cost per call.
 
 For large packets ``cryptography`` (OpenSSL) is the faster of the two (its Poly1305 is vectorised), so
 ``FastChachaCipher`` (tunneld/ssh/ciphers.py) sends only packets up to ``SMALL`` bytes this way. Both
-compute the same bytes (tests/ssh/test_ciphers.py checks them against each other and asyncssh's own,
+compute the same bytes (tests/ssh/test_sodium.py checks them against each other and asyncssh's own,
 tests/ssh/test_asyncssh_seams.py against sshd).
 
 The library is optional: ``load()`` returns None when it cannot be opened, and everything goes through
