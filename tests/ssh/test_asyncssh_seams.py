@@ -26,6 +26,7 @@ from asyncssh.encryption import ChachaEncryption, GCMEncryption
 from tests.helpers import stream_echo
 from tests.lab.lab import LabInfo
 from tests.ssh.test_transport import TIMEOUTS, settings
+from tunneld.cli.status import _status_header
 from tunneld.ssh import sodium
 from tunneld.ssh.ciphers import FastChachaCipher, FastGCMCipher
 from tunneld.ssh.client import SshConnection, open_connection
@@ -156,6 +157,9 @@ async def test_ciphers_are_replaced_in_place(lab: LabInfo, tmp_path: Path, ciphe
             if ours is FastChachaCipher:  # and its small packets went through libsodium, where there is one
                 assert enc._cipher.by_libsodium == (sodium.load() is not None)
         assert ("libsodium" in conn.describe()) == (ours is FastChachaCipher and sodium.load() is not None)
+        header = _status_header({"pid": 1, "state": "ready", "transport": {"kind": "ssh", **conn.describe()}}, 0)
+        assert f"\nssh cipher {cipher}" in header
+        assert header.endswith("through libsodium)") == ("libsodium" in conn.describe()), header
 
 
 @pytest.mark.parametrize("size", [0, 1, 60, 4096, 32768, 131072])

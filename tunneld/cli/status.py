@@ -116,6 +116,10 @@ def _status_header(reply: dict[str, Any], now: float) -> str:
         head += f"\nhelper image {transport['helper_image']} ({transport['helper_image_why']})"
         if transport.get("relay_why"):
             head += f", relay {transport['relay']} ({transport['relay_why']})"
+    if transport.get("cipher"):
+        head += f"\nssh cipher {transport['cipher']}"
+        if transport.get("libsodium"):
+            head += f" ({transport['libsodium']} through libsodium)"
     auto = reply.get("auto") or {}
     if auto.get("enabled"):
         found = len(auto.get("found") or [])

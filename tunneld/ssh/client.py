@@ -35,6 +35,7 @@ import asyncssh
 from tunneld.config import SshSettings, Timeouts, format_host
 from tunneld.engine.relay.common import Traffic
 from tunneld.errors import TransportError
+from tunneld.ssh import sodium
 from tunneld.ssh.target import SshError, SshTarget, auth_error, host_key_error, make_plan
 from tunneld.ssh.wire import FastConnection, adopt, write_in_pieces
 from tunneld.ssh.wired import Wired
@@ -157,7 +158,7 @@ class SshConnection:
         }
         fast = self._client.fast
         if fast is not None and fast.small_packets_by_libsodium():
-            facts["libsodium"] = "chacha20's packets up to 16 KiB"  # where it is missing, status says nothing
+            facts["libsodium"] = f"chacha20's packets up to {sodium.SMALL // 1024} KiB"  # absent: nothing said
         return facts
 
     async def aclose(self) -> None:
