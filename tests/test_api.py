@@ -119,8 +119,9 @@ async def test_states_follow_the_target_down_and_back(echo_server: EchoServer) -
                     assert await next_state() == ForwardState.READY
                     assert await echo_roundtrip(fwd.port, b"back") == b"back"
             # The watcher ends by itself once the forward has stopped: nothing to cancel.
-        async for state in receive:
-            seen.append(state)
+        with receive:
+            async for state in receive:
+                seen.append(state)
     assert seen[-1] == ForwardState.STOPPED
     assert ForwardState.STOPPING in seen or seen[-2] == ForwardState.READY  # stopping may be coalesced
 

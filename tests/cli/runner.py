@@ -21,6 +21,7 @@ class Cli:
         self.env = {**os.environ, **(env or {})}
         self.env.pop("NOTIFY_SOCKET", None)
         self.started: list[int] = []
+        self.foreground: list[subprocess.Popen[str]] = []  # popen()'s: reaped, their pipes closed at cleanup
 
     def run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -41,6 +42,7 @@ class Cli:
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env, stdin=subprocess.DEVNULL,
         )
         self.started.append(proc.pid)
+        self.foreground.append(proc)
         return proc
 
     def status(self) -> dict[str, Any]:
@@ -66,3 +68,7 @@ class Cli:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        for proc in self.foreground:
+            proc.wait(10)  # killed just above if it still ran
+            if proc.stdout is not None:
+                proc.stdout.close()

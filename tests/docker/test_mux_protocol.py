@@ -4,6 +4,7 @@ against real sockets on this host's loopback. No Docker: the lab tests are tests
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
@@ -67,6 +68,9 @@ def relay() -> Iterator[Relay]:
     finally:
         proc.kill()
         proc.wait(10)
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            with contextlib.suppress(OSError):  # stdin: unflushed bytes to a dead process
+                pipe.close()  # type: ignore[union-attr]
 
 
 @contextmanager
