@@ -9,6 +9,7 @@ already done, a deadline when it is not) is here too.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
@@ -24,6 +25,7 @@ import pytest
 
 from tests.helpers import read_to_eof
 from tunneld.engine.relay import RelayBroken, Traffic
+from tunneld.engine.relay.common import WiredClient
 from tunneld.engine.relay.generic import _relay_streams as relay_byte_streams
 from tunneld.engine.relay.protocols import _relay_sockets
 from tunneld.engine.relay.splice import PIPES_KEPT, _relay_splice
@@ -310,3 +312,29 @@ async def test_direct_connect_waits_when_the_handshake_is_slow() -> None:
             await stream.aclose()
         for s in queued:
             s.close()
+
+
+async def test_a_far_side_failing_after_a_clean_end_leaves_the_closed_socket_alone() -> None:
+    """The wired paths' shared end (``WiredClient``): after a clean end whose close had to flush first, the
+    far side may still fail (an SSH connection closing while its channel waits for the server's CLOSE).
+    That drops the far side and touches nothing else: asyncio's abort() of such a transport raised."""
+    dropped: list[bool] = []
+
+    class Far(WiredClient, asyncio.Protocol):
+        def drop_far(self) -> None:
+            dropped.append(True)
+
+    ours, peer = socket.socketpair()
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    wired = Far()
+    await wired.wire(ours)
+    assert wired.transport is not None
+    wired.transport.write(b"x" * (4 << 20))  # more than the socket takes: the close waits for a flush
+    wired.close_client()
+    async with RawSocketStream(peer) as stream:
+        with anyio.fail_after(10):
+            assert len(await read_to_eof(stream)) == 4 << 20
+            await wired.wait()  # a clean end
+    wired.fail(anyio.BrokenResourceError("the SSH connection is closing"), by_client=False)
+    assert dropped == [True] and wired.error is None
+

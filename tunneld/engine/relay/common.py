@@ -78,6 +78,7 @@ class WiredClient(asyncio.BaseProtocol):
         self.error: BaseException | None = None
         self.by_client = False
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.lost = False  # connection_lost ran: the client's socket is closed
 
     def drop_far(self) -> None:
         """Close (or reset) the far side at once: the relay failed, or never started."""
@@ -92,6 +93,7 @@ class WiredClient(asyncio.BaseProtocol):
             self.fail(exc, by_client=True)
         elif not self.finished:  # closed under us, e.g. by the loop at shutdown
             self.fail(ConnectionResetError("the client socket closed"), by_client=True)
+        self.lost = True
         if not self.done.done():
             self.done.set_result(None)
 
@@ -101,7 +103,10 @@ class WiredClient(asyncio.BaseProtocol):
             self.error, self.by_client = error, by_client
         self.finished = True
         self.drop_far()
-        if self.transport is not None:
+        # Not once the socket is gone: the far side may fail after a clean end, e.g. the SSH connection
+        # closing while a channel waits for the server's CLOSE, and asyncio's abort() of a transport closed
+        # after flushing its buffer raises (its loop is already None).
+        if self.transport is not None and not self.lost:
             linger_zero(self.transport.get_extra_info("socket"))  # a failed relay must not look like a finished one
             self.transport.abort()
 
